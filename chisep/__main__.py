@@ -1,0 +1,3 @@
+from chisep.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Acquisition: the geometry and timing that every pipeline stage needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chisep import physics
+
+FIELD_STRENGTH_RANGE_T = (0.1, 20.0)
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """Multi-echo GRE acquisition parameters.
+
+    Attributes
+    ----------
+    echo_times : tuple of float, s, strictly increasing
+    field_strength : float, T, within 0.1-20
+    affine : (4, 4) array, voxel index -> scanner RAS+ mm
+    b0_direction : (3,) unit vector in voxel axes (from the affine unless overridden)
+    voxel_size : (3,) mm (from the affine)
+    phase_sign : +1 or -1; multiply the stored phase by this to get chisep's
+        convention (positive chi -> positive frequency).
+    """
+
+    echo_times: tuple[float, ...]
+    field_strength: float
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    b0_direction: np.ndarray | None = None
+    voxel_size: np.ndarray | None = None
+    phase_sign: int = 1
+
+    def __post_init__(self):
+        tes = tuple(float(t) for t in np.atleast_1d(np.asarray(self.echo_times, dtype=np.float64)))
+        if len(tes) == 0:
+            raise ValueError("echo_times is empty: give one echo time (s) per echo")
+        if not all(np.isfinite(tes)) or min(tes) <= 0:
+            raise ValueError(f"echo_times must be positive finite seconds, got {list(tes)}")
+        if any(b <= a for a, b in zip(tes, tes[1:])):
+            raise ValueError(
+                f"echo_times must be strictly increasing, got {list(tes)}; "
+                "check the echo order of the input files"
+            )
+        if max(tes) > 1.0:
+            raise ValueError(
+                f"echo_times look like milliseconds ({list(tes)}); Acquisition takes seconds"
+            )
+        b0 = float(self.field_strength)
+        lo, hi = FIELD_STRENGTH_RANGE_T
+        if not (np.isfinite(b0) and lo <= b0 <= hi):
+            raise ValueError(
+                f"field_strength must be between {lo} and {hi} T, got {self.field_strength!r}"
+            )
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise ValueError("affine is singular: its 3x3 part has zero determinant")
+        if self.phase_sign not in (1, -1):
+            raise ValueError(f"phase_sign must be +1 or -1, got {self.phase_sign!r}")
+        voxel_size = (
+            physics.voxel_size_from_affine(affine)
+            if self.voxel_size is None
+            else np.asarray(self.voxel_size, dtype=np.float64)
+        )
+        b0_dir = (
+            physics.b0_direction_from_affine(affine)
+            if self.b0_direction is None
+            else physics.normalise_direction(self.b0_direction)
+        )
+        object.__setattr__(self, "echo_times", tes)
+        object.__setattr__(self, "field_strength", b0)
+        object.__setattr__(self, "affine", affine)
+        object.__setattr__(self, "voxel_size", voxel_size)
+        object.__setattr__(self, "b0_direction", b0_dir)
+
+    @property
+    def n_echoes(self) -> int:
+        return len(self.echo_times)
+
+    @property
+    def centre_frequency(self) -> float:
+        """Larmor frequency in Hz."""
+        return physics.centre_frequency_hz(self.field_strength)
+
+    @property
+    def echo_spacing(self) -> float | None:
+        """Echo spacing (s) when echoes are equally spaced (within 1 %), else None."""
+        if self.n_echoes < 2:
+            return None
+        d = np.diff(self.echo_times)
+        return float(d.mean()) if np.ptp(d) <= 0.01 * d.mean() else None
+
+    @property
+    def b0_angle_deg(self) -> float:
+        """Angle between B0 and the voxel z axis."""
+        return float(np.degrees(np.arccos(np.clip(abs(self.b0_direction[2]), 0, 1))))
+
+    def to_dict(self) -> dict:
+        return {
+            "echo_times_s": list(self.echo_times),
+            "field_strength_t": self.field_strength,
+            "b0_direction_voxel_axes": self.b0_direction.tolist(),
+            "voxel_size_mm": self.voxel_size.tolist(),
+            "phase_sign": self.phase_sign,
+            "affine": self.affine.tolist(),
+        }

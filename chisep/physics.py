@@ -1,0 +1,253 @@
+"""Physical constants, unit conversions, dipole and spherical-mean kernels, forward field.
+
+Conventions (see DESIGN.md):
+
+* chi in ppm, fields in Hz, phase in rad, echo times in s, voxel size in mm,
+  field strength in T.
+* Positive chi is paramagnetic and gives a positive frequency offset.
+* The dipole kernel includes the Lorentz sphere correction,
+  ``D(k) = 1/3 - (k . b)^2 / |k|^2``, with ``D(0) = 0`` by default: the mean
+  of a field is not determined by the data, so the mean susceptibility is not
+  either (the field inside a uniformly magnetised sphere is 0).
+* ``b`` is the unit B0 direction in voxel axes, so kernels honour oblique
+  acquisitions; ``k`` is in cycles/mm, so they honour anisotropic voxels.
+
+Kernels are built with NumPy (cheap, once per shape) and returned as float32
+arrays in FFT (unshifted) order; algorithms move them to JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+#: Proton gyromagnetic ratio over 2 pi, Hz/T (CODATA 2018: 42.577 478 518 MHz/T).
+GAMMA_HZ_PER_T = 42.577478518e6
+
+KernelKind = Literal["continuous", "discrete"]
+KERNEL_KINDS = ("continuous", "discrete")
+
+
+# ---------------------------------------------------------------------------
+# unit conversions
+# ---------------------------------------------------------------------------
+def centre_frequency_hz(field_strength_t: float) -> float:
+    """Proton Larmor frequency CF = gamma/2pi * B0 in Hz."""
+    return GAMMA_HZ_PER_T * float(field_strength_t)
+
+
+def ppm_to_hz(value_ppm, field_strength_t: float):
+    """Relative field (ppm of B0) to frequency offset (Hz)."""
+    return value_ppm * (centre_frequency_hz(field_strength_t) * 1e-6)
+
+
+def hz_to_ppm(value_hz, field_strength_t: float):
+    """Frequency offset (Hz) to relative field (ppm of B0)."""
+    return value_hz / (centre_frequency_hz(field_strength_t) * 1e-6)
+
+
+def hz_to_rad_per_s(value_hz):
+    """Frequency (Hz) to angular frequency (rad/s)."""
+    return 2.0 * np.pi * value_hz
+
+
+def phase_from_field(field_hz, echo_time_s: float, phase_offset_rad=0.0):
+    """Phase (rad, not wrapped) accumulated at an echo time: phi0 + 2 pi f TE."""
+    return phase_offset_rad + 2.0 * np.pi * field_hz * echo_time_s
+
+
+def wrap_phase(phase):
+    """Wrap phase into [-pi, pi)."""
+    return (phase + np.pi) % (2.0 * np.pi) - np.pi
+
+
+# ---------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------
+def voxel_size_from_affine(affine: np.ndarray) -> np.ndarray:
+    """Voxel size (mm) along each voxel axis: column norms of the affine's linear part."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+def b0_direction_from_affine(affine: np.ndarray) -> np.ndarray:
+    """Unit B0 direction expressed in voxel axes.
+
+    NIfTI world coordinates are scanner RAS+, whose z axis is the magnet bore,
+    so B0 is world (0, 0, 1). Its component along voxel axis i is the world-z
+    component of that axis's unit direction: row 3 of the rotation part of the
+    affine (voxel scaling divided out). For an axial acquisition this is
+    (0, 0, +-1); for an oblique one it is tilted accordingly.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    rotation = affine[:3, :3] / voxel_size_from_affine(affine)[None, :]
+    direction = rotation[2, :].copy()
+    return direction / np.linalg.norm(direction)
+
+
+def normalise_direction(direction: Sequence[float], name: str = "b0_direction") -> np.ndarray:
+    """Validate a 3-vector and return it with unit length."""
+    vec = np.asarray(direction, dtype=np.float64).reshape(-1)
+    if vec.shape != (3,) or not np.all(np.isfinite(vec)):
+        raise ValueError(f"{name} must be 3 finite numbers, got {direction!r}")
+    norm = np.linalg.norm(vec)
+    if norm < 1e-8:
+        raise ValueError(f"{name} must be a non-zero vector, got {direction!r}")
+    return vec / norm
+
+
+def direction_from_angles(tilt_deg: float, azimuth_deg: float = 0.0) -> np.ndarray:
+    """Unit vector tilted by ``tilt_deg`` from voxel axis z towards x (rotated by azimuth about z)."""
+    tilt, azim = np.deg2rad(tilt_deg), np.deg2rad(azimuth_deg)
+    return np.array([np.sin(tilt) * np.cos(azim), np.sin(tilt) * np.sin(azim), np.cos(tilt)])
+
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+def _validated_grid(shape, voxel_size):
+    shape = tuple(int(n) for n in shape)
+    voxel_size = np.asarray(voxel_size, dtype=np.float64).reshape(-1)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must have three positive entries, got {shape}")
+    if voxel_size.shape != (3,) or np.any(~np.isfinite(voxel_size)) or np.any(voxel_size <= 0):
+        raise ValueError(f"voxel_size must be three positive numbers in mm, got {voxel_size.tolist()}")
+    return shape, voxel_size
+
+
+def k_space_grid(shape, voxel_size, kind: KernelKind = "continuous") -> list[np.ndarray]:
+    """Spatial frequencies (cycles/mm) along each axis, broadcastable, FFT order.
+
+    ``kind="discrete"`` returns the frequency whose square matches the
+    eigenvalue of the 3-point finite-difference Laplacian,
+    sin(pi f h) / (pi h), which tends to f at low frequency.
+    """
+    shape, voxel_size = _validated_grid(shape, voxel_size)
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
+    axes = []
+    for axis, (n, h) in enumerate(zip(shape, voxel_size)):
+        f = np.fft.fftfreq(n, d=h)
+        if kind == "discrete":
+            f = np.sin(np.pi * f * h) / (np.pi * h)
+        view = [1, 1, 1]
+        view[axis] = n
+        axes.append(f.reshape(view))
+    return axes
+
+
+def dipole_kernel(
+    shape,
+    voxel_size=(1.0, 1.0, 1.0),
+    b0_direction=(0.0, 0.0, 1.0),
+    *,
+    kind: KernelKind = "continuous",
+    dc_value: float = 0.0,
+) -> np.ndarray:
+    """k-space unit dipole kernel D(k) = 1/3 - (k . b)^2 / |k|^2 (float32, FFT order).
+
+    Parameters
+    ----------
+    shape : 3 ints
+        Grid shape (x, y, z).
+    voxel_size : 3 floats, mm
+    b0_direction : 3 floats
+        B0 direction in voxel axes (normalised here).
+    kind : {"continuous", "discrete"}
+        "continuous" samples the analytic kernel; "discrete" uses the
+        finite-difference spectrum (Milovic et al., MRM 2017), which has no
+        sharp edge at the Nyquist frequency.
+    dc_value : float
+        Value at k = 0 (0 by default; 1/3 is the other common choice).
+
+    Returns
+    -------
+    D : (nx, ny, nz) float32 array, values in [-2/3, 1/3].
+    """
+    b = normalise_direction(b0_direction)
+    kx, ky, kz = k_space_grid(shape, voxel_size, kind)
+    k2 = kx**2 + ky**2 + kz**2
+    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kernel = 1.0 / 3.0 - kb**2 / k2
+    kernel[0, 0, 0] = dc_value
+    return kernel.astype(np.float32)
+
+
+def sphere_mask(shape, voxel_size, radius_mm: float) -> np.ndarray:
+    """Boolean sphere (ellipsoid in voxels for anisotropic grids) centred on voxel 0, FFT order."""
+    shape, voxel_size = _validated_grid(shape, voxel_size)
+    coords = []
+    for axis, (n, h) in enumerate(zip(shape, voxel_size)):
+        idx = np.fft.fftfreq(n, d=1.0 / n)  # 0, 1, ..., -1 (signed index distance)
+        view = [1, 1, 1]
+        view[axis] = n
+        coords.append((idx * h).reshape(view))
+    r2 = coords[0] ** 2 + coords[1] ** 2 + coords[2] ** 2
+    return r2 <= radius_mm**2 + 1e-9
+
+
+def smv_kernel(shape, voxel_size, radius_mm: float) -> np.ndarray:
+    """k-space kernel of the spherical mean value (normalised sphere) of radius ``radius_mm``.
+
+    Returns S(k) (float32, FFT order) with S(0) = 1. SHARP-type methods use
+    ``1 - S``, which removes harmonic (background) fields inside the mask.
+    """
+    if not radius_mm > 0:
+        raise ValueError(f"radius_mm must be positive, got {radius_mm}")
+    sphere = sphere_mask(shape, voxel_size, radius_mm).astype(np.float64)
+    sphere /= sphere.sum()
+    return np.real(np.fft.fftn(sphere)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# forward field
+# ---------------------------------------------------------------------------
+def padded_shape(shape, factor: float = 2.0) -> tuple[int, int, int]:
+    """Grid at least ``factor`` times larger per axis, rounded up to an even size fast for FFTs."""
+    from scipy.fft import next_fast_len
+
+    return tuple(int(next_fast_len(int(np.ceil(n * factor)), real=False)) for n in shape)
+
+
+def forward_field_ppm(
+    chi_ppm,
+    voxel_size=(1.0, 1.0, 1.0),
+    b0_direction=(0.0, 0.0, 1.0),
+    *,
+    pad_factor: float = 2.0,
+    kind: KernelKind = "continuous",
+):
+    """Relative field (ppm of B0) produced by a susceptibility map (ppm).
+
+    The map is zero-padded to ``pad_factor`` times its size so that the
+    periodic FFT convolution does not wrap the field of one side onto the
+    other. Returns a JAX float array of the input's shape.
+    """
+    chi = jnp.asarray(chi_ppm)
+    if chi.ndim != 3:
+        raise ValueError(f"chi_ppm must be a 3D array, got shape {chi.shape}")
+    big = padded_shape(chi.shape, pad_factor) if pad_factor > 1 else chi.shape
+    kernel = jnp.asarray(dipole_kernel(big, voxel_size, b0_direction, kind=kind))
+    spectrum = jnp.fft.fftn(chi, s=big)
+    field = jnp.real(jnp.fft.ifftn(kernel * spectrum))
+    return field[: chi.shape[0], : chi.shape[1], : chi.shape[2]].astype(chi.dtype)
+
+
+def forward_field_hz(
+    chi_ppm,
+    field_strength_t: float,
+    voxel_size=(1.0, 1.0, 1.0),
+    b0_direction=(0.0, 0.0, 1.0),
+    **kwargs,
+):
+    """Frequency offset (Hz) produced by a susceptibility map (ppm): CF * 1e-6 * (D * chi)."""
+    return ppm_to_hz(forward_field_ppm(chi_ppm, voxel_size, b0_direction, **kwargs), field_strength_t)
+
+
+def dipole_convolve(chi, kernel):
+    """Periodic convolution with a k-space kernel of the same shape (no padding): real(ifft(K * fft(x)))."""
+    return jnp.real(jnp.fft.ifftn(kernel * jnp.fft.fftn(chi)))
+

@@ -1,0 +1,1 @@
+"""Separation-model constants (TOML), one file per model, shipped as ``chisep.models``."""
