@@ -308,7 +308,7 @@ def rescale_phase(raw) -> tuple[np.ndarray, str]:
     Examples
     --------
     >>> phase, how = rescale_phase(np.array([-4096, 0, 2048, 4095], dtype=np.int16))
-    >>> np.round(phase, 4).tolist(), how.split(":")[0]
+    >>> [round(float(v), 4) for v in phase], how.split(":")[0]
     ([-3.1416, 0.0, 1.5708, 3.1408], '12-bit signed integer codes -4096..4095 (Siemens via dcm2niix)')
     """
     raw = np.asarray(raw)
@@ -387,11 +387,13 @@ def _check_echo_times(tes: list[float], n_echoes: int, where: str, files: Sequen
             f"echo time(s), one per echo, found {len(tes)}: {tes}.{hint}"
         )
     if not all(math.isfinite(t) and t > 0 for t in tes):
-        raise InputError(f"echo times ({where}): expected positive finite seconds, found {tes}")
+        raise InputError(
+            f"echo times ({where}) for {_names(files)}: expected positive finite seconds, found {tes}"
+        )
     if max(tes) > MAX_ECHO_TIME_S:
         raise InputError(
-            f"echo times ({where}) look like milliseconds: expected seconds (e.g. 0.005), found "
-            f"{tes}. Fix: divide by 1000 (the command line takes --echo-times in ms)."
+            f"echo times ({where}) for {_names(files)} look like milliseconds: expected seconds "
+            f"(e.g. 0.005), found {tes}. Fix: divide by 1000 (the command line takes --echo-times in ms)."
         )
     if any(b <= a for a, b in zip(tes, tes[1:])):
         raise InputError(
