@@ -1065,6 +1065,15 @@ def write_json(path: PathLike, obj: Any, *, overwrite: bool = False) -> Path:
     return path
 
 
+def write_bytes(path: PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write raw bytes (a PNG figure, CSV text encoded as UTF-8) atomically."""
+    path = Path(path)
+    _check_target(path, overwrite)
+    _make_dir(path.parent)
+    _atomic_write(path, lambda f: f.write(data))
+    return path
+
+
 def load_map(path: PathLike, *, name: str = "map", allow_nonfinite: bool = False):
     """Read a 3D map (chi, field, R2*, mask ...) from NIfTI.
 

@@ -1,0 +1,310 @@
+"""The ``chisep`` command line.
+
+Each sub-command parses its options, calls :mod:`chisep.pipeline` (pure
+computation) and :mod:`chisep.io` (files). Errors end with a one-paragraph
+message and a non-zero exit status; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+from chisep import __version__
+from chisep.errors import ChisepError, InputError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# ---------------------------------------------------------------------------
+# argument types
+# ---------------------------------------------------------------------------
+def parse_echo_times_ms(text: str) -> tuple[float, ...]:
+    """Comma-separated echo times in milliseconds -> seconds.
+
+    Values that look like seconds (all below 0.5) are refused with a hint,
+    since a silent factor of 1000 would scale every field map.
+    """
+    try:
+        values = [float(v) for v in str(text).replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--echo-times expects comma-separated numbers in ms (e.g. 4,10,16), got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("--echo-times is empty; give e.g. 4,10,16 (ms)")
+    if any(not (v == v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--echo-times must be positive, got {text!r}")
+    if max(values) < 0.5:
+        raise argparse.ArgumentTypeError(
+            f"--echo-times {text!r} look like seconds; the command line takes milliseconds "
+            f"(e.g. {','.join(f'{v * 1000:g}' for v in values)})"
+        )
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise argparse.ArgumentTypeError(f"--echo-times must be strictly increasing, got {text!r}")
+    return tuple(v / 1000.0 for v in values)
+
+
+def _positive_float(name):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} expects a number, got {text!r}") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _resolution(text: str):
+    """One size (isotropic) or three comma-separated sizes in mm."""
+    parts = str(text).split(",")
+    if len(parts) not in (1, 3):
+        raise argparse.ArgumentTypeError(
+            f"--resolution expects one size or three comma-separated sizes in mm, got {text!r}"
+        )
+    values = [_positive_float("--resolution")(p) for p in parts]
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _model_list(text: str) -> tuple[str, ...]:
+    from chisep.pipeline import MODEL_NAMES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in MODEL_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown model(s) {', '.join(bad) or repr(text)}; valid: {', '.join(MODEL_NAMES)}"
+        )
+    return names
+
+
+# ---------------------------------------------------------------------------
+# parser
+# ---------------------------------------------------------------------------
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs (files, or a BIDS folder)")
+    g.add_argument("--magnitude", nargs="+", metavar="FILE", help="4D NIfTI or one 3D NIfTI per echo")
+    g.add_argument("--phase", nargs="+", metavar="FILE", help="4D NIfTI or one 3D NIfTI per echo")
+    g.add_argument("--echo-times", type=parse_echo_times_ms, metavar="MS,MS,...",
+                   help="echo times in ms (overrides JSON sidecars, which are in s)")
+    g.add_argument("--field-strength", type=_positive_float("--field-strength"), metavar="T",
+                   help="B0 in tesla (overrides sidecars)")
+    g.add_argument("--bids", metavar="DIR", help="BIDS root, subject folder or anat folder")
+    g.add_argument("--subject", metavar="LABEL", help="BIDS subject (with or without sub-)")
+    g.add_argument("--session", metavar="LABEL", help="BIDS session")
+    g.add_argument("--phase-sign", type=int, choices=(1, -1), default=1,
+                   help="multiply the stored phase by this (vendor convention; default 1)")
+    g.add_argument("--mask", metavar="FILE", help="brain mask NIfTI (always wins over the automatic mask)")
+
+
+def _add_qsm_options(p: argparse.ArgumentParser) -> None:
+    from chisep import pipeline
+
+    g = p.add_argument_group("QSM reconstruction")
+    d = pipeline.QsmSettings()
+    g.add_argument("--unwrap", choices=pipeline.UNWRAP_METHODS, default=d.unwrap)
+    g.add_argument("--field-fit", choices=pipeline.FIELD_FIT_METHODS, default=d.field_fit)
+    g.add_argument("--r2star-method", choices=pipeline.R2STAR_METHODS, default=d.r2star)
+    g.add_argument("--background", choices=pipeline.BACKGROUND_METHODS, default=d.background)
+    g.add_argument("--inversion", choices=pipeline.INVERSION_METHODS, default=d.inversion)
+    g.add_argument("--mask-erode", type=float, default=d.mask_erode_mm, metavar="MM",
+                   help="erode the automatic brain mask by this many mm")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chisep",
+        description="QSM and susceptibility source separation (iron vs myelin/calcium).",
+        epilog="Units: echo times on the command line in ms; maps in ppm (chi), Hz (fields), 1/s (R2*).",
+    )
+    parser.add_argument("--version", action="version", version=f"chisep {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate the built-in head phantom as a BIDS dataset")
+    from chisep.sim.phantom import SCENARIOS
+
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--resolution", type=_resolution, default=1.0, metavar="MM",
+                   help="voxel size in mm: one value or three (e.g. 0.6,0.6,2)")
+    p.add_argument("--snr", type=_positive_float("--snr"), default=100.0)
+    p.add_argument("--field-strength", type=_positive_float("--field-strength"), default=3.0, metavar="T")
+    p.add_argument("--echo-times", type=parse_echo_times_ms, default=None, metavar="MS,MS,...",
+                   help="echo times in ms (default 6 echoes: 4,10,...,34)")
+    p.add_argument("--b0-angle", type=float, default=0.0, metavar="DEG",
+                   help="oblique acquisition: tilt of the slab against B0 in degrees")
+    p.add_argument("--scenario", choices=SCENARIOS, default="healthy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subject", default="phantom", metavar="LABEL")
+    p.add_argument("--integer-phase", action="store_true",
+                   help="store phase as integers -4096..4095 (as many scanners do)")
+    _add_common(p)
+
+    p = sub.add_parser("qsm", help="QSM reconstruction: mask, field, R2*, local field, chi")
+    _add_inputs(p)
+    _add_qsm_options(p)
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_common(p)
+
+    p = sub.add_parser("separate", help="susceptibility source separation from QSM outputs")
+    p.add_argument("--chi", required=True, metavar="FILE", help="QSM map (ppm)")
+    p.add_argument("--local-field", metavar="FILE", help="local field (Hz); required for chi-separation")
+    p.add_argument("--r2star", metavar="FILE", help="R2* map (1/s); required for linear and chi-separation")
+    p.add_argument("--r2", metavar="FILE", help="measured R2 map (1/s); else a nominal R2 is used")
+    p.add_argument("--field-noise", metavar="FILE", help="field noise map (Hz), used as data weights")
+    p.add_argument("--mask", metavar="FILE")
+    p.add_argument("--field-strength", type=_positive_float("--field-strength"), required=True, metavar="T")
+    p.add_argument("--magnitude", nargs="+", metavar="FILE", help="multi-echo magnitude (DECOMPOSE)")
+    p.add_argument("--phase", nargs="+", metavar="FILE", help="multi-echo phase (optional for DECOMPOSE)")
+    p.add_argument("--echo-times", type=parse_echo_times_ms, metavar="MS,MS,...")
+    p.add_argument("--model", type=_model_list, required=True, metavar="NAME[,NAME]",
+                   help="linear, chi-separation or decompose (comma-separated for several)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_common(p)
+
+    p = sub.add_parser("run", help="files -> QSM -> source separation, with report")
+    _add_inputs(p)
+    _add_qsm_options(p)
+    p.add_argument("--models", type=_model_list, default=None, metavar="NAME[,NAME]",
+                   help="separation models, first one gives chi_para/chi_dia (default: all)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings ([qsm], [separation] tables)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="JAX device")
+    p.add_argument("--out", required=True, metavar="DIR")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="simulate the phantom, run everything, print accuracy")
+    p.add_argument("--out", default="chisep-demo", metavar="DIR")
+    p.add_argument("--resolution", type=_resolution, default=1.5, metavar="MM")
+    _add_common(p)
+    return parser
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+def _say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+def cmd_simulate(args) -> int:
+    from chisep import pipeline
+
+    out = pipeline.simulate_dataset(
+        args.out,
+        resolution=args.resolution,
+        snr=args.snr,
+        field_strength=args.field_strength,
+        echo_times=args.echo_times,
+        b0_angle_deg=args.b0_angle,
+        scenario=args.scenario,
+        seed=args.seed,
+        subject=args.subject,
+        integer_phase=args.integer_phase,
+        overwrite=args.overwrite,
+        log=lambda s: _say(args, s),
+    )
+    _say(args, f"wrote BIDS dataset {out['bids_root']} and ground truth {out['truth_dir']}")
+    return 0
+
+
+def _load_inputs(args):
+    from chisep import io
+
+    if args.bids and (args.magnitude or args.phase):
+        raise InputError("give either --bids or --magnitude/--phase, not both")
+    if args.bids:
+        return io.load_bids(args.bids, args.subject, session=args.session, echo_times=args.echo_times,
+                            field_strength=args.field_strength, phase_sign=args.phase_sign)
+    if not args.magnitude or not args.phase:
+        raise InputError(
+            "no input data: give --magnitude FILE... and --phase FILE... (with --echo-times and "
+            "--field-strength unless JSON sidecars hold them), or --bids DIR"
+        )
+    return io.load_gre(args.magnitude, args.phase, echo_times=args.echo_times,
+                       field_strength=args.field_strength, phase_sign=args.phase_sign)
+
+
+def cmd_qsm(args) -> int:
+    from chisep import pipeline
+
+    settings = pipeline.PipelineSettings.from_sources(args=args, models=())
+    summary = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
+                                 overwrite=args.overwrite, log=lambda s: _say(args, s))
+    _say(args, summary)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from chisep import pipeline
+
+    if args.device:
+        pipeline.select_device(args.device)
+    settings = pipeline.PipelineSettings.from_sources(args=args, config_path=args.config, models=args.models)
+    summary = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
+                                 overwrite=args.overwrite, log=lambda s: _say(args, s))
+    _say(args, summary)
+    return 0
+
+
+def cmd_separate(args) -> int:
+    from chisep import pipeline
+
+    summary = pipeline.separate_files(
+        chi=args.chi, local_field=args.local_field, r2star=args.r2star, r2=args.r2,
+        field_noise=args.field_noise, mask=args.mask, field_strength=args.field_strength,
+        magnitude=args.magnitude, phase=args.phase, echo_times=args.echo_times,
+        models=args.model, out_dir=args.out, overwrite=args.overwrite, log=lambda s: _say(args, s),
+    )
+    _say(args, summary)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from chisep import pipeline
+
+    summary = pipeline.demo(args.out, resolution=args.resolution, overwrite=args.overwrite,
+                            log=lambda s: _say(args, s))
+    _say(args, summary)
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "qsm": cmd_qsm, "separate": cmd_separate, "run": cmd_run,
+            "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("chisep: interrupted; finished outputs are complete, nothing partial was left "
+              "(a run without provenance.json is unfinished)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ChisepError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
+        if args.debug:
+            raise
+        message = textwrap.fill(f"chisep {args.command}: error: {exc}", width=100)
+        print(message + ("\n(run with --debug for a traceback)"
+                         if not isinstance(exc, ChisepError) else ""), file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,515 @@
+"""End-to-end composition: GRE data -> QSM -> source separation -> files.
+
+The computational functions (:func:`reconstruct_qsm`, :func:`separate`) take
+arrays and return arrays; the ``*_files`` functions and :func:`simulate_dataset`
+add file handling through :mod:`chisep.io`. The CLI, notebooks and the batch
+runner all call these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from chisep import io, physics
+from chisep.acquisition import Acquisition
+from chisep.errors import InputError
+from chisep.qsm import background as _background
+from chisep.qsm import inversion as _inversion
+from chisep.qsm import unwrap as _unwrap
+from chisep.separation.result import SeparationResult
+
+MODEL_NAMES = ("chi-separation", "linear", "decompose")
+UNWRAP_METHODS = tuple(_unwrap.UNWRAP_METHODS)
+FIELD_FIT_METHODS = ("nonlinear", "weighted-linear", "echo-average")
+R2STAR_METHODS = ("auto", "arlo", "loglinear", "nonlinear")
+BACKGROUND_METHODS = tuple(_background.BACKGROUND_METHODS)
+INVERSION_METHODS = tuple(_inversion.INVERSION_METHODS)
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QsmSettings:
+    """Method choices of the QSM reconstruction (names are closed sets, see the module constants)."""
+
+    unwrap: str = "romeo"
+    field_fit: str = "nonlinear"
+    r2star: str = "auto"
+    background: str = "vsharp"
+    inversion: str = "medi"
+    mask_erode_mm: float = 0.0
+    reference: str = "mean"
+    background_options: dict = field(default_factory=dict)
+    inversion_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, value, valid in [
+            ("unwrap", self.unwrap, UNWRAP_METHODS),
+            ("field_fit", self.field_fit, FIELD_FIT_METHODS),
+            ("r2star", self.r2star, R2STAR_METHODS),
+            ("background", self.background, BACKGROUND_METHODS),
+            ("inversion", self.inversion, INVERSION_METHODS),
+        ]:
+            if value not in valid:
+                raise InputError(f"qsm setting {name}={value!r} is not valid; choose one of: {', '.join(valid)}")
+        if not self.mask_erode_mm >= 0:
+            raise InputError(f"mask_erode_mm must be >= 0 mm, got {self.mask_erode_mm}")
+
+
+@dataclass(frozen=True)
+class SeparationSettings:
+    """Which separation models run (the first one gives the top-level chi_para/chi_dia) and their options."""
+
+    models: tuple[str, ...] = MODEL_NAMES
+    nominal_r2: float = 13.0
+    chi_separation: dict = field(default_factory=dict)
+    linear: dict = field(default_factory=dict)
+    decompose: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        models = tuple(self.models)
+        bad = [m for m in models if m not in MODEL_NAMES]
+        if bad:
+            raise InputError(f"unknown separation model(s) {', '.join(bad)}; valid: {', '.join(MODEL_NAMES)}")
+        if len(set(models)) != len(models):
+            raise InputError(f"separation models listed twice: {', '.join(models)}")
+        object.__setattr__(self, "models", models)
+        if not self.nominal_r2 >= 0:
+            raise InputError(f"nominal_r2 must be >= 0 1/s, got {self.nominal_r2}")
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    qsm: QsmSettings = field(default_factory=QsmSettings)
+    separation: SeparationSettings = field(default_factory=SeparationSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_sources(cls, *, args=None, config_path: str | Path | None = None,
+                     models: Sequence[str] | None = None) -> "PipelineSettings":
+        """Settings from a TOML config (``[qsm]``, ``[separation]``), then command-line flags.
+
+        Flags given explicitly on the command line win over the config file;
+        argparse defaults do not override values from the file.
+        """
+        qsm: dict[str, Any] = {}
+        sep: dict[str, Any] = {}
+        if config_path is not None:
+            config = load_config(config_path)
+            qsm.update(config.get("qsm", {}))
+            sep.update(config.get("separation", {}))
+        if args is not None:
+            defaults = QsmSettings()
+            for flag, key in [("unwrap", "unwrap"), ("field_fit", "field_fit"), ("r2star_method", "r2star"),
+                              ("background", "background"), ("inversion", "inversion"),
+                              ("mask_erode", "mask_erode_mm")]:
+                value = getattr(args, flag, None)
+                if value is not None and (key not in qsm or value != getattr(defaults, key)):
+                    qsm[key] = value
+        if models is not None:
+            sep["models"] = tuple(models)
+        try:
+            return cls(qsm=QsmSettings(**qsm), separation=SeparationSettings(**sep))
+        except TypeError as exc:
+            raise InputError(f"configuration has an unknown setting: {exc}") from None
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a TOML settings file with tables ``[qsm]`` and ``[separation]``."""
+    path = Path(path)
+    try:
+        config = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"--config {path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"--config {path}: not valid TOML ({exc})") from None
+    unknown = set(config) - {"qsm", "separation"}
+    if unknown:
+        raise InputError(f"--config {path}: unknown table(s) {', '.join(sorted(unknown))}; "
+                         "valid tables: [qsm], [separation]")
+    return config
+
+
+def select_device(name: str) -> None:
+    """Make JAX place new arrays on the CPU or the GPU (error if no GPU is present)."""
+    import jax
+
+    platform = {"cpu": "cpu", "gpu": "gpu"}[name]
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:
+        raise InputError(f"--device {name}: JAX finds no {name.upper()} on this machine "
+                         f"(available: {', '.join(sorted({d.platform for d in jax.devices()}))}); "
+                         "install a CUDA build of jax or use --device cpu") from None
+    jax.config.update("jax_default_device", devices[0])
+
+
+# ---------------------------------------------------------------------------
+# QSM reconstruction (arrays in, arrays out)
+# ---------------------------------------------------------------------------
+@dataclass
+class QsmMaps:
+    """Outputs of :func:`reconstruct_qsm` (units in the attribute names' docs)."""
+
+    mask: np.ndarray             # bool, the mask of the final maps (eroded by background removal)
+    head_mask: np.ndarray        # bool, the mask the field was estimated in
+    field_total: np.ndarray      # Hz
+    field_noise: np.ndarray      # Hz, standard error of the field estimate
+    field_local: np.ndarray      # Hz
+    r2star: np.ndarray           # 1/s
+    chi: np.ndarray              # ppm, referenced (settings.reference)
+    timings: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+class _Timer:
+    def __init__(self, timings: dict, log: Log):
+        self.timings, self.log = timings, log
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Step:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                timer.log(f"  {name} ...")
+
+            def __exit__(self, *exc):
+                timer.timings[name] = round(time.perf_counter() - self.t0, 3)
+
+        return _Step()
+
+
+def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acquisition, *,
+                    mask: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
+                    log: Log = _quiet) -> QsmMaps:
+    """Brain mask -> unwrapping and multi-echo field fit -> R2* -> background removal -> inversion.
+
+    Parameters
+    ----------
+    magnitude, phase : (x, y, z, echo) float arrays (phase in rad, chisep sign convention)
+    acquisition : Acquisition
+    mask : (x, y, z) bool, optional; a given mask always wins over the automatic one
+    settings : QsmSettings
+    """
+    from chisep import relax
+    from chisep.qsm import echoes, mask as _mask
+
+    magnitude = np.asarray(magnitude, dtype=np.float32)
+    phase = np.asarray(phase, dtype=np.float32)
+    if magnitude.ndim == 3:
+        magnitude, phase = magnitude[..., None], phase[..., None]
+    if magnitude.shape != phase.shape or magnitude.shape[3] != acquisition.n_echoes:
+        raise InputError(f"magnitude {magnitude.shape} and phase {phase.shape} must both be "
+                         f"(x, y, z, {acquisition.n_echoes}) for {acquisition.n_echoes} echo times")
+    timings: dict = {}
+    notes: list = []
+    step = _Timer(timings, log)
+    vs, b0 = acquisition.voxel_size, acquisition.b0_direction
+
+    with step("mask"):
+        if mask is None:
+            head = _mask.brain_mask(magnitude, voxel_size=vs, erode_mm=settings.mask_erode_mm)
+        else:
+            head = np.asarray(mask).astype(bool)
+            if head.shape != magnitude.shape[:3]:
+                raise InputError(f"mask shape {head.shape} does not match the data {magnitude.shape[:3]}")
+            if not head.any():
+                raise InputError("the given mask is empty; pass a mask with the brain set to 1")
+            if not (magnitude[head, 0] > 0).any():
+                raise InputError("the given mask does not overlap the data (magnitude is zero in it)")
+    with step("field"):
+        fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
+                                          method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs)
+    with step("r2star"):
+        method = settings.r2star
+        if method == "auto":
+            method = "arlo" if (acquisition.echo_spacing is not None and acquisition.n_echoes >= 3) else "loglinear"
+        if acquisition.n_echoes < 2:
+            r2star = np.zeros(magnitude.shape[:3], np.float32)
+            notes.append("single echo: no R2* map (zeros)")
+        else:
+            r2star = relax.r2star_map(magnitude, acquisition.echo_times, head, method=method)
+    with step("background"):
+        local, eroded = _background.remove_background(fit.field_hz, head, method=settings.background,
+                                                      voxel_size=vs, b0_direction=b0,
+                                                      **settings.background_options)
+    with step("inversion"):
+        weights = _noise_weights(fit.field_noise_hz, eroded)
+        chi = _inversion.invert(local, eroded, method=settings.inversion, voxel_size=vs, b0_direction=b0,
+                                field_strength=acquisition.field_strength, weights=weights,
+                                magnitude=magnitude[..., 0], **settings.inversion_options)
+        chi = _inversion.reference(chi, eroded, method=settings.reference)
+    return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
+                   field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
+                   r2star=np.asarray(r2star), chi=np.asarray(chi), timings=timings, notes=notes)
+
+
+def _noise_weights(field_noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Data weights 1/sigma, normalised to mean 1 in the mask (MEDI convention)."""
+    noise = np.asarray(field_noise, dtype=np.float64)
+    finite = mask & np.isfinite(noise) & (noise > 0)
+    if not finite.any():
+        return mask.astype(np.float32)
+    floor = np.percentile(noise[finite], 1)
+    w = np.where(finite, 1.0 / np.maximum(noise, floor), 0.0)
+    return (w / w[finite].mean()).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# source separation (arrays in, arrays out)
+# ---------------------------------------------------------------------------
+def separate(qsm: QsmMaps, acquisition: Acquisition, *, magnitude: np.ndarray | None = None,
+             r2: np.ndarray | None = None, settings: SeparationSettings = SeparationSettings(),
+             log: Log = _quiet, timings: dict | None = None) -> dict[str, SeparationResult]:
+    """Run the selected separation models on QSM outputs.
+
+    chi-separation uses the local field, R2' (from R2* and R2 or the nominal
+    R2) and the QSM map as initialiser; the linear model uses R2* and chi;
+    DECOMPOSE uses the multi-echo magnitude and chi.
+    """
+    from chisep import relax
+
+    timings = {} if timings is None else timings
+    step = _Timer(timings, log)
+    results: dict[str, SeparationResult] = {}
+    mask = qsm.mask
+    for model in settings.models:
+        with step(f"separation:{model}"):
+            if model == "chi-separation":
+                from chisep.separation.chi_separation import ChiSeparation
+
+                r2prime, _ = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.nominal_r2)
+                results[model] = ChiSeparation(acquisition.field_strength, **settings.chi_separation).fit(
+                    qsm.field_local, r2prime, mask, voxel_size=acquisition.voxel_size,
+                    b0_direction=acquisition.b0_direction, chi_init=qsm.chi,
+                    field_noise_hz=qsm.field_noise, magnitude=magnitude[..., 0] if magnitude is not None else None)
+            elif model == "linear":
+                from chisep.separation.linear import LinearModel
+
+                results[model] = LinearModel(acquisition.field_strength, **settings.linear).fit(
+                    qsm.r2star, qsm.chi, mask, r2=r2)
+            else:
+                from chisep.separation.decompose import DecomposeModel
+
+                if magnitude is None:
+                    raise InputError("DECOMPOSE needs the multi-echo magnitude; pass --magnitude")
+                results[model] = DecomposeModel(acquisition.field_strength, acquisition.echo_times,
+                                                **settings.decompose).fit(magnitude, qsm.chi, mask)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------
+CHI_CONVENTION = "positive chi is paramagnetic; chi referenced to the mean inside the mask"
+COMPONENT_CONVENTION = ("chi_para >= 0 and chi_dia >= 0 (diamagnetic magnitude); "
+                        "chi_total = chi_para - chi_dia")
+
+#: file stem -> (unit, description, convention)
+MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
+    "mask": ("1", "brain mask of the final maps (after background-removal erosion)", None),
+    "head_mask": ("1", "mask in which the total field was estimated", None),
+    "field_total": ("Hz", "total field offset from the multi-echo fit", "positive = higher frequency"),
+    "field_noise": ("Hz", "standard error of the total field estimate", None),
+    "field_local": ("Hz", "local (tissue) field after background removal", "positive = higher frequency"),
+    "r2star": ("1/s", "effective transverse relaxation rate R2*", None),
+    "r2prime": ("1/s", "reversible relaxation rate R2' = max(R2* - R2, 0)", None),
+    "chi": ("ppm", "magnetic susceptibility (QSM)", CHI_CONVENTION),
+    "chi_para": ("ppm", "paramagnetic susceptibility component", COMPONENT_CONVENTION),
+    "chi_dia": ("ppm", "diamagnetic susceptibility component (magnitude)", COMPONENT_CONVENTION),
+    "chi_para_std": ("ppm", "standard deviation (uncertainty) of chi_para", None),
+    "chi_dia_std": ("ppm", "standard deviation (uncertainty) of chi_dia", None),
+    "residual": ("model units (see sidecar)", "per-voxel model residual", None),
+}
+
+
+def _spec(name: str) -> tuple[str, str, str | None]:
+    return MAP_SPECS.get(name, ("see description", name.replace("_", " "), None))
+
+
+class _Writer:
+    """Writes maps on the input grid; remembers what it wrote for the provenance."""
+
+    def __init__(self, out_dir: Path, affine, header, overwrite: bool):
+        self.out_dir, self.affine, self.header, self.overwrite = out_dir, affine, header, overwrite
+        self.written: list[str] = []
+
+    def map(self, rel_name: str, array, *, spec_name: str | None = None, extra: Mapping | None = None):
+        unit, description, convention = _spec(spec_name or Path(rel_name).name)
+        array = np.asarray(array)
+        if array.dtype == bool:
+            array = array.astype(np.uint8)
+        elif np.issubdtype(array.dtype, np.floating):
+            array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        path = self.out_dir / f"{rel_name}.nii.gz"
+        io.save_map(path, array, affine=self.affine, header=self.header, unit=unit, description=description,
+                    convention=convention, overwrite=self.overwrite, extra=extra)
+        self.written.append(str(path.relative_to(self.out_dir)))
+        return path
+
+    def separation(self, subdir: str | None, result: SeparationResult, *, with_extras: bool):
+        prefix = f"{subdir}/" if subdir else ""
+        self.map(prefix + "chi_para", result.chi_para)
+        self.map(prefix + "chi_dia", result.chi_dia)
+        if not with_extras:
+            return
+        for name in ("chi_para_std", "chi_dia_std", "residual"):
+            value = getattr(result, name)
+            if value is not None:
+                self.map(prefix + name, value, extra={"Model": subdir, "Units": result.info.get(f"{name}_unit")})
+        for name, value in result.extra.items():
+            self.map(prefix + name, value, extra={"Model": subdir})
+
+
+def write_qsm_maps(writer: _Writer, qsm: QsmMaps, r2prime: np.ndarray | None = None) -> None:
+    writer.map("mask", qsm.mask)
+    writer.map("head_mask", qsm.head_mask)
+    writer.map("field_total", qsm.field_total)
+    writer.map("field_noise", qsm.field_noise)
+    writer.map("field_local", qsm.field_local)
+    writer.map("r2star", qsm.r2star)
+    if r2prime is not None:
+        writer.map("r2prime", r2prime)
+    writer.map("chi", qsm.chi)
+
+
+def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSettings = PipelineSettings(),
+              mask_path: str | Path | None = None, r2_path: str | Path | None = None,
+              overwrite: bool = False, log: Log = _quiet) -> str:
+    """Run QSM (and the separation models in ``settings``) on loaded data and write the outputs.
+
+    ``provenance.json`` is written last: a folder without it holds an
+    unfinished run. Returns a short text summary.
+    """
+    from chisep import relax
+
+    t_start = time.perf_counter()
+    out = io.prepare_output_dir(out_dir, overwrite=overwrite)
+    acq = data.acquisition
+    inputs = list(data.sources.get("magnitude_files", [])) + list(data.sources.get("phase_files", []))
+    mask = r2 = None
+    if mask_path is not None:
+        mask, _, _ = io.load_map(mask_path, name="mask")
+        mask = mask > 0.5
+        inputs.append(mask_path)
+    if r2_path is not None:
+        r2, _, _ = io.load_map(r2_path, name="R2 map")
+        inputs.append(r2_path)
+    log(f"chisep: {data.shape[:3]} voxels of {np.round(acq.voxel_size, 3).tolist()} mm, "
+        f"{acq.n_echoes} echoes, {acq.field_strength:g} T, B0 {acq.b0_angle_deg:.1f} deg from z")
+    qsm = reconstruct_qsm(data.magnitude, data.phase, acq, mask=mask, settings=settings.qsm, log=log)
+    timings = dict(qsm.timings)
+    results = separate(qsm, acq, magnitude=data.magnitude, r2=r2, settings=settings.separation,
+                       log=log, timings=timings) if settings.separation.models else {}
+
+    writer = _Writer(out, acq.affine, data.header, overwrite)
+    r2prime = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.separation.nominal_r2)[0]
+    write_qsm_maps(writer, qsm, r2prime * qsm.mask)
+    for i, (model, result) in enumerate(results.items()):
+        if i == 0:
+            writer.separation(None, result, with_extras=False)
+        writer.separation(model, result, with_extras=True)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
+                        extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
+                               "outputs": writer.written, "notes": qsm.notes,
+                               "models": {m: r.info for m, r in results.items()}},
+                        overwrite=overwrite)
+    return _summary(out, timings, results)
+
+
+def _sources_summary(sources: Mapping) -> dict:
+    return {k: v for k, v in sources.items() if k not in ("checksums",)}
+
+
+def _summary(out: Path, timings: Mapping[str, float], results: Mapping) -> str:
+    steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total")
+    models = ", ".join(results) if results else "none"
+    return (f"done in {timings.get('total', 0):.1f} s ({steps}); separation models: {models}; "
+            f"outputs in {out}")
+
+
+# ---------------------------------------------------------------------------
+# simulation to files
+# ---------------------------------------------------------------------------
+DEFAULT_ECHO_TIMES = (0.004, 0.010, 0.016, 0.022, 0.028, 0.034)
+
+#: ground-truth maps written by :func:`simulate_dataset` -> (GroundTruth attribute, unit, description)
+TRUTH_MAPS = {
+    "chi": ("chi", "ppm", "true susceptibility inside the brain (chi_para - chi_dia)"),
+    "chi_para": ("chi_para", "ppm", "true paramagnetic component"),
+    "chi_dia": ("chi_dia", "ppm", "true diamagnetic component (magnitude)"),
+    "field_total": ("field_total_hz", "Hz", "true total field"),
+    "field_local": ("field_local_hz", "Hz", "true local field (sources inside the brain mask)"),
+    "field_background": ("field_background_hz", "Hz", "true background field"),
+    "r2star": ("r2star", "1/s", "true R2*"),
+    "r2": ("r2", "1/s", "true R2"),
+    "r2prime": ("r2prime", "1/s", "true R2'"),
+    "labels": ("labels", "label", "phantom tissue labels (see labels.tsv)"),
+    "brain_mask": ("brain_mask", "1", "intracranial mask of the phantom"),
+}
+
+
+def simulate(*, resolution=1.0, snr: float | None = 100.0, field_strength: float = 3.0,
+             echo_times: Sequence[float] | None = None, b0_angle_deg: float = 0.0,
+             scenario: str = "healthy", seed: int = 0, integer_phase: bool = False):
+    """Phantom + GRE simulation in memory (see :func:`chisep.sim.gre.simulate_gre`)."""
+    from chisep.sim.gre import simulate_gre
+    from chisep.sim.phantom import head_phantom
+
+    phantom = head_phantom(resolution, scenario=scenario, seed=seed)
+    b0 = physics.direction_from_angles(b0_angle_deg) if b0_angle_deg else None
+    return simulate_gre(phantom, field_strength=field_strength,
+                        echo_times=tuple(echo_times or DEFAULT_ECHO_TIMES), snr=snr, seed=seed,
+                        b0_direction=b0, integer_phase=integer_phase)
+
+
+def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite: bool = False,
+                     log: Log = _quiet, **simulation) -> dict:
+    """Simulate the phantom and write a BIDS dataset plus ground truth under derivatives/truth/."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: expected a folder, found a file")
+    truth_dir = out / "derivatives" / "truth"
+    if (truth_dir / "provenance.json").exists() and not overwrite:
+        from chisep.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
+    log(f"simulating the head phantom ({simulation})")
+    sim = simulate(**simulation)
+    run = io.write_bids_megre(out, subject, sim.magnitude, sim.phase, sim.acquisition, overwrite=overwrite,
+                              extra_sidecar={"ChisepSimulation": _jsonable_settings(simulation)})
+    affine = sim.acquisition.affine
+    for stem, (attr, unit, description) in TRUTH_MAPS.items():
+        io.save_map(truth_dir / f"{stem}.nii.gz", getattr(sim.truth, attr), affine=affine, unit=unit,
+                    description=description, overwrite=overwrite)
+    names = "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in sorted(sim.truth.label_names.items()))
+    io.write_bytes(truth_dir / "labels.tsv", names.encode(), overwrite=overwrite)
+    io.write_provenance(truth_dir, inputs=[], settings={"subject": subject, **_jsonable_settings(simulation)},
+                        timings={"simulate": round(time.perf_counter() - t0, 3)},
+                        extra={"acquisition": sim.acquisition.to_dict(), "noise_sigma": sim.truth.noise_sigma,
+                               "dr_para_hz_per_ppm": sim.truth.dr_para, "dr_dia_hz_per_ppm": sim.truth.dr_dia},
+                        overwrite=overwrite)
+    return {"bids_root": out, "truth_dir": truth_dir, "run": run, "simulation": sim}
+
+
+def _jsonable_settings(settings: Mapping) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
