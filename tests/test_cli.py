@@ -1,0 +1,105 @@
+"""The chisep command line: argument parsing, simulate, error reporting."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from chisep import cli, io, physics
+
+
+def test_echo_times_in_ms_are_converted_to_seconds():
+    assert cli.parse_echo_times_ms("4,10, 16") == pytest.approx((0.004, 0.010, 0.016))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("0.004,0.010", "look like seconds"),
+        ("10,4", "strictly increasing"),
+        ("4,x", "comma-separated numbers"),
+        ("", "empty"),
+        ("-4,5", "positive"),
+    ],
+)
+def test_echo_times_parser_refuses_with_hint(text, match):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match=match):
+        cli.parse_echo_times_ms(text)
+
+
+def test_echo_times_in_seconds_fail_with_exit_2_and_no_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["simulate", "--out", str(tmp_path / "s"), "--echo-times", "0.004,0.01"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "look like seconds" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_method_lists_valid_choices(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["qsm", "--out", "x", "--inversion", "magic"])
+    err = capsys.readouterr().err
+    assert "magic" in err and "medi" in err and "tkd" in err
+
+
+def test_simulate_writes_bids_and_truth_that_load_back(tmp_path):
+    out = tmp_path / "sim"
+    code = cli.main(["simulate", "--out", str(out), "--resolution", "4", "--echo-times", "4,10,16,22",
+                     "--seed", "3", "--quiet"])
+    assert code == 0
+    runs = io.find_megre_runs(out)
+    assert len(runs) == 1 and runs[0].subject == "phantom" and len(runs[0].magnitude) == 4
+    data = io.load_bids(out)
+    assert data.acquisition.echo_times == pytest.approx((0.004, 0.010, 0.016, 0.022))
+    assert data.acquisition.field_strength == pytest.approx(3.0)
+    side = json.loads(runs[0].magnitude[0].with_suffix("").with_suffix(".json").read_text())
+    assert side["EchoTime"] == pytest.approx(0.004) and side["MagneticFieldStrength"] == 3.0
+    truth = out / "derivatives" / "truth"
+    chi_img = nib.load(truth / "chi.nii.gz")
+    np.testing.assert_allclose(chi_img.affine, data.affine, atol=1e-5)
+    assert chi_img.shape == data.shape[:3]
+    chi = np.asarray(chi_img.dataobj)
+    mask = np.asarray(nib.load(truth / "brain_mask.nii.gz").dataobj) > 0
+    para = np.asarray(nib.load(truth / "chi_para.nii.gz").dataobj)
+    dia = np.asarray(nib.load(truth / "chi_dia.nii.gz").dataobj)
+    np.testing.assert_allclose(chi[mask], (para - dia)[mask], atol=1e-6)
+    assert json.loads((truth / "chi.json").read_text())["Unit"] == "ppm"
+    assert "globus_pallidus" in (truth / "labels.tsv").read_text()
+    # the phase of echo 1 is the wrapped total field + offset: positive chi -> positive field
+    local = np.asarray(nib.load(truth / "field_local.nii.gz").dataobj)
+    assert local[mask].std() > 0.5  # Hz: real tissue contrast at 3 T
+
+
+def test_simulate_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "sim"
+    args = ["simulate", "--out", str(out), "--resolution", "6", "--quiet"]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli.main(args + ["--overwrite"]) == 0
+
+
+def test_oblique_simulation_round_trips_b0_direction(tmp_path):
+    out = tmp_path / "obl"
+    assert cli.main(["simulate", "--out", str(out), "--resolution", "6", "--b0-angle", "25", "--quiet"]) == 0
+    data = io.load_bids(out)
+    assert data.acquisition.b0_angle_deg == pytest.approx(25.0, abs=1e-3)
+    assert physics.b0_direction_from_affine(data.affine) == pytest.approx(data.acquisition.b0_direction)
+
+
+def test_out_path_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert cli.main(["simulate", "--out", str(f), "--resolution", "6", "--quiet"]) == 2
+    assert "expected a folder" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_console_script_entry_points():
+    res = subprocess.run([sys.executable, "-m", "chisep", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("chisep ")
