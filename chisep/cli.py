@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separation models, first one gives chi_para/chi_dia (default: all)")
     p.add_argument("--config", metavar="FILE", help="TOML settings ([qsm], [separation] tables)")
     p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="JAX device")
+    p.add_argument("--r2", metavar="FILE", help="measured R2 map (1/s) for R2' (else a nominal R2)")
+    p.add_argument("--labels", metavar="FILE", help="label image for roi_stats.csv (else the whole mask)")
     p.add_argument("--out", required=True, metavar="DIR")
     _add_common(p)
 
@@ -241,9 +243,10 @@ def cmd_qsm(args) -> int:
     from chisep import pipeline
 
     settings = pipeline.PipelineSettings.from_sources(args=args, models=())
-    summary = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
-                                 overwrite=args.overwrite, log=lambda s: _say(args, s))
-    _say(args, summary)
+    run = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
+                             r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),
+                             overwrite=args.overwrite, log=lambda s: _say(args, s))
+    _say(args, run.summary)
     return 0
 
 
@@ -253,9 +256,10 @@ def cmd_run(args) -> int:
     if args.device:
         pipeline.select_device(args.device)
     settings = pipeline.PipelineSettings.from_sources(args=args, config_path=args.config, models=args.models)
-    summary = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
-                                 overwrite=args.overwrite, log=lambda s: _say(args, s))
-    _say(args, summary)
+    run = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
+                             r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),
+                             overwrite=args.overwrite, log=lambda s: _say(args, s))
+    _say(args, run.summary)
     return 0
 
 

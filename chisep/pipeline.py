@@ -177,6 +177,11 @@ class QsmMaps:
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
+    def separation_inputs(self) -> dict:
+        """Keyword arguments of :func:`separate` taken from these maps."""
+        return {"chi": self.chi, "mask": self.mask, "local_field": self.field_local, "r2star": self.r2star,
+                "field_noise": self.field_noise}
+
 
 class _Timer:
     def __init__(self, timings: dict, log: Log):
@@ -275,43 +280,49 @@ def _noise_weights(field_noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # source separation (arrays in, arrays out)
 # ---------------------------------------------------------------------------
-def separate(qsm: QsmMaps, acquisition: Acquisition, *, magnitude: np.ndarray | None = None,
+def separate(acquisition: Acquisition, *, chi: np.ndarray, mask: np.ndarray,
+             local_field: np.ndarray | None = None, r2star: np.ndarray | None = None,
+             field_noise: np.ndarray | None = None, magnitude: np.ndarray | None = None,
              r2: np.ndarray | None = None, settings: SeparationSettings = SeparationSettings(),
              log: Log = _quiet, timings: dict | None = None) -> dict[str, SeparationResult]:
-    """Run the selected separation models on QSM outputs.
+    """Run the selected separation models.
 
-    chi-separation uses the local field, R2' (from R2* and R2 or the nominal
-    R2) and the QSM map as initialiser; the linear model uses R2* and chi;
-    DECOMPOSE uses the multi-echo magnitude and chi.
+    chi-separation needs the local field (Hz) and R2* (1/s; R2' = max(R2* - R2, 0)
+    with R2 measured or nominal) and starts from the QSM map ``chi`` (ppm); the
+    linear model needs R2* and chi; DECOMPOSE needs the multi-echo magnitude
+    (x, y, z, echo) and chi.
     """
     from chisep import relax
 
     timings = {} if timings is None else timings
     step = _Timer(timings, log)
     results: dict[str, SeparationResult] = {}
-    mask = qsm.mask
+    needs = {"chi-separation": ("local_field", "r2star"), "linear": ("r2star",), "decompose": ("magnitude",)}
+    given = {"local_field": local_field, "r2star": r2star, "magnitude": magnitude}
+    for model in settings.models:
+        missing = [n for n in needs[model] if given[n] is None]
+        if missing:
+            raise InputError(f"model {model} needs {' and '.join(missing)} (e.g. --{missing[0].replace('_', '-')} FILE)")
     for model in settings.models:
         with step(f"separation:{model}"):
             if model == "chi-separation":
                 from chisep.separation.chi_separation import ChiSeparation
 
-                r2prime, _ = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.nominal_r2)
+                r2prime, _ = relax.r2prime_map(r2star, r2, nominal_r2=settings.nominal_r2)
                 results[model] = ChiSeparation(acquisition.field_strength, **settings.chi_separation).fit(
-                    qsm.field_local, r2prime, mask, voxel_size=acquisition.voxel_size,
-                    b0_direction=acquisition.b0_direction, chi_init=qsm.chi,
-                    field_noise_hz=qsm.field_noise, magnitude=magnitude[..., 0] if magnitude is not None else None)
+                    local_field, r2prime, mask, voxel_size=acquisition.voxel_size,
+                    b0_direction=acquisition.b0_direction, chi_init=chi, field_noise_hz=field_noise,
+                    magnitude=magnitude[..., 0] if magnitude is not None else None)
             elif model == "linear":
                 from chisep.separation.linear import LinearModel
 
                 results[model] = LinearModel(acquisition.field_strength, **settings.linear).fit(
-                    qsm.r2star, qsm.chi, mask, r2=r2)
+                    r2star, chi, mask, r2=r2)
             else:
                 from chisep.separation.decompose import DecomposeModel
 
-                if magnitude is None:
-                    raise InputError("DECOMPOSE needs the multi-echo magnitude; pass --magnitude")
                 results[model] = DecomposeModel(acquisition.field_strength, acquisition.echo_times,
-                                                **settings.decompose).fit(magnitude, qsm.chi, mask)
+                                                **settings.decompose).fit(magnitude, chi, mask)
     return results
 
 
@@ -392,11 +403,13 @@ def write_qsm_maps(writer: _Writer, qsm: QsmMaps, r2prime: np.ndarray | None = N
 
 def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSettings = PipelineSettings(),
               mask_path: str | Path | None = None, r2_path: str | Path | None = None,
-              overwrite: bool = False, log: Log = _quiet) -> str:
+              labels_path: str | Path | None = None, label_names: Mapping[int, str] | None = None,
+              overwrite: bool = False, log: Log = _quiet) -> "RunOutput":
     """Run QSM (and the separation models in ``settings``) on loaded data and write the outputs.
 
-    ``provenance.json`` is written last: a folder without it holds an
-    unfinished run. Returns a short text summary.
+    Writes the maps, ``roi_stats.csv`` (per label of ``labels_path``, or the
+    whole mask), ``report.png`` and, last, ``provenance.json``: a folder
+    without it holds an unfinished run. Returns the maps and a short summary.
     """
     from chisep import relax
 
@@ -412,12 +425,19 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     if r2_path is not None:
         r2, _, _ = io.load_map(r2_path, name="R2 map")
         inputs.append(r2_path)
+    labels = None
+    if labels_path is not None:
+        labels, _, _ = io.load_map(labels_path, name="label map")
+        if labels.shape != data.shape[:3]:
+            raise InputError(f"label map {labels_path}: shape {labels.shape} differs from the data {data.shape[:3]}")
+        labels = np.rint(labels).astype(np.int32)
+        inputs.append(labels_path)
     log(f"chisep: {data.shape[:3]} voxels of {np.round(acq.voxel_size, 3).tolist()} mm, "
         f"{acq.n_echoes} echoes, {acq.field_strength:g} T, B0 {acq.b0_angle_deg:.1f} deg from z")
     qsm = reconstruct_qsm(data.magnitude, data.phase, acq, mask=mask, settings=settings.qsm, log=log)
     timings = dict(qsm.timings)
-    results = separate(qsm, acq, magnitude=data.magnitude, r2=r2, settings=settings.separation,
-                       log=log, timings=timings) if settings.separation.models else {}
+    results = separate(acq, **qsm.separation_inputs(), magnitude=data.magnitude, r2=r2,
+                       settings=settings.separation, log=log, timings=timings)
 
     writer = _Writer(out, acq.affine, data.header, overwrite)
     r2prime = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.separation.nominal_r2)[0]
@@ -426,13 +446,115 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
         if i == 0:
             writer.separation(None, result, with_extras=False)
         writer.separation(model, result, with_extras=True)
+    with _Timer(timings, log)("report"):
+        maps = {"magnitude": data.magnitude[..., 0], "chi": qsm.chi, "r2star": qsm.r2star, "r2prime": r2prime}
+        for model, result in results.items():
+            maps[f"{model}:chi_para"], maps[f"{model}:chi_dia"] = result.chi_para, result.chi_dia
+        write_report(out, maps, qsm.mask, acq.voxel_size, labels=labels, label_names=label_names,
+                     overwrite=overwrite, first_model=next(iter(results), None))
+    writer.written += ["roi_stats.csv", "report.png"]
     timings["total"] = round(time.perf_counter() - t_start, 3)
     io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
                         extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
                                "outputs": writer.written, "notes": qsm.notes,
                                "models": {m: r.info for m, r in results.items()}},
                         overwrite=overwrite)
+    return RunOutput(out_dir=out, qsm=qsm, separations=results, timings=timings,
+                     summary=_summary(out, timings, results))
+
+
+@dataclass
+class RunOutput:
+    out_dir: Path
+    qsm: QsmMaps
+    separations: dict
+    timings: dict
+    summary: str
+
+
+def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, voxel_size, *,
+                 labels: np.ndarray | None = None, label_names: Mapping[int, str] | None = None,
+                 first_model: str | None = None, overwrite: bool = False) -> None:
+    """roi_stats.csv (every map, every label) and report.png (montage of the main maps)."""
+    from chisep import report
+
+    if labels is None:
+        labels, label_names = report.regions_from_mask(mask)
+    rows = report.roi_statistics(maps, labels, label_names, voxel_size=voxel_size, mask=mask)
+    io.write_bytes(out / "roi_stats.csv", report.roi_table_csv(rows).encode(), overwrite=overwrite)
+    shown = {k: maps[k] for k in ("magnitude", "chi", "r2star") if k in maps}
+    if first_model is not None:
+        shown["chi_para"] = maps[f"{first_model}:chi_para"]
+        shown["chi_dia"] = maps[f"{first_model}:chi_dia"]
+    figure = report.montage_figure(shown, mask=mask, voxel_size=voxel_size,
+                                   title=f"chisep {first_model or 'QSM'}")
+    io.write_bytes(out / "report.png", report.figure_png_bytes(figure), overwrite=overwrite)
+
+
+def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir, local_field=None,
+                   r2star=None, r2=None, field_noise=None, mask=None, magnitude=None, phase=None,
+                   echo_times: Sequence[float] | None = None, overwrite: bool = False,
+                   log: Log = _quiet) -> str:
+    """``chisep separate``: separation models from map files (e.g. the outputs of ``chisep qsm``).
+
+    All maps must share the grid of ``chi``. The mask defaults to the voxels
+    where chi is non-zero. DECOMPOSE needs the multi-echo magnitude (and echo
+    times from ``echo_times`` or its sidecars).
+    """
+    t0 = time.perf_counter()
+    out = io.prepare_output_dir(out_dir, overwrite=overwrite)
+    chi_map, affine, header = io.load_map(chi, name="chi")
+    _check_chi_unit(chi_map, chi)
+    inputs = [chi]
+
+    def load(path, name):
+        if path is None:
+            return None
+        array, other_affine, _ = io.load_map(path, name=name)
+        if array.shape != chi_map.shape or not np.allclose(other_affine, affine, atol=1e-3):
+            raise InputError(f"{name} {path}: grid {array.shape} differs from chi {chi} {chi_map.shape}; "
+                             "all maps must come from the same reconstruction")
+        inputs.append(path)
+        return array
+
+    maps = {name: load(path, name) for name, path in
+            [("local field", local_field), ("R2*", r2star), ("R2", r2), ("field noise", field_noise),
+             ("mask", mask)]}
+    mask_map = maps["mask"] > 0.5 if maps["mask"] is not None else chi_map != 0
+    mag = None
+    tes = echo_times
+    if magnitude is not None:
+        data = io.load_gre(magnitude, phase if phase is not None else magnitude, echo_times=echo_times,
+                           field_strength=field_strength)
+        if data.shape[:3] != chi_map.shape:
+            raise InputError(f"--magnitude grid {data.shape[:3]} differs from chi {chi_map.shape}")
+        mag, tes = data.magnitude, data.acquisition.echo_times
+        inputs += data.sources["magnitude_files"]
+    # linear and chi-separation do not use echo times; Acquisition needs one, so a placeholder stands in
+    acq = Acquisition(echo_times=tes or (0.001,), field_strength=field_strength, affine=affine)
+    settings = SeparationSettings(models=tuple(models))
+    timings: dict = {}
+    results = separate(acq, chi=chi_map, mask=mask_map, local_field=maps["local field"], r2star=maps["R2*"],
+                       field_noise=maps["field noise"], magnitude=mag, r2=maps["R2"], settings=settings,
+                       log=log, timings=timings)
+    writer = _Writer(out, affine, header, overwrite)
+    for i, (model, result) in enumerate(results.items()):
+        if i == 0:
+            writer.separation(None, result, with_extras=False)
+        writer.separation(model, result, with_extras=True)
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    io.write_provenance(out, inputs=inputs, settings=dataclasses.asdict(settings), timings=timings,
+                        extra={"acquisition": acq.to_dict(), "outputs": writer.written,
+                               "models": {m: r.info for m, r in results.items()}}, overwrite=overwrite)
     return _summary(out, timings, results)
+
+
+def _check_chi_unit(chi: np.ndarray, path) -> None:
+    """Refuse chi maps in Hz or ppb: brain susceptibility stays within a few ppm."""
+    inside = np.abs(chi[chi != 0])
+    if inside.size and np.percentile(inside, 99) > 10:
+        raise InputError(f"chi {path}: 99% of |values| reach {np.percentile(inside, 99):.3g}, expected ppm "
+                         "(brain tissue within about +-1 ppm); the map looks like Hz or ppb. Convert it to ppm")
 
 
 def _sources_summary(sources: Mapping) -> dict:
@@ -513,3 +635,54 @@ def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite
 
 def _jsonable_settings(settings: Mapping) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+
+
+# ---------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------
+def demo(out_dir: str | Path = "chisep-demo", *, resolution=1.5, scenario: str = "all", snr: float = 100.0,
+         models: Sequence[str] = MODEL_NAMES, overwrite: bool = False, log: Log = _quiet) -> str:
+    """Simulate the phantom, run the whole pipeline with every model, score it against the truth.
+
+    Writes ``bids/`` (the simulated dataset and its truth), ``run/`` (the
+    outputs of :func:`run_files`), ``accuracy.md`` and ``comparison.png``;
+    returns the accuracy table as text.
+    """
+    from chisep import report
+
+    t0 = time.perf_counter()
+    out = io.prepare_output_dir(out_dir, overwrite=overwrite)
+    for name in ("accuracy.md", "comparison.png"):
+        if (out / name).exists() and not overwrite:
+            from chisep.errors import OutputExistsError
+
+            raise OutputExistsError(f"{out / name} exists; pass --overwrite or choose another --out")
+    log(f"1/3 simulating the phantom at {resolution} mm (scenario {scenario!r}, SNR {snr:g})")
+    sim = simulate_dataset(out / "bids", resolution=resolution, scenario=scenario, snr=snr,
+                           overwrite=overwrite)
+    truth = sim["simulation"].truth
+    log("2/3 running QSM and source separation")
+    data = io.load_bids(out / "bids")
+    run = run_files(data, out / "run", settings=PipelineSettings(separation=SeparationSettings(models=tuple(models))),
+                    labels_path=sim["truth_dir"] / "labels.nii.gz", label_names=truth.label_names,
+                    overwrite=overwrite, log=log)
+    log("3/3 scoring against the ground truth")
+    mask = run.qsm.mask & truth.brain_mask
+    true_maps = {"chi": truth.chi, "chi_para": truth.chi_para, "chi_dia": truth.chi_dia}
+    estimates = {"qsm": {"chi": run.qsm.chi}}
+    for model, result in run.separations.items():
+        estimates[model] = {"chi": result.chi_para - result.chi_dia, "chi_para": result.chi_para,
+                            "chi_dia": result.chi_dia}
+    rows = report.accuracy_table(true_maps, estimates, mask=mask, labels=truth.labels,
+                                 label_names=truth.label_names)
+    table = report.format_table(rows, digits=3)
+    figure = report.comparison_figure(true_maps, estimates, mask=mask, voxel_size=data.acquisition.voxel_size,
+                                      labels=truth.labels, label_names=truth.label_names,
+                                      title="chisep demo: truth, estimates, errors")
+    io.write_bytes(out / "comparison.png", report.figure_png_bytes(figure), overwrite=overwrite)
+    text = (f"# chisep demo: accuracy against the phantom's ground truth\n\n"
+            f"NRMSE in % (demeaned in the mask); ROI columns are mean ppm; the `truth` rows are the true values.\n\n"
+            f"{table}\n")
+    io.write_bytes(out / "accuracy.md", text.encode(), overwrite=overwrite)
+    return (f"{table}\n\ndemo finished in {time.perf_counter() - t0:.0f} s: figures {out / 'comparison.png'} "
+            f"and {run.out_dir / 'report.png'}, maps in {run.out_dir}")
