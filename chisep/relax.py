@@ -1,0 +1,290 @@
+"""Relaxation-rate maps: R2* from multi-echo magnitude, and R2' = R2* - R2.
+
+Rates are in 1/s, echo times in s. Arrays are (x, y, z, echo) for
+multi-echo magnitude and (x, y, z) for maps.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from chisep.errors import InputError
+from chisep.fit import VoxelModel, fit_voxelwise
+
+R2StarMethod = Literal["loglinear", "arlo", "nonlinear"]
+R2STAR_METHODS = ("loglinear", "arlo", "nonlinear")
+
+#: Physically plausible R2* range (1/s); estimates outside are clipped and flagged.
+R2STAR_RANGE = (0.0, 1000.0)
+
+#: Relative tolerance on echo spacing for ARLO's equal-spacing requirement.
+ARLO_SPACING_RTOL = 0.01
+
+
+def _check_echo_times(echo_times, n_echoes: int) -> np.ndarray:
+    if echo_times is None:
+        raise InputError("echo_times (s) are required, one per echo")
+    tes = np.asarray(echo_times, dtype=np.float64).reshape(-1)
+    if tes.size != n_echoes:
+        raise InputError(
+            f"echo_times has {tes.size} entries but the magnitude has {n_echoes} echoes "
+            "(last axis); give one echo time (s) per echo"
+        )
+    if not np.all(np.isfinite(tes)) or np.any(tes < 0):
+        raise InputError(f"echo_times must be non-negative finite seconds, got {tes.tolist()}")
+    if np.any(np.diff(tes) <= 0):
+        raise InputError(
+            f"echo_times must be strictly increasing, got {tes.tolist()}; check the echo order"
+        )
+    if tes.max() > 1.0:
+        raise InputError(f"echo_times look like milliseconds ({tes.tolist()}); give seconds")
+    return tes
+
+
+def _check_multi_echo_magnitude(magnitude, mask):
+    mag = np.asarray(magnitude)
+    if mag.ndim != 4:
+        raise InputError(
+            f"magnitude must be a 4D array (x, y, z, echo), got shape {mag.shape}; "
+            "stack the echoes on the last axis"
+        )
+    if np.iscomplexobj(mag):
+        mag = np.abs(mag)
+    mag = mag.astype(np.float32, copy=False)
+    if mask is None:
+        msk = np.ones(mag.shape[:3], dtype=bool)
+    else:
+        msk = np.asarray(mask)
+        if msk.shape != mag.shape[:3]:
+            raise InputError(f"mask shape {msk.shape} does not match the magnitude's {mag.shape[:3]}")
+        msk = msk.astype(bool)
+    values = mag[msk]
+    if not np.all(np.isfinite(values)):
+        raise InputError(
+            f"magnitude contains {int(np.sum(~np.isfinite(values)))} NaN or infinite values "
+            "inside the mask; replace them or exclude those voxels with the mask"
+        )
+    if np.any(values < 0):
+        raise InputError("magnitude has negative values; pass |S| (the magnitude images)")
+    return mag, msk
+
+
+def _loglinear(values: np.ndarray, tes: np.ndarray):
+    """Weighted log-linear fit, weights S^2 (var(log S) ~ sigma^2 / S^2). Returns (s0, r2)."""
+    # zeros get a tiny floor: with weights S^2 they then carry no weight
+    floor = max(float(values.max()) if values.size else 1.0, 1e-30) * 1e-30
+    s = np.maximum(values.astype(np.float64), floor)
+    y = np.log(s)
+    w = s**2
+    sw = w.sum(-1)
+    st = (w * tes).sum(-1)
+    stt = (w * tes**2).sum(-1)
+    sy = (w * y).sum(-1)
+    sty = (w * tes * y).sum(-1)
+    det = sw * stt - st**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = (sw * sty - st * sy) / det
+        intercept = (sy - slope * st) / sw
+    bad = ~np.isfinite(slope)
+    slope[bad] = 0.0
+    intercept[bad] = np.log(floor)
+    return np.exp(intercept), -slope
+
+
+def _arlo(values: np.ndarray, tes: np.ndarray) -> np.ndarray:
+    """ARLO (Pei et al. 2015) for equally spaced echoes: R2* (1/s)."""
+    dte = float(np.mean(np.diff(tes)))
+    s = values.astype(np.float64)
+    # Simpson integral of S over [TE_i, TE_i+2] and the difference S_i - S_i+2;
+    # for a mono-exponential the integral equals T2* times the difference
+    integral = dte / 3.0 * (s[:, :-2] + 4.0 * s[:, 1:-1] + s[:, 2:])
+    delta = s[:, :-2] - s[:, 2:]
+    beta = dte / 3.0
+    ss = (integral**2).sum(-1)
+    sd = (integral * delta).sum(-1)
+    dd = (delta**2).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r2 = (sd + beta * dd) / (ss + beta * sd)
+    r2[~np.isfinite(r2)] = 0.0
+    return r2
+
+
+def _decay(params, tes):
+    return params[0] * jnp.exp(-params[1] * tes)
+
+
+_DECAY_MODEL = VoxelModel(
+    _decay, ("s0", "r2star"), (0.0, R2STAR_RANGE[0]), (np.inf, R2STAR_RANGE[1])
+)
+
+
+def r2star_map(
+    magnitude,
+    echo_times: Sequence[float],
+    mask=None,
+    *,
+    method: R2StarMethod = "loglinear",
+    return_info: bool = False,
+):
+    """R2* map (1/s) from multi-echo GRE magnitude, S(TE) = S0 exp(-R2* TE).
+
+    Parameters
+    ----------
+    magnitude : (x, y, z, echo) array
+        Magnitude images, echoes on the last axis.
+    echo_times : sequence of float, s
+        One per echo, strictly increasing.
+    mask : (x, y, z) bool array, optional
+        Voxels to fit (all when None); R2* is 0 outside.
+    method : {"loglinear", "arlo", "nonlinear"}
+        ``"loglinear"``: weighted least squares on log S (weights S^2), >= 2
+        echoes. ``"arlo"``: auto-regression on linear operations (Pei et al.
+        2015), >= 3 equally spaced echoes; fast and close to the nonlinear
+        fit, with a small bias from Simpson's rule when R2* * dTE is large
+        (it underestimates, and saturates at 3 / dTE for very fast decay).
+        ``"nonlinear"``: least squares on S itself (Levenberg-Marquardt via
+        :func:`chisep.fit.fit_voxelwise`), started from the log-linear fit.
+    return_info : bool
+        Also return a dict with the clipped-voxel map and fraction.
+
+    Returns
+    -------
+    r2star : (x, y, z) float32 array, 1/s, clipped to ``R2STAR_RANGE``.
+    info : dict, only when ``return_info``
+        ``"clipped"`` (bool map of voxels whose estimate fell outside
+        ``R2STAR_RANGE``), ``"clipped_fraction"`` (of the mask), ``"method"``.
+
+    Raises
+    ------
+    InputError
+        Not 4D, echo-time count mismatch, NaN, negative magnitude, too few
+        echoes for the method, unequal spacing for ARLO, unknown method.
+
+    References
+    ----------
+    Pei M, Nguyen TD, Thimmappa ND, et al. Algorithm for fast monoexponential
+    fitting based on Auto-Regression on Linear Operations (ARLO) of data.
+    Magn Reson Med 2015;73:843-850.
+    """
+    if method not in R2STAR_METHODS:
+        raise InputError(f"unknown R2* method {method!r}; choose one of {R2STAR_METHODS}")
+    mag, msk = _check_multi_echo_magnitude(magnitude, mask)
+    tes = _check_echo_times(echo_times, mag.shape[-1])
+    n_echoes = tes.size
+    if n_echoes < 2:
+        raise InputError(f"R2* needs at least 2 echoes, got {n_echoes}")
+    if method == "arlo":
+        if n_echoes < 3:
+            raise InputError(f"ARLO needs at least 3 echoes, got {n_echoes}; use method='loglinear'")
+        spacing = np.diff(tes)
+        if np.ptp(spacing) > ARLO_SPACING_RTOL * spacing.mean():
+            raise InputError(
+                f"ARLO needs equally spaced echoes, got spacings {np.round(spacing * 1e3, 3).tolist()} ms; "
+                "use method='loglinear' or 'nonlinear'"
+            )
+    values = mag[msk]
+    lo, hi = R2STAR_RANGE
+    if method == "arlo":
+        r2 = _arlo(values, tes)
+        clipped_values = (r2 < lo) | (r2 > hi)
+    else:
+        s0, r2 = _loglinear(values, tes)
+        clipped_values = (r2 < lo) | (r2 > hi)
+        if method == "nonlinear" and values.size:
+            lo, hi = R2STAR_RANGE
+            init = np.zeros(msk.shape + (2,), dtype=np.float32)
+            init[msk, 0] = s0
+            init[msk, 1] = np.clip(r2, lo + 1e-3, hi - 1e-3)
+            fit = fit_voxelwise(
+                _DECAY_MODEL, mag, aux=jnp.asarray(tes, dtype=jnp.float32), mask=msk,
+                init=init, std_errors=False,
+            )
+            r2 = fit.params["r2star"][msk]
+            # the bounded fit stops on the bound instead of crossing it
+            clipped_values |= (r2 <= lo + 1e-6 * hi) | (r2 >= hi * (1 - 1e-6))
+    out = np.zeros(msk.shape, dtype=np.float32)
+    out[msk] = np.clip(r2, lo, hi)
+    if not return_info:
+        return out
+    clipped = np.zeros(msk.shape, dtype=bool)
+    clipped[msk] = clipped_values
+    info = {
+        "method": method,
+        "clipped": clipped,
+        "clipped_fraction": float(clipped_values.mean()) if clipped_values.size else 0.0,
+    }
+    return out, info
+
+
+def r2prime_map(r2star, r2=None, *, nominal_r2: float = 13.0, mask=None):
+    """R2' = max(R2* - R2, 0) in 1/s, with R2 measured (map) or nominal.
+
+    Parameters
+    ----------
+    r2star : (x, y, z) array, 1/s
+    r2 : (x, y, z) array or float, 1/s, optional
+        Measured R2 (e.g. from a spin-echo T2 map: R2 = 1/T2). When None the
+        constant ``nominal_r2`` is used (the chi-separation toolbox's R2*-only
+        mode, 13 1/s at 3 T).
+    nominal_r2 : float, 1/s
+    mask : (x, y, z) bool array, optional
+        Voxels considered (statistics and output); all when None.
+
+    Returns
+    -------
+    r2prime : (x, y, z) float32 array, 1/s (0 outside the mask).
+    info : dict
+        ``"r2_source"`` ("measured" or "nominal"), ``"nominal_r2"``,
+        ``"clipped"`` (bool map where R2 > R2*, so R2' was set to 0) and
+        ``"clipped_fraction"`` (of the mask).
+
+    Raises
+    ------
+    InputError
+        NaN or negative R2*/R2, shape mismatch, negative nominal R2.
+    """
+    rs = np.asarray(r2star, dtype=np.float32)
+    if rs.ndim != 3:
+        raise InputError(f"r2star must be a 3D map (x, y, z) in 1/s, got shape {rs.shape}")
+    msk = np.ones(rs.shape, bool) if mask is None else np.asarray(mask).astype(bool)
+    if msk.shape != rs.shape:
+        raise InputError(f"mask shape {msk.shape} does not match r2star {rs.shape}")
+    if not np.all(np.isfinite(rs[msk])) or np.any(rs[msk] < 0):
+        raise InputError("r2star must be finite and non-negative (1/s) inside the mask")
+    if r2 is None:
+        if not (np.isfinite(nominal_r2) and nominal_r2 >= 0):
+            raise InputError(f"nominal_r2 must be a non-negative rate in 1/s, got {nominal_r2!r}")
+        r2_arr = np.full(rs.shape, nominal_r2, dtype=np.float32)
+        source = "nominal"
+    else:
+        r2_arr = np.asarray(r2, dtype=np.float32)
+        if r2_arr.ndim == 0:
+            r2_arr = np.full(rs.shape, float(r2_arr), dtype=np.float32)
+        if r2_arr.shape != rs.shape:
+            raise InputError(
+                f"r2 map shape {r2_arr.shape} does not match r2star {rs.shape}; "
+                "resample the R2 map onto the GRE grid first"
+            )
+        bad = ~np.isfinite(r2_arr[msk]) | (r2_arr[msk] < 0)
+        if bad.any():
+            raise InputError(
+                f"r2 has {int(bad.sum())} NaN or negative values inside the mask; R2 is a rate in 1/s "
+                "(did you pass T2 in ms? R2 = 1000 / T2[ms])"
+            )
+        source = "measured"
+    diff = rs - r2_arr
+    clipped = msk & (diff < 0)
+    out = np.where(msk, np.maximum(diff, 0.0), 0.0).astype(np.float32)
+    info = {
+        "r2_source": source,
+        "nominal_r2": float(nominal_r2) if r2 is None else None,
+        "clipped": clipped,
+        "clipped_fraction": float(clipped.sum() / max(int(msk.sum()), 1)),
+    }
+    return out, info
+
+
+__all__ = ["R2STAR_METHODS", "R2STAR_RANGE", "r2prime_map", "r2star_map"]

@@ -1,0 +1,135 @@
+"""Multi-echo field fits recover a known field; their noise maps match the actual errors."""
+
+import numpy as np
+import pytest
+
+from chisep.errors import InputError
+from chisep.physics import wrap_phase
+from chisep.qsm.echoes import FIELD_METHODS, FieldFit, fit_multi_echo_field
+
+TES = np.array([4.0, 9.0, 14.0, 19.0, 24.0]) * 1e-3
+N = 28
+
+
+def _grid(n=N):
+    axis = np.arange(n, dtype=np.float64) - n / 2 + 0.5
+    return np.meshgrid(axis, axis, axis, indexing="ij")
+
+
+def scene(n=N):
+    """Field (Hz) with a gradient and a 120 Hz blob, smooth phase offset, T2* decay."""
+    x, y, z = _grid(n)
+    mask = x**2 + y**2 + (z / 0.9) ** 2 < 12.5**2
+    field = 15.0 + 2.0 * x - 1.5 * y + 120.0 * np.exp(-((x - 3) ** 2 + (y + 2) ** 2 + z**2) / (2 * 5.5**2))
+    phi0 = 0.9 * np.sin(x / 7.0) + 0.4
+    r2star = 25.0 + 0.5 * (x + 14)
+    magnitude = 100.0 * np.exp(-r2star[..., None] * TES)
+    signal = magnitude * np.exp(1j * (phi0[..., None] + 2 * np.pi * field[..., None] * TES))
+    return signal, field, phi0, mask
+
+
+def noisy(signal, sigma, seed):
+    rng = np.random.default_rng(seed)
+    return signal + sigma * (rng.normal(size=signal.shape) + 1j * rng.normal(size=signal.shape))
+
+
+@pytest.mark.parametrize("method", FIELD_METHODS)
+def test_noiseless_field_and_offset_recovered(method):
+    signal, field, phi0, mask = scene()
+    with pytest.warns(UserWarning, match="wraps between consecutive echoes"):
+        fit = fit_multi_echo_field(np.abs(signal), np.angle(signal), TES, mask, method=method)
+    assert isinstance(fit, FieldFit) and fit.method == method
+    assert np.max(np.abs(fit.field_hz - field)[mask]) < 1e-3
+    assert np.max(np.abs(wrap_phase(fit.phase_offset - phi0))[mask]) < 1e-3
+    assert np.all(fit.field_hz[~mask] == 0) and np.all(fit.field_noise_hz[~mask] == 0)
+    # the unwrapped phase is the true phase up to one global multiple of 2 pi
+    diff = (fit.unwrapped_phase - (phi0[..., None] + 2 * np.pi * field[..., None] * TES))[mask]
+    assert np.ptp(diff) < 1e-3
+
+
+@pytest.mark.parametrize("method", FIELD_METHODS)
+def test_noise_map_matches_actual_errors(method):
+    signal, field, _, mask = scene()
+    sigma = 2.0  # SNR 50 at TE1
+    errors, noise_maps = [], []
+    for seed in range(2):
+        data = noisy(signal, sigma, seed)
+        with pytest.warns(UserWarning):
+            fit = fit_multi_echo_field(np.abs(data), np.angle(data), TES, mask, method=method)
+        assert fit.info["noise_source"] == "residuals"
+        assert fit.info["noise_sigma"] == pytest.approx(sigma, rel=0.1)
+        errors.append((fit.field_hz - field)[mask])
+        noise_maps.append(fit.field_noise_hz[mask])
+    z = np.concatenate(errors) / np.concatenate(noise_maps)
+    assert 0.7 < np.std(z) < 1.5
+    assert abs(np.mean(z)) < 0.1
+
+
+def test_weighted_linear_noise_map_scales_with_magnitude():
+    signal, _, _, mask = scene()
+    with pytest.warns(UserWarning, match="wraps"):
+        fit = fit_multi_echo_field(np.abs(signal), np.angle(signal), TES, mask,
+                                   method="weighted-linear", noise_sigma=1.0)
+    assert fit.info["noise_source"] == "given"
+    x = _grid()[0]
+    # R2* grows with x, so the magnitude falls and the field noise rises
+    assert fit.field_noise_hz[mask & (x > 8)].mean() > fit.field_noise_hz[mask & (x < -8)].mean()
+
+
+def test_laplacian_unwrapping_option_smooth_field():
+    signal, field, phi0, mask = scene()
+    small = 0.2 * (field - 15.0)  # |f| dTE < 0.5 everywhere
+    s = np.abs(signal) * np.exp(1j * (phi0[..., None] + 2 * np.pi * small[..., None] * TES))
+    fit = fit_multi_echo_field(np.abs(s), np.angle(s), TES, mask, method="nonlinear", unwrap="laplacian")
+    assert np.max(np.abs(fit.field_hz - small)[mask]) < 0.05
+
+
+def test_single_echo_warns_and_assumes_zero_offset():
+    signal, field, _, mask = scene()
+    te = TES[:1]
+    small = 0.1 * field
+    s = np.abs(signal[..., :1]) * np.exp(1j * 2 * np.pi * small[..., None] * te)
+    with pytest.warns(UserWarning, match="single echo"):
+        fit = fit_multi_echo_field(np.abs(s[..., 0]), np.angle(s[..., 0]), te, mask)
+    assert np.max(np.abs(fit.field_hz - small)[mask]) < 1e-3
+    assert np.all(fit.phase_offset == 0)
+    assert fit.info["noise_source"] == "background"
+    assert fit.unwrapped_phase.shape == mask.shape + (1,)
+
+
+def test_two_echoes_use_background_noise():
+    """No residual degrees of freedom: sigma comes from the (Rayleigh) background."""
+    signal, field, _, mask = scene()
+    signal = np.where(mask[..., None], signal, 0.0)  # air outside the head
+    data = noisy(signal[..., :2], 1.0, seed=3)
+    with pytest.warns(UserWarning, match="wraps"):
+        fit = fit_multi_echo_field(np.abs(data), np.angle(data), TES[:2], mask, method="weighted-linear")
+    assert fit.info["noise_source"] == "background"
+    assert fit.info["noise_sigma"] == pytest.approx(1.0, rel=0.1)
+
+
+def test_invalid_inputs_give_clear_errors():
+    signal, _, _, mask = scene(8)
+    mag, ph = np.abs(signal), np.angle(signal)
+    bad = ph.copy()
+    bad[1, 1, 1, 2] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        fit_multi_echo_field(mag, bad, TES)
+    with pytest.raises(InputError, match="same shape"):
+        fit_multi_echo_field(mag[..., :4], ph, TES)
+    with pytest.raises(InputError, match="one echo time"):
+        fit_multi_echo_field(mag, ph, TES[:4])
+    with pytest.raises(InputError, match="milliseconds"):
+        fit_multi_echo_field(mag, ph, TES * 1e3)
+    with pytest.raises(InputError, match="increasing"):
+        fit_multi_echo_field(mag, ph, TES[::-1])
+    with pytest.raises(InputError, match="nonlinear"):
+        fit_multi_echo_field(mag, ph, TES, method="linear")
+    with pytest.raises(InputError, match="romeo"):
+        fit_multi_echo_field(mag, ph, TES, unwrap="prelude")
+    with pytest.raises(InputError, match="mask"):
+        fit_multi_echo_field(mag, ph, TES, np.ones((8, 8, 7), bool))
+    with pytest.raises(InputError, match="empty"):
+        fit_multi_echo_field(mag, ph, TES, np.zeros((8, 8, 8), bool))
+    with pytest.raises(InputError, match="complex"):
+        fit_multi_echo_field(mag, signal, TES)
