@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("qsm", help="QSM reconstruction: mask, field, R2*, local field, chi")
     _add_inputs(p)
     _add_qsm_options(p)
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="output folder (BIDS input: default derivatives/chisep/)")
     _add_common(p)
 
     p = sub.add_parser("separate", help="susceptibility source separation from QSM outputs")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="JAX device")
     p.add_argument("--r2", metavar="FILE", help="measured R2 map (1/s) for R2' (else a nominal R2)")
     p.add_argument("--labels", metavar="FILE", help="label image for roi_stats.csv (else the whole mask)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="output folder (BIDS input: default derivatives/chisep/)")
     _add_common(p)
 
     p = sub.add_parser("demo", help="simulate the phantom, run everything, print accuracy")
@@ -239,14 +239,22 @@ def _load_inputs(args):
                        field_strength=args.field_strength, phase_sign=args.phase_sign)
 
 
+def _run(args, settings) -> None:
+    from chisep import pipeline
+
+    data = _load_inputs(args)
+    out, prefix = pipeline.bids_output_dir(data.sources, args.out)
+    run = pipeline.run_files(data, out, settings=settings, mask_path=args.mask,
+                             r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),
+                             bids_prefix=prefix, overwrite=args.overwrite, log=lambda s: _say(args, s))
+    _say(args, run.summary)
+
+
 def cmd_qsm(args) -> int:
     from chisep import pipeline
 
     settings = pipeline.PipelineSettings.from_sources(args=args, models=())
-    run = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
-                             r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),
-                             overwrite=args.overwrite, log=lambda s: _say(args, s))
-    _say(args, run.summary)
+    _run(args, settings)
     return 0
 
 
@@ -256,10 +264,7 @@ def cmd_run(args) -> int:
     if args.device:
         pipeline.select_device(args.device)
     settings = pipeline.PipelineSettings.from_sources(args=args, config_path=args.config, models=args.models)
-    run = pipeline.run_files(_load_inputs(args), args.out, settings=settings, mask_path=args.mask,
-                             r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),
-                             overwrite=args.overwrite, log=lambda s: _say(args, s))
-    _say(args, run.summary)
+    _run(args, settings)
     return 0
 
 

@@ -351,6 +351,36 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
+#: flat name -> BIDS-derivatives suffix (with desc- entity where BIDS has no suffix of its own)
+BIDS_NAMES = {
+    "mask": "desc-brain_mask",
+    "head_mask": "desc-head_mask",
+    "field_total": "desc-total_fieldmap",
+    "field_noise": "desc-noise_fieldmap",
+    "field_local": "desc-local_fieldmap",
+    "r2star": "R2starmap",
+    "r2prime": "desc-prime_R2starmap",
+    "chi": "Chimap",
+    "chi_para": "desc-paramagnetic_Chimap",
+    "chi_dia": "desc-diamagnetic_Chimap",
+    "chi_para_std": "desc-paramagneticStd_Chimap",
+    "chi_dia_std": "desc-diamagneticStd_Chimap",
+}
+
+
+def output_name(name: str, bids_prefix: str | None = None) -> str:
+    """File stem of an output: the flat name, or ``<prefix>_<BIDS suffix>`` for BIDS input.
+
+    Model subfolders keep their folder (``chi-separation/``); maps without a
+    BIDS suffix become ``<prefix>_desc-<name>_map``.
+    """
+    if bids_prefix is None:
+        return name
+    folder, _, stem = name.rpartition("/")
+    suffix = BIDS_NAMES.get(stem, f"desc-{''.join(w.capitalize() if i else w for i, w in enumerate(stem.split('_')))}_map")
+    return (folder + "/" if folder else "") + f"{bids_prefix}_{suffix}"
+
+
 def _spec(name: str) -> tuple[str, str, str | None]:
     return MAP_SPECS.get(name, ("see description", name.replace("_", " "), None))
 
@@ -358,8 +388,9 @@ def _spec(name: str) -> tuple[str, str, str | None]:
 class _Writer:
     """Writes maps on the input grid; remembers what it wrote for the provenance."""
 
-    def __init__(self, out_dir: Path, affine, header, overwrite: bool):
+    def __init__(self, out_dir: Path, affine, header, overwrite: bool, bids_prefix: str | None = None):
         self.out_dir, self.affine, self.header, self.overwrite = out_dir, affine, header, overwrite
+        self.bids_prefix = bids_prefix
         self.written: list[str] = []
 
     def map(self, rel_name: str, array, *, spec_name: str | None = None, extra: Mapping | None = None):
@@ -369,7 +400,7 @@ class _Writer:
             array = array.astype(np.uint8)
         elif np.issubdtype(array.dtype, np.floating):
             array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        path = self.out_dir / f"{rel_name}.nii.gz"
+        path = self.out_dir / f"{output_name(rel_name, self.bids_prefix)}.nii.gz"
         io.save_map(path, array, affine=self.affine, header=self.header, unit=unit, description=description,
                     convention=convention, overwrite=self.overwrite, extra=extra)
         self.written.append(str(path.relative_to(self.out_dir)))
@@ -404,12 +435,14 @@ def write_qsm_maps(writer: _Writer, qsm: QsmMaps, r2prime: np.ndarray | None = N
 def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSettings = PipelineSettings(),
               mask_path: str | Path | None = None, r2_path: str | Path | None = None,
               labels_path: str | Path | None = None, label_names: Mapping[int, str] | None = None,
-              overwrite: bool = False, log: Log = _quiet) -> "RunOutput":
+              bids_prefix: str | None = None, overwrite: bool = False, log: Log = _quiet) -> "RunOutput":
     """Run QSM (and the separation models in ``settings``) on loaded data and write the outputs.
 
     Writes the maps, ``roi_stats.csv`` (per label of ``labels_path``, or the
     whole mask), ``report.png`` and, last, ``provenance.json``: a folder
-    without it holds an unfinished run. Returns the maps and a short summary.
+    without it holds an unfinished run. With ``bids_prefix`` (e.g.
+    ``"sub-01_ses-1"``) maps get BIDS-derivatives names (see :func:`output_name`).
+    Returns the maps and a short summary.
     """
     from chisep import relax
 
@@ -439,7 +472,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     results = separate(acq, **qsm.separation_inputs(), magnitude=data.magnitude, r2=r2,
                        settings=settings.separation, log=log, timings=timings)
 
-    writer = _Writer(out, acq.affine, data.header, overwrite)
+    writer = _Writer(out, acq.affine, data.header, overwrite, bids_prefix)
     r2prime = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.separation.nominal_r2)[0]
     write_qsm_maps(writer, qsm, r2prime * qsm.mask)
     for i, (model, result) in enumerate(results.items()):
@@ -450,9 +483,9 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
         maps = {"magnitude": data.magnitude[..., 0], "chi": qsm.chi, "r2star": qsm.r2star, "r2prime": r2prime}
         for model, result in results.items():
             maps[f"{model}:chi_para"], maps[f"{model}:chi_dia"] = result.chi_para, result.chi_dia
-        write_report(out, maps, qsm.mask, acq.voxel_size, labels=labels, label_names=label_names,
-                     overwrite=overwrite, first_model=next(iter(results), None))
-    writer.written += ["roi_stats.csv", "report.png"]
+        writer.written += write_report(out, maps, qsm.mask, acq.voxel_size, labels=labels,
+                                       label_names=label_names, overwrite=overwrite,
+                                       first_model=next(iter(results), None), bids_prefix=bids_prefix)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
                         extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
@@ -474,21 +507,25 @@ class RunOutput:
 
 def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, voxel_size, *,
                  labels: np.ndarray | None = None, label_names: Mapping[int, str] | None = None,
-                 first_model: str | None = None, overwrite: bool = False) -> None:
+                 first_model: str | None = None, overwrite: bool = False,
+                 bids_prefix: str | None = None) -> list[str]:
     """roi_stats.csv (every map, every label) and report.png (montage of the main maps)."""
     from chisep import report
 
+    csv_name, png_name = ((f"{bids_prefix}_roistats.csv", f"{bids_prefix}_report.png") if bids_prefix
+                          else ("roi_stats.csv", "report.png"))
     if labels is None:
         labels, label_names = report.regions_from_mask(mask)
     rows = report.roi_statistics(maps, labels, label_names, voxel_size=voxel_size, mask=mask)
-    io.write_bytes(out / "roi_stats.csv", report.roi_table_csv(rows).encode(), overwrite=overwrite)
+    io.write_bytes(out / csv_name, report.roi_table_csv(rows).encode(), overwrite=overwrite)
     shown = {k: maps[k] for k in ("magnitude", "chi", "r2star") if k in maps}
     if first_model is not None:
         shown["chi_para"] = maps[f"{first_model}:chi_para"]
         shown["chi_dia"] = maps[f"{first_model}:chi_dia"]
     figure = report.montage_figure(shown, mask=mask, voxel_size=voxel_size,
                                    title=f"chisep {first_model or 'QSM'}")
-    io.write_bytes(out / "report.png", report.figure_png_bytes(figure), overwrite=overwrite)
+    io.write_bytes(out / png_name, report.figure_png_bytes(figure), overwrite=overwrite)
+    return [csv_name, png_name]
 
 
 def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir, local_field=None,
@@ -555,6 +592,28 @@ def _check_chi_unit(chi: np.ndarray, path) -> None:
     if inside.size and np.percentile(inside, 99) > 10:
         raise InputError(f"chi {path}: 99% of |values| reach {np.percentile(inside, 99):.3g}, expected ppm "
                          "(brain tissue within about +-1 ppm); the map looks like Hz or ppb. Convert it to ppm")
+
+
+def bids_output_dir(sources: Mapping, out_dir: str | Path | None) -> tuple[Path, str | None]:
+    """Output folder and BIDS prefix for loaded data.
+
+    BIDS input without ``out_dir`` goes to ``<root>/derivatives/chisep/sub-X[/ses-Y]/anat``;
+    with ``out_dir`` the BIDS names go there. Non-BIDS input needs ``out_dir``.
+    """
+    bids = sources.get("bids")
+    if bids is None:
+        if out_dir is None:
+            raise InputError("--out DIR is required unless the input is a BIDS dataset")
+        return Path(out_dir), None
+    if out_dir is not None:
+        return Path(out_dir), bids["prefix"]
+    if not bids.get("root"):
+        raise InputError("the BIDS input has no dataset_description.json above it, so derivatives/ has no "
+                         "home; pass --out DIR")
+    sub = Path(bids["root"]) / "derivatives" / "chisep" / f"sub-{bids['subject']}"
+    if bids.get("session"):
+        sub = sub / f"ses-{bids['session']}"
+    return sub / "anat", bids["prefix"]
 
 
 def _sources_summary(sources: Mapping) -> dict:
