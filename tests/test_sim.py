@@ -219,7 +219,11 @@ def test_noiseless_magnitude_decays_with_r2star(noiseless, healthy):
 
 
 def test_relaxometric_constants_scale_with_field():
+    from chisep.separation.constants import load_model_file
+
+    model = load_model_file("chi-separation")["relaxometric"]
     p3, d3 = relaxometric_constants(3.0)
+    assert (p3, d3) == (model["dr_para_hz_per_ppm"], model["dr_dia_hz_per_ppm"])  # 137 Hz/ppm at 3 T
     p7, d7 = relaxometric_constants(7.0)
     assert p7 == pytest.approx(p3 * 7 / 3) and d7 == pytest.approx(d3 * 7 / 3)
     assert relaxometric_constants(3.0, 100.0, 50.0) == (100.0, 50.0)

@@ -30,17 +30,13 @@ import numpy as np
 
 from chisep import physics
 from chisep.acquisition import FIELD_STRENGTH_RANGE_T, Acquisition
-from chisep.errors import InputError, ModelFileError
+from chisep.errors import InputError
 from chisep.sim.phantom import Phantom
 
 DEFAULT_ECHO_TIMES = (0.004, 0.010, 0.016, 0.022, 0.028, 0.034)
 PHASE_OFFSETS = ("smooth", None)
 #: Integer phase scaling used by scanners that store phase as int12 in int16 (-4096..4095 ~ [-pi, pi)).
 INTEGER_PHASE_MAX = 4096
-# Fallback relaxometric constant when models/chi_separation.toml is not available:
-# 137 Hz/ppm at 3 T for both pools, the chi-separation toolbox default (Shin et al. 2021).
-_FALLBACK_DR_HZ_PER_PPM = 137.0
-_FALLBACK_REFERENCE_FIELD_T = 3.0
 # Forward-field zero padding: 1.5x keeps wrap-around of the head's far field
 # below ~1 % of the local field (tests compare with 3x) at half the cost of 2x.
 DEFAULT_PAD_FACTOR = 1.5
@@ -160,32 +156,33 @@ def _affine_with_b0(affine: np.ndarray, b0_direction: np.ndarray) -> np.ndarray:
 # helpers
 # ---------------------------------------------------------------------------
 def relaxometric_constants(field_strength: float, dr_para=None, dr_dia=None) -> tuple[float, float]:
-    """Dr_para, Dr_dia (Hz/ppm) at ``field_strength``: given values, else the chi-separation model file.
+    """Dr_para, Dr_dia (Hz/ppm) at ``field_strength``: the given values, else the chi-separation model's.
 
-    Constants are read from ``models/chi_separation.toml`` (``[relaxometric]``
-    table: ``reference_field_strength_t``, ``dr_para_hz_per_ppm``,
-    ``dr_dia_hz_per_ppm``) and scaled linearly with B0. Without that file the
-    toolbox default, 137 Hz/ppm at 3 T for both (Shin et al. 2021), is used.
+    Defaults come from ``models/chi_separation.toml`` (``[relaxometric]``
+    ``dr_para_hz_per_ppm`` and ``dr_dia_hz_per_ppm`` at
+    ``reference_field_strength_t``, 137 Hz/ppm at 3 T; Shin et al. 2021),
+    scaled linearly with B0, so that simulation and separation agree.
     """
     from chisep.separation import constants
 
-    reference, para, dia = _FALLBACK_REFERENCE_FIELD_T, _FALLBACK_DR_HZ_PER_PPM, _FALLBACK_DR_HZ_PER_PPM
-    if dr_para is None or dr_dia is None:
-        try:
-            data = constants.load_model_file("chi-separation")
-            table = data.get("relaxometric", {})
-            source = data.get("_source", "chi_separation.toml")
-            reference = constants.require_number(table, "reference_field_strength_t", source=source, positive=True)
-            para = constants.require_number(table, "dr_para_hz_per_ppm", source=source, minimum=0.0)
-            dia = constants.require_number(table, "dr_dia_hz_per_ppm", source=source, minimum=0.0)
-        except ModelFileError:
-            pass  # model file not there (yet): keep the documented toolbox default
     values = []
-    for name, given, default in (("dr_para", dr_para, para), ("dr_dia", dr_dia, dia)):
+    model = None
+    for name, given in (("dr_para", dr_para), ("dr_dia", dr_dia)):
         if given is None:
-            values.append(constants.scale_with_field(default, reference, field_strength))
+            if model is None:
+                model = constants.load_model_file("chi-separation")
+            source = model.get("_source", "chi_separation.toml")
+            table = model.get("relaxometric", {})
+            # the reference field may sit in the table or at the top of the file
+            reference = constants.require_number(
+                table if "reference_field_strength_t" in table else model,
+                "reference_field_strength_t", source=source, positive=True)
+            value = constants.require_number(table, f"{name}_hz_per_ppm", source=f"{source} [relaxometric]",
+                                             minimum=0.0)
+            values.append(constants.scale_with_field(value, reference, field_strength))
             continue
-        if isinstance(given, bool) or not np.isfinite(given) or given < 0:
+        if isinstance(given, bool) or not isinstance(given, (int, float, np.floating, np.integer)) or (
+                not np.isfinite(given) or given < 0):
             raise InputError(f"{name} must be a non-negative number in Hz/ppm, got {given!r}")
         values.append(float(given))
     return values[0], values[1]
