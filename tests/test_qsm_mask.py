@@ -164,3 +164,13 @@ def test_refine_mask_removes_noisy_rim_and_keeps_interior():
         refine_mask_by_phase_quality(loose, phase[:-1], threshold=0.75)
     with pytest.raises(InputError, match="threshold"):
         refine_mask_by_phase_quality(loose, phase, threshold=1.5)
+
+
+def test_brain_mask_on_head_phantom():
+    pytest.importorskip("chisep.sim.gre")
+    from chisep.sim.gre import simulate_gre
+    from chisep.sim.phantom import head_phantom
+
+    sim = simulate_gre(head_phantom(4.0), snr=50.0, seed=2)
+    mask = brain_mask(sim.magnitude, voxel_size=sim.acquisition.voxel_size)
+    assert dice(mask, sim.truth.brain_mask) > 0.95
