@@ -17,6 +17,9 @@ uint8 label map on the template's 1 mm grid (197 x 233 x 189, MNI affine):
   soft-tissue shell (13), a face-and-neck block below the cerebrum (13) and
   air-filled paranasal sinuses and mastoid cells (14) as ellipsoids.
 
+* densely myelinated tracts (18): white matter of the corpus callosum and the
+  internal capsule, selected by boxes around them.
+
 Labels 15 (calcification), 16 (microbleed) and 17 (pallidal co-deposition) are
 only set by scenarios in chisep.sim.phantom.
 
@@ -49,7 +52,15 @@ LABELS = {
     "air": 0, "white_matter": 1, "grey_matter": 2, "csf": 3, "caudate": 4, "putamen": 5,
     "globus_pallidus": 6, "thalamus": 7, "substantia_nigra": 8, "red_nucleus": 9,
     "dentate": 10, "veins": 11, "bone": 12, "scalp": 13, "sinus_air": 14,
+    "white_matter_tracts": 18,
 }
+
+# Densely myelinated tracts (higher chi_dia). Corpus callosum: midline white
+# matter inside this ellipsoid (centre, radii, MNI mm). Internal capsule: white
+# matter within INTERNAL_CAPSULE_MM of both the lentiform nucleus (putamen,
+# pallidum) and the caudate or thalamus, i.e. the sheet between them.
+CORPUS_CALLOSUM = ((0.0, -3.0, 18.0), (11.0, 42.0, 15.0))
+INTERNAL_CAPSULE_MM = 7.0
 
 # Deep nuclei: (centre x, y, z in MNI mm for the right side, radii mm). Painted in
 # this order, mirrored in x; approximate positions read off the ICBM152 2009a T1
@@ -162,6 +173,14 @@ def build(wheel: Path):
             region = ellipsoid(grid, (side * cx, cy, cz), radii) & parenchyma
             labels[region] = LABELS[name]
 
+    white = labels == LABELS["white_matter"]
+    lentiform = np.isin(labels, [LABELS["putamen"], LABELS["globus_pallidus"]])
+    medial = np.isin(labels, [LABELS["caudate"], LABELS["thalamus"]])
+    near_lentiform = ndimage.distance_transform_edt(~lentiform) <= INTERNAL_CAPSULE_MM
+    near_medial = ndimage.distance_transform_edt(~medial) <= INTERNAL_CAPSULE_MM
+    labels[white & near_lentiform & near_medial] = LABELS["white_matter_tracts"]
+    labels[white & ellipsoid(grid, *CORPUS_CALLOSUM)] = LABELS["white_matter_tracts"]
+
     # Superior sagittal sinus: a band along the dorsal midline just inside the hull.
     depth = ndimage.distance_transform_edt(hull)
     x, y, z = grid
@@ -242,7 +261,7 @@ def main(argv=None) -> int:
     target = args.out_dir / "head_labels_1mm.npz"
     np.savez_compressed(target, labels=labels, affine=affine.astype(np.float64))
     (args.out_dir / "LICENSE_MNI.txt").write_text(LICENSE_TEXT)
-    counts = np.bincount(labels.ravel(), minlength=len(LABELS))
+    counts = np.bincount(labels.ravel(), minlength=max(LABELS.values()) + 1)
     for name, value in LABELS.items():
         print(f"{value:3d} {name:18s} {counts[value]:9d} voxels")
     print(f"wrote {target} ({target.stat().st_size / 1024:.0f} KiB)")

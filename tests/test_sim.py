@@ -38,7 +38,7 @@ NAMES = {
     0: "air", 1: "white_matter", 2: "grey_matter", 3: "csf", 4: "caudate", 5: "putamen",
     6: "globus_pallidus", 7: "thalamus", 8: "substantia_nigra", 9: "red_nucleus", 10: "dentate",
     11: "veins", 12: "bone", 13: "scalp", 14: "sinus_air", 15: "calcification", 16: "microbleed",
-    17: "pallidal_calcification",
+    17: "pallidal_calcification", 18: "white_matter_tracts",
 }
 
 
@@ -74,7 +74,7 @@ def test_labels_present_with_names(healthy):
     assert healthy.labels.shape == (49, 58, 47)
     assert healthy.label_names == NAMES
     present = set(np.unique(healthy.labels).tolist())
-    assert present == set(range(15)), "healthy map holds labels 0-14, scenario labels 15-17 absent"
+    assert present == set(range(15)) | {18}, "healthy map: labels 0-14 and 18; scenario labels 15-17 absent"
     # deep nuclei lie where anatomy puts them (MNI mm, both hemispheres)
     for name, lo, hi in (("globus_pallidus", 12, 24), ("putamen", 19, 33), ("thalamus", 3, 19)):
         ijk = np.argwhere(healthy.labels == healthy.label_of(name))
@@ -102,12 +102,15 @@ def test_tissue_values_match_table(healthy):
         voxels = healthy.labels == healthy.label_of(name)
         np.testing.assert_allclose(healthy.chi[voxels], chi)
         assert np.all(healthy.m0[voxels] == 0) and np.all(healthy.chi_para[voxels] == 0)
+    # myelin-rich tracts are more diamagnetic than average white matter
+    tracts = healthy.labels == healthy.label_of("white_matter_tracts")
+    assert healthy.chi_dia[tracts].mean() > 1.3 * healthy.chi_dia[healthy.labels == 1].mean()
     veins = healthy.chi[healthy.labels == healthy.label_of("veins")]
     assert veins.mean() == pytest.approx(0.19, abs=0.01)
 
 
 def test_brain_mask_is_intracranial(healthy):
-    expected = np.isin(healthy.labels, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15, 16, 17])
+    expected = np.isin(healthy.labels, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15, 16, 17, 18])
     np.testing.assert_array_equal(healthy.brain_mask, expected)
     assert 1.2e6 < healthy.brain_mask.sum() * RES**3 < 2.2e6  # mm^3: a plausible intracranial volume
 

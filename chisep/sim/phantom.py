@@ -25,7 +25,7 @@ from chisep.errors import InputError
 
 SCENARIOS = ("healthy", "paradoxical-calcification", "microbleeds", "calcified-lesion", "all")
 COMPARTMENTS = ("brain", "head", "outside")
-RESOLUTION_RANGE_MM = (0.25, 10.0)
+RESOLUTION_RANGE_MM = (0.5, 10.0)  # 0.5 mm iso is already ~70 M voxels per map
 
 # Scenario geometry in MNI mm. The globus pallidus ellipsoid of the label map is
 # centred at |x| = 18.5 mm (scripts/build_phantom_labels.py); its medial part is
