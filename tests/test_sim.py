@@ -303,6 +303,17 @@ def test_integer_phase(healthy, noiseless):
     np.testing.assert_array_equal(sim.magnitude, noiseless.magnitude)
 
 
+def test_phase_sign_conjugates_stored_phase(healthy, noiseless):
+    flipped = simulate_gre(healthy, echo_times=TES, snr=None, seed=3, phase_sign=-1)
+    assert flipped.acquisition.phase_sign == -1
+    assert flipped.phase.min() >= -np.pi and flipped.phase.max() < np.pi
+    restored = flipped.acquisition.phase_sign * flipped.phase.astype(np.float64)
+    assert wrapped_difference(restored, noiseless.phase).max() < 1e-5
+    np.testing.assert_array_equal(flipped.truth.field_total_hz, noiseless.truth.field_total_hz)
+    with pytest.raises(InputError, match="phase_sign"):
+        simulate_gre(healthy, phase_sign=2)
+
+
 def test_invalid_simulation_inputs(healthy):
     for snr in (0.0, -5.0, float("nan"), float("inf")):
         with pytest.raises(InputError, match="snr"):

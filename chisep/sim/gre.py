@@ -284,10 +284,10 @@ def simulate_fields(phantom: Phantom, *, field_strength: float = 3.0, b0_directi
 
 
 @partial(jax.jit, static_argnames=("integer_phase",))
-def _echo(steady, r2star, phi0, field, te, sigma, noise_re, noise_im, integer_phase):
+def _echo(steady, r2star, phi0, field, te, sigma, sign, noise_re, noise_im, integer_phase):
     """Magnitude and wrapped phase of one echo (fused on the whole volume)."""
     amplitude = steady * jnp.exp(-r2star * te)
-    angle = phi0 + (2 * jnp.pi) * te * field
+    angle = sign * (phi0 + (2 * jnp.pi) * te * field)
     re = amplitude * jnp.cos(angle) + sigma * noise_re
     im = amplitude * jnp.sin(angle) + sigma * noise_im
     phase = jnp.arctan2(im, re)  # [-pi, pi]
@@ -312,6 +312,7 @@ def simulate_gre(
     dr_dia: float | None = None,
     phase_offset: str | None = "smooth",
     integer_phase: bool = False,
+    phase_sign: int = 1,
     pad_factor: float = DEFAULT_PAD_FACTOR,
 ) -> GreSimulation:
     """Simulate multi-echo GRE magnitude and phase of a head phantom.
@@ -346,6 +347,11 @@ def simulate_gre(
     integer_phase : bool
         Store phase as int16 in [-4096, 4095] (phase = value * pi / 4096), as
         some scanners do.
+    phase_sign : {1, -1}
+        -1 stores the conjugate phase, as vendors with the opposite
+        convention do; ``acquisition.phase_sign`` then says -1 (multiply the
+        stored phase by it to get chisep's convention). Truth maps are always
+        in chisep's convention.
     pad_factor : float
         Zero padding of the forward-field FFT (1.5 by default).
 
@@ -353,8 +359,8 @@ def simulate_gre(
     -------
     GreSimulation
         magnitude, phase (x, y, z, echo), acquisition and ground truth.
-        Phase follows chisep's convention (positive chi, positive frequency;
-        ``acquisition.phase_sign = 1``).
+        With the default ``phase_sign=1`` the phase follows chisep's
+        convention (positive chi, positive frequency).
 
     Raises
     ------
@@ -370,6 +376,8 @@ def simulate_gre(
     """
     tes = _validated_settings(phantom, field_strength, echo_times, repetition_time, flip_angle_deg,
                               snr, seed, phase_offset, pad_factor)
+    if phase_sign not in (1, -1) or isinstance(phase_sign, bool):
+        raise InputError(f"phase_sign must be 1 (chisep convention) or -1 (conjugate phase), got {phase_sign!r}")
     affine = np.asarray(phantom.affine, dtype=np.float64)
     if b0_direction is None:
         b0 = physics.b0_direction_from_affine(affine)
@@ -408,13 +416,13 @@ def simulate_gre(
             noise = [jnp.asarray(rng.standard_normal(phantom.shape, dtype=np.float32)) for _ in range(2)]
         else:
             noise = [zeros, zeros]
-        mag, ph = _echo(*args, np.float32(te), np.float32(noise_sigma), *noise,
+        mag, ph = _echo(*args, np.float32(te), np.float32(noise_sigma), np.float32(phase_sign), *noise,
                         integer_phase=bool(integer_phase))
         magnitude[..., e] = np.asarray(mag)
         phase[..., e] = np.asarray(ph)
 
     acquisition = Acquisition(echo_times=tes, field_strength=field_strength, affine=affine,
-                              b0_direction=b0, phase_sign=1)
+                              b0_direction=b0, phase_sign=int(phase_sign))
     mask = phantom.brain_mask
     truth = GroundTruth(
         chi=np.where(mask, phantom.chi, 0).astype(np.float32),
