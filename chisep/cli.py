@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="chisep-demo", metavar="DIR")
     p.add_argument("--resolution", type=_resolution, default=1.5, metavar="MM")
     _add_common(p)
+    _add_batch_parser(sub)
     return parser
 
 
@@ -290,8 +291,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --- batch (cohort processing on Dask; Dask is imported only by chisep.batch, when there is work) ---
+def _add_batch_parser(sub) -> None:
+    p = sub.add_parser("batch", help="run every subject/session of a BIDS dataset as Dask tasks, with a cohort table",
+                       description="Runs `chisep run` for every multi-echo GRE run under BIDS_ROOT on a Dask "
+                                   "cluster; complete runs (provenance and input checksums match) are skipped. "
+                                   "Outputs under BIDS_ROOT/derivatives/chisep/. Needs: pip install chisep[batch]")
+    p.add_argument("bids_root", metavar="BIDS_ROOT")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler (default: a local cluster)")
+    p.add_argument("--workers", type=int, metavar="N", help="local worker processes (default: sized to the machine)")
+    p.add_argument("--threads-per-worker", type=int, metavar="N", help="compute threads per local worker")
+    p.add_argument("--retries", type=int, default=1, metavar="N", help="extra attempts for a failed run (default 1)")
+    p.add_argument("--subject", nargs="+", metavar="LABEL", help="only these subjects")
+    p.add_argument("--labels", metavar="PATTERN",
+                   help="label image per run for the ROI tables, relative to BIDS_ROOT, with {subject}, {session}, "
+                        "{prefix} (e.g. derivatives/labels/sub-{subject}/anat/{prefix}_dseg.nii.gz)")
+    _add_qsm_options(p)
+    p.add_argument("--models", type=_model_list, default=None, metavar="NAME[,NAME]",
+                   help="separation models, first one gives chi_para/chi_dia (default: all)")
+    p.add_argument("--config", metavar="FILE", help="TOML settings ([qsm], [separation] tables)")
+    _add_common(p)
+
+
+def cmd_batch(args) -> int:
+    """Exit status 0 when every run is complete, 1 when some failed (they are listed)."""
+    from chisep import batch, pipeline
+
+    settings = pipeline.PipelineSettings.from_sources(args=args, config_path=args.config, models=args.models)
+    summary = batch.run_batch(args.bids_root, subjects=args.subject, scheduler=args.scheduler,
+                              workers=args.workers, threads_per_worker=args.threads_per_worker,
+                              retries=args.retries, settings=settings, labels=args.labels, force=args.overwrite,
+                              progress=lambda s: _say(args, s))
+    return 1 if summary.n_failed else 0
+# --- end batch ---
+
+
 COMMANDS = {"simulate": cmd_simulate, "qsm": cmd_qsm, "separate": cmd_separate, "run": cmd_run,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "batch": cmd_batch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
