@@ -1,0 +1,391 @@
+"""Tests of chi-separation (chisep.separation.chi_separation) against analytic and simulated truth."""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chisep import physics
+from chisep.errors import InputError, ModelFileError
+from chisep.separation import chi_separation as cs
+from chisep.separation.chi_separation import ChiSeparation, closed_form, load_constants
+from chisep.separation.constants import load_model_file
+from chisep.separation.result import SeparationResult
+
+DR_3T = 137.0
+RESOLUTION_MM = 3.0
+DEEP_GREY = ("globus_pallidus", "putamen", "caudate", "thalamus", "red_nucleus", "substantia_nigra", "dentate")
+
+
+def nrmse(estimate, truth, mask):
+    """QSM-challenge NRMSE (%) after demeaning both inside the mask."""
+    a = estimate[mask] - estimate[mask].mean()
+    t = truth[mask] - truth[mask].mean()
+    return 100.0 * np.linalg.norm(a - t) / np.linalg.norm(t)
+
+
+def simulate(phantom, field_strength=3.0, b0_direction=(0.0, 0.0, 1.0), dr=None):
+    """Noiseless local field and R2' of the phantom's brain (the chi-separation forward model)."""
+    mask = phantom.brain_mask
+    dr = DR_3T * field_strength / 3.0 if dr is None else dr
+    chi_total = np.where(mask, phantom.chi_para - phantom.chi_dia, 0.0).astype(np.float32)
+    field = np.asarray(physics.forward_field_hz(chi_total, field_strength, tuple(phantom.voxel_size), b0_direction))
+    r2prime = dr * (phantom.chi_para + phantom.chi_dia)
+    return (field * mask).astype(np.float32), (r2prime * mask).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from chisep.sim.phantom import head_phantom
+
+    return head_phantom(RESOLUTION_MM)
+
+
+@pytest.fixture(scope="module")
+def healthy_fit(phantom):
+    field, r2prime = simulate(phantom)
+    model = ChiSeparation(3.0)
+    return model.fit(field, r2prime, phantom.brain_mask, voxel_size=phantom.voxel_size)
+
+
+def roi_mean(phantom, image, name):
+    return float(image[phantom.labels == phantom.label_of(name)].mean())
+
+
+# ---------------------------------------------------------------------------
+# closed form
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dr_para, dr_dia", [(137.0, 137.0), (150.0, 110.0)])
+def test_closed_form_recovers_consistent_data_exactly(dr_para, dr_dia):
+    rng = np.random.default_rng(1)
+    chi_para, chi_dia = rng.uniform(0, 0.3, (2, 1000))
+    chi_total = chi_para - chi_dia
+    r2prime = dr_para * chi_para + dr_dia * chi_dia
+    got_para, got_dia = closed_form(chi_total, r2prime, dr_para=dr_para, dr_dia=dr_dia)
+    np.testing.assert_allclose(got_para, chi_para, atol=1e-12)
+    np.testing.assert_allclose(got_dia, chi_dia, atol=1e-12)
+
+
+def test_closed_form_clips_and_resolves_the_other_component():
+    # R2' = 0 with a positive chi: chi_dia would be -0.05; clipped to 0, chi_para is the
+    # least-squares compromise of "chi_para = 0.1" (field) and "Dr chi_para = 0" (R2').
+    para, dia = closed_form(np.array([0.1, -0.1]), np.array([0.0, 0.0]), dr_para=137.0, dr_dia=137.0)
+    np.testing.assert_allclose(para, [0.05, 0.0], atol=1e-12)
+    np.testing.assert_allclose(dia, [0.0, 0.05], atol=1e-12)
+    # random inputs: never negative, and exact wherever no clipping happened
+    rng = np.random.default_rng(2)
+    chi, r2p = rng.normal(0, 0.1, 5000), rng.uniform(0, 20, 5000)
+    para, dia = closed_form(chi, r2p, dr_para=137.0, dr_dia=137.0)
+    assert para.min() >= 0 and dia.min() >= 0
+    free = (para > 0) & (dia > 0)
+    np.testing.assert_allclose(para[free] - dia[free], chi[free], atol=1e-12)
+    np.testing.assert_allclose(137.0 * (para[free] + dia[free]), r2p[free], atol=1e-9)
+    clipped = ~free
+    assert clipped.any()
+    # clipped voxels minimise the ppm-scaled residual along the free component
+    r = r2p[clipped] / 137.0
+    resid = (para[clipped] - dia[clipped] - chi[clipped]) ** 2 + (para[clipped] + dia[clipped] - r) ** 2
+    for delta in (1e-4, -1e-4):
+        p2 = np.where(para[clipped] > 0, para[clipped] + delta, 0.0)
+        d2 = np.where(dia[clipped] > 0, dia[clipped] + delta, 0.0)
+        assert np.all(resid <= (p2 - d2 - chi[clipped]) ** 2 + (p2 + d2 - r) ** 2 + 1e-15)
+
+
+def test_closed_form_accepts_jax_arrays():
+    para, dia = closed_form(jnp.asarray([0.02]), jnp.asarray([10.0]), dr_para=137.0, dr_dia=137.0)
+    assert isinstance(para, jax.Array)
+    np.testing.assert_allclose(float(para[0] - dia[0]), 0.02, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# constants and model file
+# ---------------------------------------------------------------------------
+def test_relaxometric_constants_scale_with_field_strength():
+    c3, c7 = ChiSeparation(3.0).constants, ChiSeparation(7.0).constants
+    assert c3.dr_para == pytest.approx(137.0) and c3.dr_dia == pytest.approx(137.0)
+    assert c7.dr_para == pytest.approx(137.0 * 7 / 3) and c7.dr_dia == pytest.approx(137.0 * 7 / 3)
+    assert c7.r2prime_high == pytest.approx(30.0 * 7 / 3)
+    assert c3.nominal_r2 == pytest.approx(13.0)
+    assert ChiSeparation(3.0, dr_para=114.0).constants.dr_para == 114.0
+
+
+def test_user_toml_overrides_and_errors(tmp_path):
+    packaged = load_model_file("chi-separation")
+    user = dict(packaged)
+    user["relaxometric"] = dict(packaged["relaxometric"], dr_para_hz_per_ppm=114.0, dr_dia_hz_per_ppm=114.0)
+    assert ChiSeparation(3.0, constants=user).constants.dr_dia == pytest.approx(114.0)
+
+    source = tmp_path / "ok.toml"
+    good = _packaged_text()
+    source.write_text(good.replace("dr_para_hz_per_ppm = 137.0", "dr_para_hz_per_ppm = 120.0"))
+    assert ChiSeparation(3.0, constants=source).constants.dr_para == pytest.approx(120.0)
+
+    missing = tmp_path / "missing.toml"
+    missing.write_text(good.replace("dr_dia_hz_per_ppm = 137.0", ""))
+    with pytest.raises(ModelFileError, match="dr_dia_hz_per_ppm"):
+        ChiSeparation(3.0, constants=missing)
+    no_table = tmp_path / "no_table.toml"
+    no_table.write_text(good.split("[bounds]")[0])
+    with pytest.raises(ModelFileError, match=r"\[bounds\]"):
+        ChiSeparation(3.0, constants=no_table)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("reference_field_strength_t = = 3")
+    with pytest.raises(ModelFileError, match="not valid TOML"):
+        ChiSeparation(3.0, constants=broken)
+    negative = tmp_path / "negative.toml"
+    negative.write_text(good.replace("dr_para_hz_per_ppm = 137.0", "dr_para_hz_per_ppm = -1.0"))
+    with pytest.raises(ModelFileError, match="dr_para_hz_per_ppm"):
+        ChiSeparation(3.0, constants=negative)
+
+
+def _packaged_text():
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "models" / "chi_separation.toml").read_text()
+
+
+# ---------------------------------------------------------------------------
+# objective and solvers on a tiny problem
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_problem():
+    rng = np.random.default_rng(3)
+    shape = (10, 9, 8)
+    mask = np.zeros(shape, bool)
+    mask[2:8, 2:7, 2:6] = True
+    chi_p = np.where(mask, rng.uniform(0.0, 0.1, shape), 0).astype(np.float32)
+    chi_d = np.where(mask, rng.uniform(0.0, 0.05, shape), 0).astype(np.float32)
+    field = np.asarray(physics.forward_field_hz(chi_p - chi_d, 3.0, (1.0, 1.0, 1.0))) * mask
+    r2p = DR_3T * (chi_p + chi_d)
+    csf = np.zeros(shape, bool)
+    csf[3:5, 3:5, 3:5] = True
+    return dict(field=field.astype(np.float32), r2p=r2p.astype(np.float32), mask=mask, csf=csf,
+                chi_p=chi_p, chi_d=chi_d)
+
+
+def test_objective_gradient_matches_finite_differences(tiny_problem):
+    p = tiny_problem
+    rng = np.random.default_rng(4)
+    edge = (rng.uniform(size=(3,) + p["mask"].shape) > 0.3).astype(np.float32)
+    with jax.enable_x64(True):
+        prob, grid = cs._padded_problem(
+            p["field"], p["r2p"] * rng.uniform(0.5, 1.5, p["mask"].shape), p["mask"], field_strength=3.0,
+            voxel_size=(1.0, 1.2, 0.9), b0_direction=(0.2, 0.1, 1.0), dr_para=150.0, dr_dia=120.0,
+            field_weight=rng.uniform(0.5, 2.0, p["mask"].shape), edge_weight=edge, csf_mask=p["csf"],
+            pad_factor=1.3,
+        )
+        prob = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), prob)
+        f = jax.jit(lambda xp, xd: cs.objective(xp, xd, prob, lam=3e-3, lam_csf=0.5, a_p=150 / 135,
+                                                a_d=120 / 135, tv_epsilon=1e-3))
+        shape = grid.shape
+        x_p = jnp.asarray(rng.uniform(0, 0.1, shape))
+        x_d = jnp.asarray(rng.uniform(0, 0.1, shape))
+        g_p, g_d = jax.jit(jax.grad(f, argnums=(0, 1)))(x_p, x_d)
+        for _ in range(3):
+            v_p, v_d = jnp.asarray(rng.normal(size=shape)), jnp.asarray(rng.normal(size=shape))
+            eps = 1e-6
+            numeric = (f(x_p + eps * v_p, x_d + eps * v_d) - f(x_p - eps * v_p, x_d - eps * v_d)) / (2 * eps)
+            analytic = jnp.sum(g_p * v_p) + jnp.sum(g_d * v_d)
+            assert float(numeric) == pytest.approx(float(analytic), rel=1e-6)
+
+
+def test_admm_and_fista_minimise_the_same_objective(tiny_problem):
+    p = tiny_problem
+    kw = dict(field_strength=3.0, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0, 0, 1), dr_para=DR_3T,
+              dr_dia=DR_3T, lam=1e-3, tol=0.0)
+    run = partial(cs.solve_chi_separation, p["field"], p["r2p"], p["mask"], **kw)
+    start, admm, fista = run(max_iter=1), run(max_iter=300), run(max_iter=1000, solver="fista")
+    # both reach the same minimum (the ADMM one is not smoothed, FISTA's TV is smoothed by 1e-4 ppm/mm)
+    assert admm["objective"] < start["objective"]
+    assert admm["objective"] == pytest.approx(fista["objective"], rel=1e-4)
+    # ADMM gets there in fewer iterations
+    best = min(admm["objective"], fista["objective"])
+    gap_admm = run(max_iter=30)["objective"] - best
+    gap_fista = run(max_iter=30, solver="fista")["objective"] - best
+    assert 0 <= gap_admm < 0.5 * gap_fista
+    for out in (admm, fista):
+        assert out["chi_para"].min() >= 0 and out["chi_dia"].min() >= 0
+        assert np.all(out["chi_para"][~p["mask"]] == 0)
+
+
+# ---------------------------------------------------------------------------
+# joint solver on the head phantom
+# ---------------------------------------------------------------------------
+def test_recovers_phantom_noiseless(phantom, healthy_fit):
+    mask = phantom.brain_mask
+    res = healthy_fit
+    assert isinstance(res, SeparationResult)
+    assert nrmse(res.chi_para, phantom.chi_para, mask) <= 10.0
+    assert nrmse(res.chi_dia, phantom.chi_dia, mask) <= 15.0
+    assert res.chi_para.min() >= 0 and res.chi_dia.min() >= 0
+    assert res.chi_para.dtype == np.float32 and res.chi_para.shape == mask.shape
+    assert np.all(res.chi_para[~mask] == 0) and np.all(res.chi_dia[~mask] == 0)
+    for name in DEEP_GREY:
+        assert roi_mean(phantom, res.chi_para, name) == pytest.approx(roi_mean(phantom, phantom.chi_para, name),
+                                                                      rel=0.1), name
+    assert roi_mean(phantom, res.chi_dia, "white_matter") == pytest.approx(
+        roi_mean(phantom, phantom.chi_dia, "white_matter"), rel=0.1)
+    # deep-grey chi_dia is only ~0.01 ppm and 3 mm voxels mix in white matter: absolute bound (3 ppb)
+    for name in DEEP_GREY:
+        assert roi_mean(phantom, res.chi_dia, name) == pytest.approx(roi_mean(phantom, phantom.chi_dia, name),
+                                                                     abs=0.003), name
+    # noiseless input: the data misfit is small compared with the signal
+    assert np.percentile(res.extra["residual_r2prime"][mask], 95) < 1.0  # 1/s
+    assert res.info["iterations"] >= 1 and res.info["constants"]["dr_para"] == pytest.approx(137.0)
+
+
+def test_wrong_dipole_sign_is_detected(phantom):
+    # a solver with the sign of the dipole term flipped sees -field: the recovery bounds must fail
+    field, r2prime = simulate(phantom)
+    res = ChiSeparation(3.0).fit(-field, r2prime, phantom.brain_mask, voxel_size=phantom.voxel_size)
+    assert nrmse(res.chi_para, phantom.chi_para, phantom.brain_mask) > 30.0
+
+
+def test_recovers_phantom_at_7t_oblique(phantom):
+    b0 = physics.direction_from_angles(20.0, 30.0)
+    field, r2prime = simulate(phantom, field_strength=7.0, b0_direction=b0)
+    model = ChiSeparation(7.0)
+    res = model.fit(field, r2prime, phantom.brain_mask, voxel_size=phantom.voxel_size, b0_direction=b0)
+    mask = phantom.brain_mask
+    assert nrmse(res.chi_para, phantom.chi_para, mask) <= 10.0
+    assert nrmse(res.chi_dia, phantom.chi_dia, mask) <= 15.0
+    # assuming B0 along z when it is tilted makes the recovery worse
+    wrong = model.fit(field, r2prime, mask, voxel_size=phantom.voxel_size)
+    assert nrmse(wrong.chi_para, phantom.chi_para, mask) > nrmse(res.chi_para, phantom.chi_para, mask)
+
+
+def test_noisy_recovery_uncertainty_and_residual(phantom):
+    mask = phantom.brain_mask
+    field, r2prime = simulate(phantom)
+    rng = np.random.default_rng(5)
+    sigma_f, sigma_r = 0.06, 0.7  # Hz and 1/s: about SNR 100 with 5 echoes (TE 5-29 ms) at 3 T
+    noisy_f = (field + sigma_f * rng.standard_normal(mask.shape) * mask).astype(np.float32)
+    noisy_r = np.maximum(r2prime + sigma_r * rng.standard_normal(mask.shape) * mask, 0).astype(np.float32)
+    res = ChiSeparation(3.0).fit(noisy_f, noisy_r, mask, voxel_size=phantom.voxel_size,
+                                 field_noise_hz=np.full(mask.shape, sigma_f, np.float32), r2prime_noise=sigma_r)
+    assert nrmse(res.chi_para, phantom.chi_para, mask) <= 30.0
+    assert nrmse(res.chi_dia, phantom.chi_dia, mask) <= 45.0
+    for name in ("globus_pallidus", "red_nucleus", "dentate"):
+        assert roi_mean(phantom, res.chi_para, name) == pytest.approx(roi_mean(phantom, phantom.chi_para, name),
+                                                                      rel=0.1), name
+    # uncertainty: the voxelwise linearisation, dominated here by the R2' noise
+    expected_p, expected_d = cs.voxelwise_std(sigma_f, sigma_r, field_strength=3.0, dr_para=137.0, dr_dia=137.0)
+    np.testing.assert_allclose(res.chi_para_std[mask], expected_p, rtol=1e-5)
+    assert float(expected_d) == pytest.approx(np.hypot(137 * sigma_f / (127.73 * 0.29814), sigma_r) / 274, rel=1e-3)
+    assert np.all(res.chi_para_std[~mask] == 0)
+    # residual: the R2' term is matched closely (the sum chi_para + chi_dia follows R2'),
+    # the field misfit is about its noise level; the combined map is finite and non-negative
+    assert np.std(res.extra["residual_r2prime"][mask]) < sigma_r
+    assert np.std(res.extra["residual_field_hz"][mask]) == pytest.approx(sigma_f, rel=0.5)
+    assert np.all(np.isfinite(res.residual)) and res.residual.min() >= 0
+    # without given noise levels: R2' noise from the map's high-pass (tissue structure at 3 mm
+    # inflates it somewhat: conservative), field noise from the field residual
+    assert 0.8 * sigma_r < cs.estimate_noise(noisy_r, mask) < 1.5 * sigma_r
+    assert cs.estimate_noise(r2prime, mask) < sigma_r  # the structure alone (3 mm partial volume)
+    estimated = ChiSeparation(3.0).fit(noisy_f, noisy_r, mask, voxel_size=phantom.voxel_size)
+    assert 0.5 * sigma_f < estimated.info["field_noise_hz_used"] < 1.5 * sigma_f
+    assert estimated.chi_dia_std[mask].mean() == pytest.approx(res.chi_dia_std[mask].mean(), rel=0.5)
+
+
+def test_paradoxical_calcification_raises_both_components_in_globus_pallidus(phantom, healthy_fit):
+    from chisep.sim.phantom import head_phantom
+
+    calc = head_phantom(RESOLUTION_MM, scenario="paradoxical-calcification")
+    field, r2prime = simulate(calc)
+    res = ChiSeparation(3.0).fit(field, r2prime, calc.brain_mask, voxel_size=calc.voxel_size)
+    gp_calc = calc.labels == calc.label_of("globus_pallidus")
+    gp_healthy = phantom.labels == phantom.label_of("globus_pallidus")
+    # compare the medial-pallidum voxels (those changed by the scenario) with the same voxels when healthy
+    changed = gp_healthy & (calc.chi_dia != phantom.chi_dia)
+    region = changed if changed.sum() >= 3 else gp_calc
+    assert res.chi_para[region].mean() > healthy_fit.chi_para[region].mean()
+    assert res.chi_dia[region].mean() > healthy_fit.chi_dia[region].mean()
+    assert res.chi_dia[region].mean() > 2 * calc.chi_dia[gp_healthy & ~changed].mean()
+
+
+def test_csf_regularisation_makes_csf_more_uniform(tiny_problem):
+    p = tiny_problem
+    kw = dict(voxel_size=(1.0, 1.0, 1.0), lam=1e-4, max_iter=60, tol=0.0)
+    rng = np.random.default_rng(6)
+    noisy_r = np.maximum(p["r2p"] + 2.0 * rng.standard_normal(p["mask"].shape) * p["mask"], 0).astype(np.float32)
+    model = ChiSeparation(3.0)
+    plain = model.fit(p["field"], noisy_r, p["mask"], lam_csf=0.0, **kw)
+    with_csf = model.fit(p["field"], noisy_r, p["mask"], csf_mask=p["csf"], lam_csf=50.0, **kw)
+    csf = p["csf"]
+    assert with_csf.chi_dia[csf].std() < 0.5 * plain.chi_dia[csf].std()
+
+
+# ---------------------------------------------------------------------------
+# invalid inputs
+# ---------------------------------------------------------------------------
+@pytest.fixture()
+def small_inputs(tiny_problem):
+    mask = tiny_problem["mask"]  # same grid as tiny_problem: the compiled solver is reused
+    shape = mask.shape
+    rng = np.random.default_rng(7)
+    field = (rng.normal(0, 3.0, shape) * mask).astype(np.float32)
+    r2p = (rng.uniform(2, 10, shape) * mask).astype(np.float32)
+    return field, r2p, mask
+
+
+def test_negative_or_nan_r2prime_is_refused(small_inputs):
+    field, r2p, mask = small_inputs
+    model = ChiSeparation(3.0)
+    bad = r2p.copy()
+    bad[5, 5, 5] = -1.0
+    with pytest.raises(InputError, match=r"max\(R2\* - R2, 0\)"):
+        model.fit(field, bad, mask, voxel_size=(1, 1, 1))
+    bad[5, 5, 5] = np.nan
+    with pytest.raises(InputError, match="r2prime"):
+        model.fit(field, bad, mask, voxel_size=(1, 1, 1))
+    nan_field = field.copy()
+    nan_field[4, 4, 4] = np.nan
+    with pytest.raises(InputError, match="local_field_hz"):
+        model.fit(nan_field, r2p, mask, voxel_size=(1, 1, 1))
+
+
+def test_shape_mask_and_settings_errors(small_inputs):
+    field, r2p, mask = small_inputs
+    model = ChiSeparation(3.0)
+    with pytest.raises(InputError, match="same voxel grid"):
+        model.fit(field, r2p[:-1], mask, voxel_size=(1, 1, 1))
+    with pytest.raises(InputError, match="3D"):
+        model.fit(field[..., None], r2p, mask, voxel_size=(1, 1, 1))
+    with pytest.raises(InputError, match="mask is empty"):
+        model.fit(field, r2p, np.zeros_like(mask), voxel_size=(1, 1, 1))
+    with pytest.raises(InputError, match="admm, fista"):
+        model.fit(field, r2p, mask, voxel_size=(1, 1, 1), solver="newton")
+    with pytest.raises(InputError, match="voxel_size"):
+        model.fit(field, r2p, mask, voxel_size=(1, 1))
+    with pytest.raises(InputError, match="max_iter"):
+        model.fit(field, r2p, mask, voxel_size=(1, 1, 1), max_iter=0)
+    with pytest.raises(InputError, match="field_noise_hz"):
+        model.fit(field, r2p, mask, voxel_size=(1, 1, 1), field_noise_hz=-np.ones_like(field))
+    with pytest.raises(InputError, match="field_strength"):
+        ChiSeparation(3000.0)
+    with pytest.raises(InputError, match="dr_para"):
+        ChiSeparation(3.0, dr_para=-5.0)
+    with pytest.raises(InputError, match="dr_para"):
+        closed_form(np.zeros(3), np.zeros(3), dr_para=0.0, dr_dia=137.0)
+
+
+def test_implausible_units_warn_with_a_hint(small_inputs):
+    field, r2p, mask = small_inputs
+    model = ChiSeparation(3.0)
+    kw = dict(voxel_size=(1, 1, 1), max_iter=1)
+    with pytest.warns(UserWarning, match="ppm"):  # field given in ppm instead of Hz
+        model.fit(field / 127.7 / 100, r2p, mask, **kw)
+    with pytest.warns(UserWarning, match="2\\*pi"):  # rad/s or total field
+        model.fit(field * 2 * np.pi * 100, r2p, mask, **kw)
+    with pytest.warns(UserWarning, match="1/ms"):
+        model.fit(field, r2p / 1000, mask, **kw)
+    with pytest.warns(UserWarning, match="ppb"):
+        model.fit(field, r2p, mask, chi_init=np.full(mask.shape, 50.0, np.float32), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(field, r2p, mask, **kw)
