@@ -223,7 +223,7 @@ def _mask_edges(mask: np.ndarray, index: np.ndarray, weights: list[np.ndarray]):
 
 #: Quality bands merged in arbitrary order within the band (best first); edges
 #: below the last band are merged in exact quality order (Kruskal).
-ROMEO_BANDS = (0.8, 0.6)
+ROMEO_BANDS = (0.6, 0.4)
 
 
 def _spanning_parents(n_nodes: int, graph):
@@ -259,29 +259,34 @@ def _sum_to_root(parent: np.ndarray, value: np.ndarray, root: int) -> np.ndarray
     return acc
 
 
-def _merge_band(labels, unwrapped, u, v, q, exact: bool):
-    """Merge the components of ``labels`` joined by edges (u, v) of quality q.
+def _merge_band(comp, offset, su, sv, pu, pv, q, exact: bool):
+    """Merge the components joined by one band of edges.
 
-    Components are contracted to nodes. A spanning forest of that graph
-    (maximum quality when ``exact``, else any: breadth-first) fixes the 2 pi
-    multiple of each component relative to its parent; the multiples are
-    summed to the root. Returns updated ``(labels, unwrapped)``.
+    ``comp`` labels each node (a run of voxels, see :func:`_spatial_romeo`)
+    with its component (compact ids); ``offset`` is the integer 2 pi multiple
+    added to each node's voxels so far. Edge i joins nodes ``su[i]`` and
+    ``sv[i]`` through voxels whose phase before node offsets is ``pu[i]`` and
+    ``pv[i]``. Components are contracted; a spanning forest of the contracted
+    graph (maximum quality when ``exact``, else any: breadth-first) fixes the
+    2 pi multiple of each component relative to its parent, and the
+    multiples are summed to the root. Returns updated ``(comp, offset)``.
     """
-    n_comp = int(labels.max()) + 1
-    la, lb = labels[u], labels[v]
+    n_comp = int(comp.max()) + 1
+    la, lb = comp[su], comp[sv]
+    keep = la != lb
+    su, sv, pu, pv, q, la, lb = su[keep], sv[keep], pu[keep], pv[keep], q[keep], la[keep], lb[keep]
+    if la.size == 0:
+        return comp, offset
     if exact:
         # keep the best edge of each pair of components (the sparse matrix
         # would add the costs of parallel edges), then the exact spanning tree
-        order = np.argsort(-q, kind="stable")
-        u, v, q, la, lb = u[order], v[order], q[order], la[order], lb[order]
-        key = np.minimum(la, lb) * n_comp + np.maximum(la, lb)
-        _, first = np.unique(key, return_index=True)
-        u, v, q, la, lb = u[first], v[first], q[first], la[first], lb[first]
+        best = _best_edge_per_pair(la, lb, q, n_comp)
+        su, sv, pu, pv, q, la, lb = su[best], sv[best], pu[best], pv[best], q[best], la[best], lb[best]
         graph = coo_matrix((2.0 - q, (la, lb)), shape=(n_comp, n_comp)).tocsr()
         # cost 2 - q is positive, so no edge is mistaken for a missing one
         graph = minimum_spanning_tree(graph)
     else:
-        graph = coo_matrix((np.ones(u.size), (la, lb)), shape=(n_comp, n_comp)).tocsr()
+        graph = coo_matrix((np.ones(la.size), (la, lb)), shape=(n_comp, n_comp)).tocsr()
     parent, comp_labels = _spanning_parents(n_comp, graph)
     # an edge joins a child to its parent component; pick one per child (in
     # exact mode the pair has a single edge, the tree's)
@@ -293,13 +298,29 @@ def _merge_band(labels, unwrapped, u, v, q, exact: bool):
     np.maximum.at(chosen, child, np.flatnonzero(tree_edge))
     kids = np.flatnonzero(chosen >= 0)
     edge = chosen[kids]
-    in_parent_u = la[edge] == parent[kids]
-    a = np.where(in_parent_u, u[edge], v[edge])  # voxel in the parent component
-    b = np.where(in_parent_u, v[edge], u[edge])  # voxel in the child component
+    value_u = pu[edge] + _TWO_PI * offset[su[edge]]
+    value_v = pv[edge] + _TWO_PI * offset[sv[edge]]
+    u_in_parent = la[edge] == parent[kids]
+    in_parent = np.where(u_in_parent, value_u, value_v)
+    in_child = np.where(u_in_parent, value_v, value_u)
     jump = np.zeros(n_comp + 1, dtype=np.int64)
-    jump[kids] = np.rint((unwrapped[a] - unwrapped[b]) / _TWO_PI).astype(np.int64)
+    jump[kids] = np.rint((in_parent - in_child) / _TWO_PI).astype(np.int64)
     total = _sum_to_root(parent, jump, n_comp)[:n_comp]
-    return comp_labels[labels], unwrapped + _TWO_PI * total[labels]
+    return comp_labels[comp], offset + total[comp]
+
+
+def _best_edge_per_pair(la, lb, q, n_nodes):
+    """Indices of the highest-quality edge for each unordered pair of nodes."""
+    key = np.minimum(la, lb) * n_nodes + np.maximum(la, lb)
+    order = np.argsort(key)
+    key_sorted, q_sorted = key[order], q[order]
+    starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+    counts = np.diff(np.r_[starts, key_sorted.size])
+    group = np.repeat(np.arange(starts.size), counts)
+    best_q = np.maximum.reduceat(q_sorted, starts)
+    candidates = np.flatnonzero(q_sorted == best_q[group])
+    first = candidates[np.r_[True, group[candidates][1:] != group[candidates][:-1]]]
+    return order[first]
 
 
 def _spatial_romeo(phase: np.ndarray, mask: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
@@ -308,34 +329,64 @@ def _spatial_romeo(phase: np.ndarray, mask: np.ndarray, weights: list[np.ndarray
     ROMEO grows a region from a seed, always crossing the best remaining edge
     next to the region and unwrapping the new voxel relative to its neighbour:
     Prim's algorithm on the edge qualities, so the unwrapping path is the
-    maximum spanning tree. We build that forest Kruskal-style with compiled
-    SciPy graph routines on contracted components: first the edges of each
-    quality band in ``ROMEO_BANDS`` (any order inside a band, as ROMEO treats
-    edges of one of its 256 quantised levels), then the remaining edges in
-    exact order (minimum spanning tree of ``2 - quality``). Integer 2 pi
-    jumps are summed along the forest by pointer doubling, so nothing loops
-    over voxels in Python.
+    maximum spanning tree. We build that forest Kruskal-style, treating the
+    edges of each quality band in ``ROMEO_BANDS`` in any order (as ROMEO
+    treats the edges of one of its 256 quantised levels) and the edges below
+    the last band in exact order:
+
+    1. runs of voxels along the last axis joined by top-band edges are
+       unwrapped by an integer cumulative sum (vectorised) and become nodes;
+    2. only the best edge between each pair of runs is kept (the others can
+       never enter the spanning tree);
+    3. band by band, components are merged through a spanning forest of the
+       contracted graph (SciPy's compiled breadth-first search, or its
+       minimum spanning tree of ``2 - quality`` for the exact band), and the
+       integer 2 pi jumps are summed to the roots by pointer doubling.
+
+    Nothing loops over voxels in Python.
     """
     n = int(mask.sum())
+    flat = np.flatnonzero(mask)  # C order: neighbours along the last axis are adjacent
+    base = phase.ravel()[flat].astype(np.float64)
+    if n == 1:
+        out = np.zeros(phase.shape, dtype=np.float32)
+        out[mask] = base
+        return out
+    top = ROMEO_BANDS[0] if ROMEO_BANDS else np.inf
+    linked_full = np.zeros(mask.shape, dtype=bool)
+    linked_full[:, :, :-1] = mask[:, :, :-1] & mask[:, :, 1:] & (weights[2] >= top)
+    link = linked_full.ravel()[flat][:-1]  # voxel k joined to voxel k + 1 (its last-axis neighbour)
+    start = np.r_[True, ~link]
+    run = np.cumsum(start) - 1
+    steps = np.zeros(n, dtype=np.int64)
+    steps[1:] = np.where(link, np.rint((base[:-1] - base[1:]) / _TWO_PI), 0)
+    k = np.cumsum(steps)
+    base += _TWO_PI * (k - k[np.flatnonzero(start)][run])
+    n_runs = int(run[-1]) + 1
+
     index = np.full(mask.shape, -1, dtype=np.int64)
-    index[mask] = np.arange(n)
-    unwrapped = phase[mask].astype(np.float64)
-    labels = np.arange(n, dtype=np.int64)
-    if n > 1:
-        u, v, q = _mask_edges(mask, index, weights)
-        q = q.astype(np.float64)
-        for threshold, exact in [(t, False) for t in ROMEO_BANDS] + [(-np.inf, True)]:
-            pick = q >= threshold
-            pick &= labels[u] != labels[v]
-            if not pick.any():
-                continue
-            labels, unwrapped = _merge_band(labels, unwrapped, u[pick], v[pick], q[pick], exact)
+    index.ravel()[flat] = np.arange(n)
+    u, v, q = _mask_edges(mask, index, weights)
+    ru, rv = run[u], run[v]
+    between = ru != rv
+    u, v, q, ru, rv = u[between], v[between], q[between].astype(np.float64), ru[between], rv[between]
+    best = _best_edge_per_pair(ru, rv, q, n_runs)
+    su, sv, pu, pv, q = ru[best], rv[best], base[u[best]], base[v[best]], q[best]
+
+    comp = np.arange(n_runs, dtype=np.int64)
+    offset = np.zeros(n_runs, dtype=np.int64)
+    for threshold, exact in [(t, False) for t in ROMEO_BANDS] + [(-np.inf, True)]:
+        pick = q >= threshold
+        if pick.any():
+            comp, offset = _merge_band(comp, offset, su[pick], sv[pick], pu[pick], pv[pick], q[pick], exact)
+    unwrapped = base + _TWO_PI * offset[run]
+    labels = comp[run]
     # ROMEO's "correct global": the 2 pi multiple of a component is arbitrary;
     # pick the one that puts the component's mean phase in [-pi, pi)
     means = np.bincount(labels, weights=unwrapped) / np.bincount(labels)
     unwrapped -= _TWO_PI * np.rint(means / _TWO_PI)[labels]
     out = np.zeros(phase.shape, dtype=np.float32)
-    out[mask] = unwrapped
+    out.ravel()[flat] = unwrapped
     return out
 
 
@@ -690,9 +741,15 @@ def unwrap_laplacian(
     phi = _check_phase(phase, allow_4d=True)
     msk = _check_mask(mask, phi.shape[:3])
     _check_magnitude(magnitude, phi.shape)
+    # solve in the bounding box of the mask: the DCTs dominate the cost
+    box = _bounding_box(msk)
+    out = np.zeros(phi.shape, dtype=np.float32)
     if phi.ndim == 3:
-        return _laplacian_3d(phi, msk, vs, max_iter, tol)
-    return np.stack([_laplacian_3d(phi[..., e], msk, vs, max_iter, tol) for e in range(phi.shape[-1])], axis=-1)
+        out[box] = _laplacian_3d(phi[box], msk[box], vs, max_iter, tol)
+    else:
+        for e in range(phi.shape[-1]):
+            out[box + (e,)] = _laplacian_3d(phi[box + (e,)], msk[box], vs, max_iter, tol)
+    return out
 
 
 def unwrap(
