@@ -209,18 +209,6 @@ def edge_quality(
     return [np.asarray(w) for w in weights]
 
 
-def _mask_edges(mask: np.ndarray, index: np.ndarray, weights: list[np.ndarray]):
-    """In-mask edges as (u, v, weight) arrays of compressed voxel indices."""
-    us, vs, ws = [], [], []
-    for axis in range(3):
-        lo, hi = _axis_slices(axis, None, -1), _axis_slices(axis, 1, None)
-        both = mask[lo] & mask[hi]
-        us.append(index[lo][both])
-        vs.append(index[hi][both])
-        ws.append(weights[axis][both])
-    return np.concatenate(us), np.concatenate(vs), np.concatenate(ws)
-
-
 #: Quality bands merged in arbitrary order within the band (best first); edges
 #: below the last band are merged in exact quality order (Kruskal).
 ROMEO_BANDS = (0.6, 0.4)
@@ -311,8 +299,10 @@ def _merge_band(comp, offset, su, sv, pu, pv, q, exact: bool):
 
 def _best_edge_per_pair(la, lb, q, n_nodes):
     """Indices of the highest-quality edge for each unordered pair of nodes."""
-    key = np.minimum(la, lb) * n_nodes + np.maximum(la, lb)
-    order = np.argsort(key)
+    key = np.minimum(la, lb).astype(np.int64) * n_nodes + np.maximum(la, lb)
+    # run edges arrive as three already-sorted blocks (one per axis, C order),
+    # which the stable sort (timsort for integers) merges in about linear time
+    order = np.argsort(key, kind="stable")
     key_sorted, q_sorted = key[order], q[order]
     starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
     counts = np.diff(np.r_[starts, key_sorted.size])
@@ -321,6 +311,44 @@ def _best_edge_per_pair(la, lb, q, n_nodes):
     candidates = np.flatnonzero(q_sorted == best_q[group])
     first = candidates[np.r_[True, group[candidates][1:] != group[candidates][:-1]]]
     return order[first]
+
+
+def _edges_between_runs(shape, flat, run, n_runs, weights):
+    """Best-quality edge between each pair of adjacent runs.
+
+    Works on the grid of run ids, axis by axis, so that the millions of
+    voxel edges are never gathered into index arrays. Returns run ids
+    ``(su, sv)``, compressed voxel indices ``(u, v)`` and qualities ``q``.
+    """
+    run_grid = np.full(shape, -1, dtype=run.dtype)
+    run_grid.ravel()[flat] = run
+    run_lo, run_hi, quality, positions = [], [], [], []
+    for axis in range(3):
+        lo, hi = _axis_slices(axis, None, -1), _axis_slices(axis, 1, None)
+        rl, rh = run_grid[lo], run_grid[hi]
+        # run ids grow in C order, so rl <= rh for in-mask pairs
+        valid = (rl != rh) & (rl >= 0)
+        valid &= rh >= 0
+        run_lo.append(rl[valid])
+        run_hi.append(rh[valid])
+        quality.append(weights[axis][valid])
+        positions.append((np.flatnonzero(valid), rl.shape, axis))
+    la, lb, q = np.concatenate(run_lo), np.concatenate(run_hi), np.concatenate(quality)
+    best = _best_edge_per_pair(la, lb, q, n_runs)
+    # map the chosen edges back to voxels
+    offsets = np.cumsum([0] + [p.size for p, _, _ in positions])
+    lower = np.empty(best.size, dtype=np.int64)
+    step = np.empty(best.size, dtype=np.int64)
+    strides = np.cumprod((1,) + tuple(shape[::-1]))[:3][::-1]  # C-order flat stride per axis
+    for (pos, view_shape, axis), a, b in zip(positions, offsets[:-1], offsets[1:]):
+        sel = (best >= a) & (best < b)
+        # position in the axis's "lower voxel" view -> flat index in the grid
+        coords = np.unravel_index(pos[best[sel] - a], view_shape)
+        lower[sel] = np.ravel_multi_index(coords, shape)
+        step[sel] = strides[axis]
+    u = np.searchsorted(flat, lower)
+    v = np.searchsorted(flat, lower + step)
+    return la[best].astype(np.int64), lb[best].astype(np.int64), u, v, q[best].astype(np.float64)
 
 
 def _spatial_romeo(phase: np.ndarray, mask: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
@@ -357,22 +385,15 @@ def _spatial_romeo(phase: np.ndarray, mask: np.ndarray, weights: list[np.ndarray
     linked_full[:, :, :-1] = mask[:, :, :-1] & mask[:, :, 1:] & (weights[2] >= top)
     link = linked_full.ravel()[flat][:-1]  # voxel k joined to voxel k + 1 (its last-axis neighbour)
     start = np.r_[True, ~link]
-    run = np.cumsum(start) - 1
+    run = np.cumsum(start, dtype=np.int32 if n < 2**31 else np.int64) - 1
     steps = np.zeros(n, dtype=np.int64)
     steps[1:] = np.where(link, np.rint((base[:-1] - base[1:]) / _TWO_PI), 0)
     k = np.cumsum(steps)
     base += _TWO_PI * (k - k[np.flatnonzero(start)][run])
     n_runs = int(run[-1]) + 1
 
-    index = np.full(mask.shape, -1, dtype=np.int64)
-    index.ravel()[flat] = np.arange(n)
-    u, v, q = _mask_edges(mask, index, weights)
-    ru, rv = run[u], run[v]
-    between = ru != rv
-    u, v, q, ru, rv = u[between], v[between], q[between].astype(np.float64), ru[between], rv[between]
-    best = _best_edge_per_pair(ru, rv, q, n_runs)
-    su, sv, pu, pv, q = ru[best], rv[best], base[u[best]], base[v[best]], q[best]
-
+    su, sv, u, v, q = _edges_between_runs(mask.shape, flat, run, n_runs, weights)
+    pu, pv = base[u], base[v]
     comp = np.arange(n_runs, dtype=np.int64)
     offset = np.zeros(n_runs, dtype=np.int64)
     for threshold, exact in [(t, False) for t in ROMEO_BANDS] + [(-np.inf, True)]:
@@ -528,7 +549,9 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def _romeo_in_box(phi, msk, mag, tes, template_echo, individual):
-    phi = np.where(msk if phi.ndim == 3 else msk[..., None], wrap_phase(phi), 0.0).astype(np.float32)
+    if phi.min() < -np.pi or phi.max() > np.pi:
+        phi = wrap_phase(phi)
+    phi = np.where(msk if phi.ndim == 3 else msk[..., None], phi, 0.0).astype(np.float32)
     if phi.ndim == 3:
         return _spatial_romeo(phi, msk, edge_quality(phi, mag))
 
