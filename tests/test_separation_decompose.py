@@ -1,0 +1,123 @@
+"""Tests of DECOMPOSE-QSM (chisep.separation.decompose)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chisep.errors import InputError, ModelFileError
+from chisep.fit import numerical_gradient
+from chisep.separation.decompose import PARAM_NAMES, DecomposeModel, decompose_forward, decompose_jacobian
+
+TE = 0.004 + 0.006 * np.arange(6)  # 6 echoes, 4-34 ms
+
+
+def _truth(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"c_para": rng.uniform(0.15, 0.5, n), "c_dia": rng.uniform(0.15, 0.5, n), "c_0": rng.uniform(0.2, 0.6, n),
+            "r2star0": rng.uniform(8.0, 25.0, n), "chi_para": rng.uniform(0.04, 0.3, n),
+            "chi_dia": rng.uniform(0.04, 0.3, n)}
+
+
+def test_constants_and_forward_consistency():
+    model = DecomposeModel(3.0, TE)
+    assert model.a == pytest.approx(323.5, rel=1e-3)  # 2 pi / (9 sqrt 3) gamma B0 per ppm at 3 T
+    assert model.omega == pytest.approx(2 / 3 * 2 * np.pi * 42.577478518 * 3, rel=1e-6)
+    p = np.array([0.3, 0.2, 0.4, 15.0, 0.1, 0.07])
+    np.testing.assert_allclose(np.asarray(decompose_forward(jnp.asarray(p), model.aux())),
+                               model.predict(*p), rtol=2e-5, atol=1e-6)
+    # a voxel with only the paramagnetic pool precesses at k omega0 chi: the phase used for the data
+    single = model.predict(1.0, 0.0, 0.0, 10.0, 0.12, 0.0)
+    data = model.data_from_qsm(np.abs(single), 0.12)
+    np.testing.assert_allclose(data, single, rtol=1e-12)
+
+
+def test_jacobian_matches_autodiff_and_finite_differences():
+    model = DecomposeModel(3.0, TE)
+    with jax.enable_x64(True):
+        aux = model.aux(np.float64)
+        for p in ([0.3, 0.2, 0.4, 15.0, 0.1, 0.07], [0.05, 0.6, 0.1, 30.0, 0.4, 0.01]):
+            p = jnp.asarray(p, jnp.float64)
+            jac = np.asarray(decompose_jacobian(p, aux))
+            auto = np.asarray(jax.jacfwd(lambda q: decompose_forward(q, aux))(p))
+            np.testing.assert_allclose(jac, auto, rtol=1e-10, atol=1e-12)
+            y = np.asarray(decompose_forward(p, aux)) * 1.1
+            loss = lambda q: 0.5 * np.sum(np.abs(np.asarray(decompose_forward(jnp.asarray(q), aux)) - y) ** 2)  # noqa
+            grad = np.real(np.conj(np.asarray(decompose_forward(p, aux)) - y) @ jac)
+            np.testing.assert_allclose(grad, numerical_gradient(loss, np.asarray(p), step=1e-7), rtol=1e-5, atol=1e-9)
+
+
+def test_noiseless_recovery():
+    model = DecomposeModel(3.0, TE)
+    n = 300
+    truth = _truth(n)
+    signal = 250.0 * model.predict(**truth)  # arbitrary magnitude scale
+    res = model.fit_signal(signal.reshape(10, 30, 6))
+    est = {"chi_para": res.chi_para, "chi_dia": res.chi_dia, "r2star0": res.extra["r2star0"],
+           "c_para": res.extra["c_para"] / 250.0, "c_dia": res.extra["c_dia"] / 250.0, "c_0": res.extra["c_0"] / 250.0}
+    for name in PARAM_NAMES:
+        err = np.abs(est[name].ravel() - truth[name]) / truth[name]
+        assert np.max(err) < 1e-4, (name, np.max(err))
+    assert res.extra["converged"].all()
+    assert res.chi_para.shape == (10, 30)
+
+
+def test_fit_from_magnitude_and_qsm_masked_bounds_and_uncertainty():
+    model = DecomposeModel(3.0, TE)
+    rng = np.random.default_rng(1)
+    n, sigma = 400, 0.002
+    p = {"c_para": 0.35, "c_dia": 0.3, "c_0": 0.35, "r2star0": 12.0, "chi_para": 0.15, "chi_dia": 0.1}
+    clean = model.predict(*[np.full(n, v) for v in p.values()])
+    noisy = clean + sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
+    res = model.fit_signal(noisy)
+    for name in ("chi_para", "chi_dia"):
+        est = getattr(res, name)
+        good = res.extra["converged"].astype(bool)
+        mc = np.std(est[good])
+        ratio = np.median(getattr(res, name + "_std")[good]) / mc
+        assert 0.7 < ratio < 1.4, (name, ratio)
+        assert abs(np.median(est) - p[name]) < 2 * mc
+    # magnitude + QSM entry point, with a mask; outputs stay inside the model bounds
+    mag = np.abs(noisy).reshape(20, 20, 6)
+    chi = (np.full(n, p["chi_para"] - p["chi_dia"]) + 0.01 * rng.standard_normal(n)).reshape(20, 20)
+    mask = np.zeros((20, 20), bool)
+    mask[3:15, 5:] = True
+    res = model.fit(mag, chi, mask=mask)
+    for name, arr in res.maps().items():
+        assert np.all(np.isfinite(arr)), name
+        assert np.all(arr[~mask] == 0), name
+    assert np.all(res.chi_para >= 0) and np.all(res.chi_para <= 0.5)
+    assert np.all(res.chi_dia >= 0) and np.all(res.chi_dia <= 0.5)
+    for name in ("c_para", "c_dia", "c_0", "r2star0"):
+        assert np.all(res.extra[name] >= 0)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(InputError, match="at least 4 echoes"):
+        DecomposeModel(3.0, TE[:3])
+    with pytest.raises(InputError, match="milliseconds"):
+        DecomposeModel(3.0, TE * 1000)
+    model = DecomposeModel(3.0, TE)
+    mag = np.ones((4, 4, 6))
+    chi = np.zeros((4, 4))
+    with pytest.raises(InputError, match="Hz or ppb"):
+        model.fit(mag, chi + 50.0)
+    with pytest.raises(InputError, match="number of echo times"):
+        model.fit(mag[..., :5], chi)
+    bad = mag.copy()
+    bad[1, 1, 2] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        model.fit(bad, chi)
+    with pytest.raises(InputError, match="negative"):
+        model.fit(-mag, chi)
+    text = (
+        "reference_field_strength_t = 3.0\n[constants]\nfrequency_factor = 0.6667\n"
+        "[bounds]\nchi_para_max_ppm = 0.5\nchi_dia_max_ppm = 0.5\nr2star0_max_per_s = 150.0\n"
+        "[grid]\nchi_para_ppm = [0.0, 0.1]\nchi_dia_ppm = [0.0, 0.1]\nr2star0_per_s = [10.0]\n"
+        "[fit]\nn_starts = 1\nmax_steps = 40\ntol = 1e-4\nmin_echoes = 4\nmax_abs_chi_ppm = 10.0\n")
+    path = tmp_path / "decompose.toml"
+    path.write_text(text)
+    with pytest.raises(ModelFileError, match="dephasing_factor"):
+        DecomposeModel(3.0, TE, constants_file=path)
+    path.write_text(text.replace("frequency_factor", "dephasing_factor = 0.403\nfrequency_factor"))
+    assert DecomposeModel(3.0, TE, constants_file=path).constants["n_starts"] == 1
