@@ -136,9 +136,17 @@ def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.n
     m = m.astype(bool)
     if radius_mm == 0 or not m.any():
         return m.copy()
-    padded = np.pad(m, 1, constant_values=False)
+    # distance to the nearest outside voxel, computed in the mask's bounding
+    # box padded by one outside voxel (the array border counts as outside)
+    box = tuple(
+        slice(int(i[0]), int(i[-1]) + 1)
+        for i in (np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
+    )
+    padded = np.pad(m[box], 1, constant_values=False)
     dist = ndimage.distance_transform_edt(padded, sampling=vs)[1:-1, 1:-1, 1:-1]
-    return dist > radius_mm + 1e-6
+    out = np.zeros(m.shape, dtype=bool)
+    out[box] = dist > radius_mm + 1e-6
+    return out
 
 
 def brain_mask(

@@ -9,11 +9,14 @@ outside the mask are 0. :func:`unwrap` dispatches on ``method``.
   differs from the true phase by the same multiple of 2 pi (per connected
   component), as long as the true phase changes by less than pi between the
   neighbours that the algorithm chooses to follow.
-* :func:`unwrap_laplacian` is fast and never fails catastrophically, but its
-  result differs from the true phase by a smooth amount that is *not* a
-  multiple of 2 pi (it is a least-squares fit to the wrapped gradients). Use it
-  for fields that are later filtered (background removal absorbs much of the
-  error), not where exact phase matters.
+* :func:`unwrap_laplacian` never fails catastrophically, but it is a
+  least-squares fit to the wrapped gradients: where the data are inconsistent
+  (noise, phase singularities, true steps above pi) the error is spread as a
+  smooth field that is *not* a multiple of 2 pi, and with ``max_iter=0`` (the
+  classic one-shot DCT solution on the box) a smooth error also appears
+  near the mask border. Use it for fields that are later filtered
+  (background removal absorbs much of the error), not where exact phase
+  matters.
 
 Multi-echo phase (x, y, z, echo) is unwrapped in space for one template echo
 and in time for the others (:func:`unwrap_romeo`); :func:`temporal_unwrap`
@@ -724,12 +727,15 @@ def unwrap_laplacian(
     """Laplacian (least-squares) phase unwrapping solved with the DCT.
 
     Computes the Laplacian of the true phase from the wrapped phase and
-    inverts it: ``U = lap^-1 div(wrap(grad phi))`` with mirror boundaries at
-    the edge of the box and no flux across the edge of the mask. The wrapped
-    finite differences are the exact discrete form of Schofield and Zhu's
+    inverts it: ``U = lap^-1 div(wrap(grad phi))``. The wrapped finite
+    differences are the exact discrete form of Schofield and Zhu's
     ``cos(phi) lap(sin phi) - sin(phi) lap(cos phi)`` (whose discrete version
     sums ``sin`` of the neighbour differences and so underestimates steep
-    gradients).
+    gradients). The one-shot solution uses mirror (Neumann) boundaries on the
+    box, solved by the DCT-II; inside a mask it is then refined by conjugate
+    gradients on the masked Poisson equation (no flux across the mask
+    border), preconditioned by the same DCT solver (Ghiglia and Romero 1994),
+    which makes it exact on consistent data.
 
     Parameters
     ----------
@@ -740,6 +746,10 @@ def unwrap_laplacian(
         Weights the finite differences (anisotropic voxels).
     magnitude : ignored
         Accepted for a uniform signature.
+    max_iter : int
+        Conjugate-gradient iterations inside the mask (0: one-shot box solution).
+    tol : float
+        Stop when the residual norm falls below ``tol`` times the right-hand side's.
 
     Returns
     -------
@@ -747,11 +757,14 @@ def unwrap_laplacian(
 
     Notes
     -----
-    The result is *not* congruent with the input: it differs from the true
-    phase by a smooth field (largest near the mask border and near phase
-    singularities), not by multiples of 2 pi. Its additive constant is chosen
-    to best match the wrapped phase. For noise-free data without residues and
-    without a mask it is exact up to that constant.
+    The result is *not* congruent with the input. Where the wrapped
+    gradients are inconsistent (noise, phase singularities, true steps above
+    pi between neighbours) it differs from the true phase by a smooth field,
+    not by multiples of 2 pi; the one-shot box solution (``max_iter=0``) is
+    also off by a smooth field near the mask border, because the box
+    equation sees zero gradients outside the mask. The additive constant is
+    chosen to best match the wrapped phase. On consistent data the masked
+    solution is exact up to that constant.
 
     References
     ----------
