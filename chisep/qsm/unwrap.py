@@ -349,8 +349,10 @@ def _edges_between_runs(shape, flat, run, n_runs, weights):
         coords = np.unravel_index(pos[best[sel] - a], view_shape)
         lower[sel] = np.ravel_multi_index(coords, shape)
         step[sel] = strides[axis]
-    u = np.searchsorted(flat, lower)
-    v = np.searchsorted(flat, lower + step)
+    # compressed voxel index of a grid position (a gather, not a binary search)
+    index = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    index[flat] = np.arange(flat.size)
+    u, v = index[lower], index[lower + step]
     return la[best].astype(np.int64), lb[best].astype(np.int64), u, v, q[best].astype(np.float64)
 
 
