@@ -298,14 +298,13 @@ def test_paradoxical_calcification_raises_both_components_in_globus_pallidus(pha
     calc = head_phantom(RESOLUTION_MM, scenario="paradoxical-calcification")
     field, r2prime = simulate(calc)
     res = ChiSeparation(3.0).fit(field, r2prime, calc.brain_mask, voxel_size=calc.voxel_size)
-    gp_calc = calc.labels == calc.label_of("globus_pallidus")
-    gp_healthy = phantom.labels == phantom.label_of("globus_pallidus")
-    # compare the medial-pallidum voxels (those changed by the scenario) with the same voxels when healthy
-    changed = gp_healthy & (calc.chi_dia != phantom.chi_dia)
-    region = changed if changed.sum() >= 3 else gp_calc
-    assert res.chi_para[region].mean() > healthy_fit.chi_para[region].mean()
-    assert res.chi_dia[region].mean() > healthy_fit.chi_dia[region].mean()
-    assert res.chi_dia[region].mean() > 2 * calc.chi_dia[gp_healthy & ~changed].mean()
+    # the medial pallidum (relabelled by the scenario: +0.15 ppm para, +0.10 ppm dia) against the
+    # same voxels of the healthy phantom
+    region = calc.labels == calc.label_of("pallidal_calcification")
+    assert region.sum() >= 5
+    assert res.chi_para[region].mean() > healthy_fit.chi_para[region].mean() + 0.1
+    assert res.chi_dia[region].mean() > healthy_fit.chi_dia[region].mean() + 0.06
+    assert res.chi_total[region].mean() > 0  # QSM stays positive (paradoxical)
 
 
 def test_csf_regularisation_makes_csf_more_uniform(tiny_problem):

@@ -30,7 +30,12 @@ the gradients and the constrained copy of (x_p, x_d) are split off, so every
 subproblem is closed form: the coupled quadratic step is a 2x2 system per
 spatial frequency (diagonal in sum and difference of the maps), the field and
 R2' data steps and the sign/bound projection are voxelwise, and the TV step is
-a shrinkage. One iteration costs six real FFTs on the padded grid. The
+a shrinkage. Over-relaxation (alpha = 1.7) roughly halves the iterations. One
+iteration costs six real FFTs on the padded grid. The CSF term uses the CSF
+means of the current iterate (fixed point, as MEDI+0 does) and the upper bounds
+are applied by clipping in the voxelwise step. There is no separate TV on
+chi_para + chi_dia (the toolbox has one): the R2' term already fixes the sum
+voxelwise. The
 alternative ``solver="fista"`` (accelerated projected gradient on a smoothed
 TV, Beck & Teboulle 2009) is kept for comparison (benchmarks/bench_chi_separation.py):
 it needs a step of order eps/lambda and converges far more slowly.
@@ -91,6 +96,7 @@ class ChiSeparationConstants:
     tol: float
     rho: tuple
     pad_factor: float
+    over_relaxation: float
     chi_para_max: float
     chi_dia_max: float
     source: str
@@ -147,6 +153,7 @@ def load_constants(field_strength: float, path: str | Path | Mapping | None = No
         tol=require_number(sol, "tolerance", source=src, minimum=0.0),
         rho=tuple(require_number(sol, key, source=src, positive=True) for key in ("rho_field", "rho_tv", "rho_box")),
         pad_factor=require_number(sol, "pad_factor", source=src, minimum=1.0),
+        over_relaxation=require_number(sol, "over_relaxation", source=src, positive=True),
         chi_para_max=require_number(bnd, "chi_para_max_ppm", source=src, positive=True),
         chi_dia_max=require_number(bnd, "chi_dia_max_ppm", source=src, positive=True),
         source=str(src),
@@ -294,29 +301,37 @@ def _admm(prob, x_p, x_d, params):
     tau = lam / rho_g
     history0 = jnp.full((_HISTORY_LEN,), jnp.nan, jnp.float32)
 
-    def project(x_p, x_d, u_v):
+    alpha = params["alpha"]
+
+    def project(y_p, y_d, x_p, x_d):
         mu = _csf_means(x_p, x_d, prob["csf"])
-        y = (x_p + u_v[0], x_d + u_v[1])
-        return y, _box_qp(y, prob["rp"], prob["wr2"], a_p, a_d, rho_v, lam_csf * prob["csf"], mu, upper)
+        return _box_qp((y_p, y_d), prob["rp"], prob["wr2"], a_p, a_d, rho_v, lam_csf * prob["csf"], mu, upper)
+
+    def relax(new, old):
+        # over-relaxation (Boyd et al. 2011, sec. 3.4.3): alpha * A x + (1 - alpha) * z_old
+        return alpha * new + (1.0 - alpha) * old
 
     def body(state):
-        k, x_p, x_d, dt, u_f, u_g, u_v, _, history = state
+        k, x_p, x_d, dt, z_f, u_f, g_old, u_g, v_old, u_v, _, history = state
         # field data step (voxelwise), W_f = 0 outside the mask
-        z_f = (prob["wf2"] * prob["phi"] + rho_f * (dt + u_f)) / (prob["wf2"] + rho_f)
-        u_f = u_f + dt - z_f
+        d_rel = relax(dt, z_f)
+        z_f = (prob["wf2"] * prob["phi"] + rho_f * (d_rel + u_f)) / (prob["wf2"] + rho_f)
+        u_f = u_f + d_rel - z_f
         q_f = z_f - u_f
         # TV step: isotropic shrinkage of the non-edge gradient components
-        new_ug, rhs = [], []
-        for x, u in zip((x_p, x_d), u_g):
-            a = tuple(gi + ui for gi, ui in zip(_grad(x, h), u))
+        new_g, new_ug, rhs = [], [], []
+        for x, g_prev, u in zip((x_p, x_d), g_old, u_g):
+            a = tuple(relax(gi, gp) + ui for gi, gp, ui in zip(_grad(x, h), g_prev, u))
             norm = jnp.sqrt(sum((e * ai) ** 2 for e, ai in zip(prob["edge"], a)))
             shrink = jnp.minimum(tau / jnp.maximum(norm, 1e-12), 1.0)
             g = tuple(ai - e * ai * shrink for e, ai in zip(prob["edge"], a))
+            new_g.append(g)
             new_ug.append(tuple(ai - gi for ai, gi in zip(a, g)))
             rhs.append(rho_g * _grad_adjoint(tuple(2.0 * gi - ai for gi, ai in zip(g, a)), h))
-        u_g = tuple(new_ug)
+        g_old, u_g = tuple(new_g), tuple(new_ug)
         # R2' data step + sign/bound/support projection + CSF (voxelwise)
-        y, v = project(x_p, x_d, u_v)
+        y = (relax(x_p, v_old[0]) + u_v[0], relax(x_d, v_old[1]) + u_v[1])
+        v = project(y[0], y[1], x_p, x_d)
         u_v = (y[0] - v[0], y[1] - v[1])
         r_p = rhs[0] + rho_v * (v[0] - u_v[0])
         r_d = rhs[1] + rho_v * (v[1] - u_v[1])
@@ -332,20 +347,21 @@ def _admm(prob, x_p, x_d, params):
         den = jnp.sum(prob["mask"] * (new_p**2 + new_d**2))
         delta = jnp.sqrt(num / jnp.maximum(den, 1e-30))
         history = history.at[jnp.minimum(k, history.shape[0] - 1)].set(delta)
-        return k + 1, new_p, new_d, dt, u_f, u_g, u_v, delta, history
+        return k + 1, new_p, new_d, dt, z_f, u_f, g_old, u_g, v, u_v, delta, history
 
     def cond(state):
-        k, delta = state[0], state[7]
+        k, delta = state[0], state[10]
         return (k < params["max_iter"]) & (delta > params["tol"])
 
     zeros = jnp.zeros_like(x_p)
+    dt0 = _apply_dipole(x_p - x_d, kernel)
     state0 = (
-        jnp.asarray(0, jnp.int32), x_p, x_d, _apply_dipole(x_p - x_d, kernel), zeros,
-        ((zeros,) * 3, (zeros,) * 3), (zeros, zeros),
+        jnp.asarray(0, jnp.int32), x_p, x_d, dt0, dt0, zeros,
+        (_grad(x_p, h), _grad(x_d, h)), ((zeros,) * 3, (zeros,) * 3), (x_p, x_d), (zeros, zeros),
         jnp.asarray(jnp.inf, jnp.float32), history0,
     )
-    k, x_p, x_d, _, _, _, u_v, _, history = jax.lax.while_loop(cond, body, state0)
-    _, (v_p, v_d) = project(x_p, x_d, u_v)
+    k, x_p, x_d, _, _, _, _, _, _, u_v, _, history = jax.lax.while_loop(cond, body, state0)
+    v_p, v_d = project(x_p + u_v[0], x_d + u_v[1], x_p, x_d)
     return v_p, v_d, k, history
 
 
@@ -484,6 +500,7 @@ def solve_chi_separation(
     chi_max: tuple[float, float] = (2.0, 2.0),
     pad_factor: float = 1.25,
     rho: tuple[float, float, float] = (0.3, 0.1, 0.03),
+    over_relaxation: float = 1.7,
     tv_epsilon: float = 1e-4,
 ) -> dict:
     """Joint chi-separation over the volume (pure function; inputs assumed validated).
@@ -519,6 +536,9 @@ def solve_chi_separation(
     rho : (rho_field, rho_tv, rho_box)
         ADMM penalties relative to the unit-normalised data terms (the model
         file's [solver] values; see benchmarks/bench_chi_separation.py).
+    over_relaxation : float
+        ADMM over-relaxation alpha in (0, 2); 1 is plain ADMM. 1.7 halves the
+        iterations needed on the head phantom.
     tv_epsilon : float, ppm/mm
         TV smoothing of the FISTA solver.
 
@@ -553,6 +573,7 @@ def solve_chi_separation(
         lam=f32(lam), lam_csf=f32(lam_csf), rho_f=f32(rho[0]), rho_g=f32(rho[1]), rho_v=f32(rho[2]),
         a_p=f32(a_p), a_d=f32(a_d), max_p=f32(chi_max[0]), max_d=f32(chi_max[1]),
         max_iter=jnp.asarray(int(max_iter), jnp.int32), tol=f32(tol), tv_epsilon=f32(tv_epsilon),
+        alpha=f32(over_relaxation),
     )
     run = _admm if solver == "admm" else _fista
     v_p, v_d, k, history = run(prob, x_p, x_d, params)
@@ -922,7 +943,7 @@ class ChiSeparation:
             dr_para=c.dr_para, dr_dia=c.dr_dia, chi_init=chi_init, field_weight=weight_f,
             r2prime_weight=weight_r, edge_weight=edges, csf_mask=csf, lam=lam, lam_csf=lam_csf,
             max_iter=int(max_iter), tol=tol, solver=solver, chi_max=(c.chi_para_max, c.chi_dia_max),
-            pad_factor=pad_factor, tv_epsilon=c.tv_epsilon, rho=c.rho,
+            pad_factor=pad_factor, tv_epsilon=c.tv_epsilon, rho=c.rho, over_relaxation=c.over_relaxation,
         )
         chi_p, chi_d = out["chi_para"], out["chi_dia"]
         cf = physics.centre_frequency_hz(b0) * 1e-6
