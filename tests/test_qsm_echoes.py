@@ -76,6 +76,20 @@ def test_weighted_linear_noise_map_scales_with_magnitude():
     assert fit.field_noise_hz[mask & (x > 8)].mean() > fit.field_noise_hz[mask & (x < -8)].mean()
 
 
+@pytest.mark.parametrize("method", FIELD_METHODS)
+def test_zero_magnitude_voxels_get_finite_huge_noise(method):
+    signal, field, _, mask = scene()
+    magnitude = np.abs(signal)
+    magnitude[:12] = 0.0  # signal void (e.g. a mask that reaches into air)
+    with pytest.warns(UserWarning):
+        fit = fit_multi_echo_field(magnitude, np.angle(signal), TES, mask, method=method, noise_sigma=1.0)
+    void = mask.copy()
+    void[12:] = False
+    assert np.all(np.isfinite(fit.field_hz)) and np.all(np.isfinite(fit.field_noise_hz))
+    assert fit.field_noise_hz[void].min() > 1e6 * np.median(fit.field_noise_hz[mask & ~void])
+    assert np.max(np.abs(fit.field_hz - field)[mask & ~void]) < 1e-3
+
+
 def test_laplacian_unwrapping_option_smooth_field():
     signal, field, phi0, mask = scene()
     small = 0.2 * (field - 15.0)  # |f| dTE < 0.5 everywhere

@@ -323,8 +323,9 @@ def fit_multi_echo_field(
 
 def _echo_average(u, m, tes, phi0, w):
     """Weighted echo average of per-echo frequencies and its variance per unit sigma^2."""
+    m = np.maximum(m, 1e-30)  # zero magnitude: equal weights and (huge) finite noise
     weights = tes * m
-    weights = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-30)
+    weights = weights / weights.sum(-1, keepdims=True)
     per_echo = (u - phi0[:, None]) / (_TWO_PI * tes)
     f = (weights * per_echo).sum(-1)
     # f is linear in the phases, f = sum_k c_k U_k, through the per-echo terms
@@ -333,7 +334,7 @@ def _echo_average(u, m, tes, phi0, w):
     with np.errstate(invalid="ignore", divide="ignore"):
         b = w * (stt[:, None] - st[:, None] * tes) / det[:, None]
     c = weights / (_TWO_PI * tes) - b * (weights / (_TWO_PI * tes)).sum(-1, keepdims=True)
-    coef_var = (c**2 / np.maximum(m, 1e-30) ** 2).sum(-1)
+    coef_var = (c**2 / m**2).sum(-1)
     return f, coef_var
 
 
