@@ -69,6 +69,7 @@ TRANSFORMS = ("auto", "sigmoid", "softplus", "clip", "none")
 _DEFAULT_MAX_STEPS = {"gauss-newton": 100, "lbfgs": 200, "adam": 3000}
 _DEFAULT_TOL = {"gauss-newton": 1e-6, "lbfgs": 1e-7, "adam": 1e-10}
 _LAMBDA_MAX = 1e10
+_GN_SLOTS = 4096  # voxels in flight per Gauss-Newton work queue (see _gauss_newton_queue)
 
 
 # ---------------------------------------------------------------------------
@@ -277,77 +278,131 @@ def _loss_floor(data, weights):
     return (8 * eps) ** 2 * energy + jnp.finfo(jnp.real(data).dtype).tiny
 
 
-def _solve_gauss_newton(model, data, weights, theta0, aux, max_steps, tol, gtol):
+def _gn_init(model, theta0):
+    """Levenberg-Marquardt state of one voxel at its start."""
     lo = jnp.asarray(model.lower, theta0.dtype)
     hi = jnp.asarray(model.upper, theta0.dtype)
-    sqrt_w = jnp.sqrt(weights)
-    res = lambda t: weighted_residual(model, t, data, sqrt_w, aux)  # noqa: E731
-    floor = _loss_floor(data, weights)
-
-    def linearise(theta):
-        return res(theta), weighted_jacobian(model, theta, sqrt_w, aux)
-
-    def cond(state):
-        return (~state["done"]) & (state["step"] < max_steps)
-
-    def body(state):
-        theta, lam, nu = state["theta"], state["lam"], state["nu"]
-        r, jac = linearise(theta)
-        loss = 0.5 * jnp.sum(r * r)
-        # elementwise products + sums instead of per-voxel matmuls: under vmap a tiny batched
-        # dot_general is a library call per voxel on CPU, while these fuse into one loop
-        g = jnp.sum(jac * r[:, None], axis=0)
-        h = jnp.sum(jac[:, :, None] * jac[:, None, :], axis=0)
-        # active set: a parameter on a bound whose descent direction leaves the box is frozen
-        frozen = ((theta <= lo) & (g > 0)) | ((theta >= hi) & (g < 0))
-        free = (~frozen).astype(theta.dtype)
-        hf = h * free[:, None] * free[None, :] + jnp.diag(1.0 - free)
-        gf = g * free
-        d = jnp.diag(hf)
-        d = d + 1e-9 * jnp.max(d) + jnp.finfo(d.dtype).tiny * 1e6
-        # Gauss-Newton decrement (how much the linearised model can still gain)
-        newton = _chol_solve(hf + 1e-7 * jnp.diag(d), gf)
-        decrement = jnp.sum(gf * newton)
-        stationary = (decrement <= 2 * tol * loss) | (loss <= floor) | (jnp.max(jnp.abs(gf)) <= gtol)
-        # once stationary, finish with an undamped Gauss-Newton step (it is reliable in the
-        # quadratic basin and resolves parameters below what a float32 loss comparison can)
-        delta = jnp.where(stationary, -newton, -_chol_solve(hf + lam * jnp.diag(d), gf))
-        theta_new = jnp.clip(theta + delta, lo, hi)
-        step = theta_new - theta
-        r_new = res(theta_new)
-        loss_new = 0.5 * jnp.sum(r_new * r_new)
-        predicted = -(jnp.sum(g * step) + 0.5 * jnp.sum(step * jnp.sum(h * step[None, :], axis=1)))
-        rho = (loss - loss_new) / jnp.maximum(predicted, jnp.finfo(theta.dtype).tiny)
-        # the step is taken even when this iteration detects convergence: one more
-        # (quadratically convergent) step costs nothing extra and tightens the result
-        slack = 16 * jnp.finfo(loss.dtype).eps * loss
-        accept = jnp.isfinite(loss_new) & ((loss_new < loss) | (stationary & (loss_new <= loss + slack)))
-        lam_new = jnp.where(accept, lam * jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), lam * nu)
-        nu_new = jnp.where(accept, 2.0, 2.0 * nu)
-        stuck = lam_new > _LAMBDA_MAX
-        done = stationary | stuck
-        return {
-            "theta": jnp.where(accept, theta_new, theta),
-            "loss": jnp.where(accept, loss_new, loss),
-            "lam": jnp.maximum(lam_new, 1e-12),
-            "nu": nu_new,
-            "step": state["step"] + 1,
-            "done": done,
-            "converged": done,
-        }
-
-    theta0 = jnp.clip(theta0, lo, hi)
-    state = {
-        "theta": theta0,
-        "loss": 0.5 * jnp.sum(res(theta0) ** 2),
+    return {
+        "theta": jnp.clip(theta0, lo, hi),
+        "loss": jnp.asarray(jnp.inf, theta0.dtype),
         "lam": jnp.asarray(1e-3, theta0.dtype),
         "nu": jnp.asarray(2.0, theta0.dtype),
         "step": jnp.asarray(0, jnp.int32),
         "done": jnp.asarray(False),
-        "converged": jnp.asarray(False),
     }
-    out = jax.lax.while_loop(cond, body, state)
-    return out["theta"], out["loss"], out["converged"], out["step"]
+
+
+def _gn_step(model, state, data, weights, aux, tol, gtol):
+    """One projected Levenberg-Marquardt iteration of one voxel (Nielsen damping update).
+
+    Convergence (``done``): the Gauss-Newton decrement is below ``2 tol L``,
+    the loss is at the rounding floor, the free gradient is below ``gtol``, or
+    the damping exceeds 1e10 (no descent at working precision).
+    """
+    theta, lam, nu = state["theta"], state["lam"], state["nu"]
+    lo = jnp.asarray(model.lower, theta.dtype)
+    hi = jnp.asarray(model.upper, theta.dtype)
+    sqrt_w = jnp.sqrt(weights)
+    floor = _loss_floor(data, weights)
+    r = weighted_residual(model, theta, data, sqrt_w, aux)
+    jac = weighted_jacobian(model, theta, sqrt_w, aux)
+    loss = 0.5 * jnp.sum(r * r)
+    # elementwise products + sums instead of per-voxel matmuls: under vmap a tiny batched
+    # dot_general is a library call per voxel on CPU, while these fuse into one loop
+    g = jnp.sum(jac * r[:, None], axis=0)
+    h = jnp.sum(jac[:, :, None] * jac[:, None, :], axis=0)
+    # active set: a parameter on a bound whose descent direction leaves the box is frozen
+    frozen = ((theta <= lo) & (g > 0)) | ((theta >= hi) & (g < 0))
+    free = (~frozen).astype(theta.dtype)
+    hf = h * free[:, None] * free[None, :] + jnp.diag(1.0 - free)
+    gf = g * free
+    d = jnp.diag(hf)
+    d = d + 1e-9 * jnp.max(d) + jnp.finfo(d.dtype).tiny * 1e6
+    # Gauss-Newton decrement (how much the linearised model can still gain)
+    newton = _chol_solve(hf + 1e-7 * jnp.diag(d), gf)
+    decrement = jnp.sum(gf * newton)
+    stationary = (decrement <= 2 * tol * loss) | (loss <= floor) | (jnp.max(jnp.abs(gf)) <= gtol)
+    # once stationary, finish with an undamped Gauss-Newton step (it is reliable in the
+    # quadratic basin and resolves parameters below what a float32 loss comparison can)
+    delta = jnp.where(stationary, -newton, -_chol_solve(hf + lam * jnp.diag(d), gf))
+    theta_new = jnp.clip(theta + delta, lo, hi)
+    step = theta_new - theta
+    r_new = weighted_residual(model, theta_new, data, sqrt_w, aux)
+    loss_new = 0.5 * jnp.sum(r_new * r_new)
+    predicted = -(jnp.sum(g * step) + 0.5 * jnp.sum(step * jnp.sum(h * step[None, :], axis=1)))
+    rho = (loss - loss_new) / jnp.maximum(predicted, jnp.finfo(theta.dtype).tiny)
+    # the step is taken even when this iteration detects convergence: one more
+    # (quadratically convergent) step costs nothing extra and tightens the result
+    slack = 16 * jnp.finfo(loss.dtype).eps * loss
+    accept = jnp.isfinite(loss_new) & ((loss_new < loss) | (stationary & (loss_new <= loss + slack)))
+    lam_new = jnp.where(accept, lam * jnp.maximum(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), lam * nu)
+    nu_new = jnp.where(accept, 2.0, 2.0 * nu)
+    done = stationary | (lam_new > _LAMBDA_MAX)
+    return {
+        "theta": jnp.where(accept, theta_new, theta),
+        "loss": jnp.where(accept, loss_new, loss),
+        "lam": jnp.maximum(lam_new, 1e-12),
+        "nu": nu_new,
+        "step": state["step"] + 1,
+        "done": done,
+    }
+
+
+def _gauss_newton_queue(model, data, weights, theta0, aux, max_steps, tol, gtol, slots):
+    """Levenberg-Marquardt over a chunk with a work queue of ``slots`` voxels in flight.
+
+    A plain vmapped while_loop runs every voxel of the chunk until the slowest
+    one is done (most voxels need ~10 iterations, a few need ``max_steps``).
+    Here ``slots`` voxels are iterated together (vmapped); whenever some finish,
+    their results are scattered out and the next voxels of the chunk take their
+    slots, so the work is close to the sum of the voxels' iterations rather
+    than chunk size x the worst voxel's. Shapes are static: one compilation.
+    """
+    n = data.shape[0]
+    init = jax.vmap(lambda t: _gn_init(model, t))
+    step = jax.vmap(lambda st, d, w: _gn_step(model, st, d, w, aux, tol, gtol))
+    idx0 = jnp.arange(slots)
+    carry = {
+        "state": init(theta0[idx0]),
+        "idx": idx0,  # voxel of the chunk held by each slot
+        "active": jnp.ones(slots, bool),
+        "next": jnp.asarray(slots, jnp.int32),
+        "theta": jnp.zeros_like(theta0),
+        "loss": jnp.zeros(n, theta0.dtype),
+        "converged": jnp.zeros(n, bool),
+        "steps": jnp.zeros(n, jnp.int32),
+    }
+
+    def cond(c):
+        return jnp.any(c["active"])
+
+    def body(c):
+        st = step(c["state"], data[c["idx"]], weights[c["idx"]])
+        finished = c["active"] & (st["done"] | (st["step"] >= max_steps))
+        out = jnp.where(finished, c["idx"], n)  # n: out of bounds, dropped
+        theta = c["theta"].at[out].set(st["theta"], mode="drop")
+        loss = c["loss"].at[out].set(st["loss"], mode="drop")
+        converged = c["converged"].at[out].set(st["done"], mode="drop")
+        steps = c["steps"].at[out].set(st["step"], mode="drop")
+        # refill finished slots with the next voxels in the queue
+        new_idx = c["next"] + jnp.cumsum(finished) - 1
+        refill = finished & (new_idx < n)
+        idx = jnp.where(refill, new_idx, c["idx"])
+        fresh = init(theta0[jnp.minimum(idx, n - 1)])
+        st = jax.tree.map(lambda a, b: jnp.where(refill.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), st, fresh)
+        return {
+            "state": st,
+            "idx": idx,
+            "active": (c["active"] & ~finished) | refill,
+            "next": c["next"] + jnp.sum(finished).astype(jnp.int32),
+            "theta": theta,
+            "loss": loss,
+            "converged": converged,
+            "steps": steps,
+        }
+
+    out = jax.lax.while_loop(cond, body, carry)
+    return out["theta"], out["loss"], out["converged"], out["steps"]
 
 
 def _solve_optax(model, data, weights, theta0, aux, max_steps, tol, gtol, *, optimizer, learning_rate):
@@ -406,9 +461,9 @@ def _solve_optax(model, data, weights, theta0, aux, max_steps, tol, gtol, *, opt
 def _fit_chunk(model, optimizer, max_steps, data, weights, theta0, aux, tol, gtol, learning_rate):
     """Fit one chunk: data (C, M), weights (C, M), theta0 (C, P). Compiled once per shape."""
     if optimizer == "gauss-newton":
-        solve = _solve_gauss_newton
-    else:
-        solve = partial(_solve_optax, optimizer=optimizer, learning_rate=learning_rate)
+        slots = max(1, min(data.shape[0], _GN_SLOTS))
+        return _gauss_newton_queue(model, data, weights, theta0, aux, max_steps, tol, gtol, slots)
+    solve = partial(_solve_optax, optimizer=optimizer, learning_rate=learning_rate)
     one = lambda d, w, t: solve(model, d, w, t, aux, max_steps, tol, gtol)  # noqa: E731
     # voxels on the last (minor) axis: every per-voxel scalar becomes a contiguous vector,
     # which XLA vectorises better than strided voxel-major layouts (~30% faster on CPU)
