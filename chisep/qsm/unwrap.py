@@ -416,19 +416,36 @@ def _spatial_romeo(phase: np.ndarray, mask: np.ndarray, weights: list[np.ndarray
     return out
 
 
+def _mean_quality_in_mask(phase, magnitude, mask):
+    weights = _edge_quality_jax(phase, magnitude, None, jnp.float32(1.0))
+    total = count = 0.0
+    for axis, w in enumerate(weights):
+        n = mask.shape[axis]
+        both = jax.lax.slice_in_dim(mask, 0, n - 1, axis=axis) & jax.lax.slice_in_dim(mask, 1, n, axis=axis)
+        total = total + jnp.sum(jnp.where(both, w, 0.0))
+        count = count + jnp.sum(both)
+    return total / jnp.maximum(count, 1)
+
+
+_mean_quality_jit = jax.jit(_mean_quality_in_mask)
+
+
 def _choose_template(phase, magnitude, mask) -> int:
-    """Echo with the best mean edge quality inside the mask."""
-    scores = []
-    for e in range(phase.shape[-1]):
-        mag = None if magnitude is None else magnitude[..., e]
-        ws = edge_quality(phase[..., e], mag)
-        total = count = 0.0
-        for axis, w in enumerate(ws):
-            lo, hi = _axis_slices(axis, None, -1), _axis_slices(axis, 1, None)
-            both = mask[lo] & mask[hi]
-            total += float(w[both].sum())
-            count += float(both.sum())
-        scores.append(total / max(count, 1.0))
+    """Echo with the best mean edge quality inside the mask.
+
+    Scored on every second voxel along each axis (edges then join voxels two
+    apart): an 8x cheaper ranking of the echoes by phase smoothness and SNR.
+    """
+    sub = (slice(None, None, 2),) * 3
+    msk = jnp.asarray(mask[sub])
+    scores = [
+        float(_mean_quality_jit(
+            jnp.asarray(phase[sub + (e,)], dtype=jnp.float32),
+            None if magnitude is None else jnp.asarray(magnitude[sub + (e,)], dtype=jnp.float32),
+            msk,
+        ))
+        for e in range(phase.shape[-1])
+    ]
     return int(np.argmax(scores))
 
 
