@@ -23,32 +23,33 @@ with W concurrent workers and t_run the steady-state time of one run on one
 worker. Three resources bound W on a node and t_run per worker:
 
 * CPU. One single-threaded worker per core is the most efficient layout:
-  XLA's and FFT's multithreading speeds up one run sub-linearly, while
+  multithreading usually speeds up one run sub-linearly (serial steps, sync), while
   separate runs scale linearly until memory bandwidth saturates. More
   threads per run only help when memory allows fewer runs than cores (the
   local cluster then shares the spare cores out as threads).
 * Memory. One run needs about ``WORKER_BASE_BYTES + BYTES_PER_VOXEL_ECHO *
-  voxels * echoes`` (chisep.batch; measure with this script, it reports peak
-  RSS per worker). A 1 mm whole-head 6-echo acquisition (about 256 x 256 x 176 =
-  11.5 M voxels, 69 M voxel-echoes) needs several GB per worker, so on a
-  node with 4 GB per core, memory rather than cores limits W; dask-jobqueue
+  voxels * echoes`` (chisep.batch: about 0.65 GB + 160 bytes per voxel-echo,
+  fitted to this script's peak RSS at 8, 4 and 2 mm: 650, 894 and 1568 MB).
+  A 1 mm whole-head 6-echo acquisition (8.7 M voxels, 52 M voxel-echoes)
+  needs about 9 GB per worker, so on a node with 4 GB per core, memory
+  rather than cores limits W (fewer than half the cores busy); dask-jobqueue
   jobs should request memory per worker accordingly (``memory=`` per job
   with ``processes=`` workers per job).
-* GPU. On a GPU every run is much faster (FFTs and the voxelwise fits are
-  bandwidth-bound kernels), but workers sharing one GPU contend for it:
-  the useful layout is one worker per GPU (``CUDA_VISIBLE_DEVICES`` per
-  worker, e.g. one dask-jobqueue job per GPU), with
+* GPU (not measured here). The FFT-heavy inversions, chi-separation's
+  iterations and the voxelwise fits are bandwidth-bound JAX kernels that run
+  on a GPU unchanged, so t_run should drop; workers sharing one GPU contend
+  for it, so the useful layout is one worker per GPU (``CUDA_VISIBLE_DEVICES``
+  per worker, e.g. one dask-jobqueue job per GPU), with
   ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (set by the local cluster) so that
-  several processes can share a GPU when memory allows. The CPU parts of a
-  run (file I/O, gzip, ROMEO unwrapping's region growing, the report
-  figure) then bound t_run, and 2-4 CPU cores per GPU worker keep them from
-  dominating.
+  several processes can share a GPU when its memory allows. The CPU parts of
+  a run (file I/O and gzip, ROMEO unwrapping's region growing, the report
+  figure) then bound t_run; give each GPU worker 2-4 CPU cores for them.
 
 Fixed costs per worker process: JAX import and one compilation per problem
 shape (tens of seconds, the "first run" column); they are paid once per
 worker, so long-lived workers (a cohort of one grid size) amortise them.
 Per invocation: cluster start-up and the SHA-256 of every input file for the
-completion check (about 1 s per GB read).
+completion check (of the order of 1 s per GB read).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,13 +61,15 @@ FAILED_MARKER = "FAILED.json"
 #: Columns added in front of :data:`chisep.report.ROI_COLUMNS` in the cohort table.
 COHORT_KEYS = ("subject", "session", "prefix")
 
-#: Working-set estimate of one run, bytes per voxel and echo, for sizing the local
-#: cluster (:func:`default_workers`). Measured with benchmarks/bench_batch.py:
-#: peak RSS grows by about this much per voxel-echo above the ~0.6 GB of a
-#: worker with JAX and the pipeline's compiled code loaded (chi-separation pads
-#: the volume and keeps several complex FFT buffers; MEDI/TV keep a few more).
-BYTES_PER_VOXEL_ECHO = 600
-WORKER_BASE_BYTES = 600 * 2**20
+#: Memory of one run, for sizing the local cluster (:func:`default_workers`):
+#: ``WORKER_BASE_BYTES + BYTES_PER_VOXEL_ECHO * voxels * echoes``. Fitted to the
+#: peak RSS of a worker measured with benchmarks/bench_batch.py (6 echoes, all
+#: three models): 650 MB at 8 mm (0.10 M voxel-echoes), 894 MB at 4 mm (0.80 M),
+#: 1568 MB at 2 mm (6.4 M): about 150 bytes per voxel-echo above ~0.62 GB of
+#: JAX, compiled code and imports; rounded up. A 1 mm whole-head 6-echo scan
+#: (~52 M voxel-echoes) thus needs about 9 GB.
+BYTES_PER_VOXEL_ECHO = 160
+WORKER_BASE_BYTES = 650 * 2**20
 
 
 # ---------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def plan_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None,
     InputError
         ``bids_root`` is not a folder, holds no MEGRE data, or a requested subject is absent.
     """
-    root = Path(bids_root)
+    root = Path(bids_root).absolute()
     runs = io.find_megre_runs(root)
     if subjects:
         wanted = [io._label(s, "sub") for s in subjects]
@@ -280,22 +282,24 @@ def thread_environment(threads: int) -> dict[str, str]:
 
     They must be set before NumPy's BLAS and JAX's XLA backend start in the
     worker (the local cluster sets them when it spawns each worker process).
-    With one thread XLA's CPU backend is made single-threaded
+    BLAS/OpenMP pools take the number directly. XLA has no N-thread cap: with
+    one thread its CPU backend is made single-threaded
     (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``);
-    XLA has no exact N-thread cap, so with more threads only its intra-op
-    pool size is suggested. ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` stops each
-    worker on a GPU machine from reserving 75 % of the GPU memory.
+    with more, XLA's flags are left as they are (XLA then sizes its pool to
+    the cores the process may use, e.g. a SLURM job's cgroup or ``taskset``).
+    User flags in ``XLA_FLAGS`` are kept. ``XLA_PYTHON_CLIENT_PREALLOCATE=false``
+    stops each worker on a GPU machine from reserving 75 % of the GPU memory.
     """
     n = str(int(threads))
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.lstrip("-").startswith(("xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads"))]
     if int(threads) == 1:
-        flags += ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
-    else:
-        flags += [f"intra_op_parallelism_threads={n}"]
+        # "--" first: XLA reads a first token without it as a file name of flags
+        flags = ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"] + flags
     env = {name: n for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                 "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
-    env["XLA_FLAGS"] = " ".join(flags)
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     return env
 
@@ -370,7 +374,8 @@ def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1) 
     """
     t0 = time.perf_counter()
     row = {"subject": job.subject, "session": job.session, "prefix": job.prefix, "out_dir": str(job.out_dir),
-           "attempt": attempt, "worker": _worker_name(), "error": None, "timings": {}}
+           "attempt": attempt, "started_unix": round(time.time(), 3), "worker": _worker_name(), "error": None,
+           "timings": {}}
     try:
         from chisep import pipeline
 
@@ -410,7 +415,8 @@ def _import_distributed():
         import dask
         import distributed
     except ImportError as exc:
-        raise InputError(f"chisep batch needs Dask ({exc}); install the extra with: pip install chisep[batch]") from None
+        raise InputError(f"chisep batch needs Dask ({exc}); install the extra with: "
+                         "pip install chisep[batch]") from None
     return dask, distributed
 
 
@@ -433,11 +439,16 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def estimate_job_memory(job: Job) -> int:
-    """Bytes one worker needs for this run: :data:`WORKER_BASE_BYTES` + voxels x echoes x :data:`BYTES_PER_VOXEL_ECHO`."""
+def voxel_echoes(job: Job) -> int:
+    """Voxels x echoes of a job's data (from the first magnitude file's header)."""
     shape = io._open_nifti(Path(job.magnitude[0]), "magnitude").shape  # header only
     n_echoes = len(job.magnitude) * (shape[3] if len(shape) > 3 else 1)
-    return WORKER_BASE_BYTES + int(math.prod(shape[:3])) * n_echoes * BYTES_PER_VOXEL_ECHO
+    return int(math.prod(shape[:3])) * n_echoes
+
+
+def estimate_job_memory(job: Job) -> int:
+    """Bytes one worker needs for a run: :data:`WORKER_BASE_BYTES` + voxel-echoes x :data:`BYTES_PER_VOXEL_ECHO`."""
+    return WORKER_BASE_BYTES + voxel_echoes(job) * BYTES_PER_VOXEL_ECHO
 
 
 def default_workers(jobs: Sequence[Job], *, cores: int | None = None,
@@ -529,6 +540,14 @@ def _running(client, keys: set) -> int:
     return sum(min(sum(k in keys for k in tasks), threads.get(w, 1)) for w, tasks in processing.items())
 
 
+def _has_bokeh() -> bool:
+    try:
+        import bokeh  # noqa: F401 - the Dask dashboard needs it
+    except ImportError:
+        return False
+    return True
+
+
 def _start_client(scheduler: str | None, workers: int, threads: int, dashboard_address: str):
     dask, distributed = _import_distributed()
     if scheduler:
@@ -600,8 +619,8 @@ def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, sch
     for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InputError(f"{name} must be a positive integer, got {value!r}")
-    settings_dict = settings_from_dict(settings.to_dict() if hasattr(settings, "to_dict") else settings).to_dict()
-    root = Path(bids_root)
+    settings_dict = settings_from_dict(settings).to_dict()
+    root = Path(bids_root).absolute()  # workers may run elsewhere (another cwd, another node)
     jobs = plan_batch(root, subjects=subjects, settings=settings_dict, labels=labels, force=force)
     todo = [j for j in jobs if j.needs_run]
     progress(f"chisep batch: {len(jobs)} run(s) in {root}: {len(todo)} to run, {len(jobs) - len(todo)} complete")
@@ -620,20 +639,27 @@ def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, sch
         try:
             dashboard = client.dashboard_link
             n_workers = len(client.scheduler_info(n_workers=-1).get("workers", {})) if scheduler else workers
+            hint = "" if scheduler or _has_bokeh() else " (served only with bokeh installed: pip install bokeh)"
             progress(f"Dask: {n_workers} worker(s)"
                      + (f" x {threads_per_worker} thread(s)" if not scheduler else f" at {scheduler}")
-                     + f"; dashboard {dashboard}")
+                     + f"; dashboard {dashboard}{hint}")
             rows.update(_run_jobs(client, todo, settings_dict, retries, poll_s, progress))
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
     ordered = [rows[j.prefix] for j in jobs]
-    # re-check from the files: only runs that are complete now enter the cohort table
-    complete = [j for j in jobs if check_complete(j.out_dir, j.inputs, settings=settings_dict)[0]]
+    # what ran now is checked again from the files (skipped runs were checked by the plan):
+    # only complete runs enter the cohort table
+    complete = []
     for j in jobs:
-        if rows[j.prefix]["status"] == "done" and j not in complete:
-            rows[j.prefix].update(status="failed", error="the run returned but its outputs are incomplete")
+        row = rows[j.prefix]
+        if row["status"] == "done":
+            done, reason = check_complete(j.out_dir, j.inputs, settings=settings_dict)
+            if not done:
+                row.update(status="failed", error=f"the run returned but its outputs are incomplete: {reason}")
+        if row["status"] in ("done", "skipped"):
+            complete.append(j)
     return _write_cohort(root, jobs, complete, ordered, settings_dict, wall_s=time.perf_counter() - t0,
                          dashboard=dashboard, workers=n_workers, progress=progress)
 
@@ -725,7 +751,7 @@ def _summary_maps(rows: Sequence[Mapping]) -> list[str]:
 
 
 def cohort_figure(rows: Sequence[Mapping], *, failed: Sequence[str] = ()):
-    """Strip plot of ROI means per subject: one panel per map (chi, chi_para, chi_dia), ROIs along x.
+    """Strip plot of ROI means per run: one panel per map (chi, chi_para, chi_dia), ROIs along x.
 
     Each dot is one run's ROI mean (ppm); the bar is the cohort mean.
     Returns a matplotlib Figure on an Agg canvas (no pyplot).
@@ -737,7 +763,9 @@ def cohort_figure(rows: Sequence[Mapping], *, failed: Sequence[str] = ()):
     maps = _summary_maps(rows)
     rois = list(dict.fromkeys(r["name"] for r in rows))
     runs = list(dict.fromkeys(r["prefix"] for r in rows))
-    fig = Figure(figsize=(max(4.0, 1.2 + 0.55 * len(rois)) * max(1, len(maps)) * 0.75, 3.6), layout="constrained")
+    # one row per map, ROIs along x: stays legible from 2 to ~40 ROIs
+    fig = Figure(figsize=(min(16.0, max(5.0, 1.2 + 0.45 * len(rois))), 0.8 + 2.4 * max(1, len(maps))),
+                 layout="constrained")
     FigureCanvasAgg(fig)
     title = f"chisep cohort: {len(runs)} complete run(s)" + (f", {len(failed)} failed" if failed else "")
     if failed:
@@ -748,7 +776,7 @@ def cohort_figure(rows: Sequence[Mapping], *, failed: Sequence[str] = ()):
         ax.text(0.5, 0.5, "no complete runs with chi maps", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    axes = fig.subplots(1, len(maps), squeeze=False)[0]
+    axes = fig.subplots(len(maps), 1, squeeze=False)[:, 0]
     rng = np.random.default_rng(0)  # fixed jitter: identical figures for identical tables
     colours = {p: f"C{i % 10}" for i, p in enumerate(runs)}
     for ax, name in zip(axes, maps):
@@ -764,13 +792,13 @@ def cohort_figure(rows: Sequence[Mapping], *, failed: Sequence[str] = ()):
                 ax.hlines(finite.mean(), x - 0.3, x + 0.3, colors="k", linewidth=1.5, zorder=4)
         ax.axhline(0.0, color="0.7", linewidth=0.8, zorder=1)
         ax.set_xticks(range(len(rois)))
-        ax.set_xticklabels(rois, rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels(rois if ax is axes[-1] else [], rotation=45, ha="right", fontsize=7)
         ax.set_title(name.replace(":", ": "), fontsize=8)
         ax.set_ylabel("ROI mean (ppm)", fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     if len(runs) <= 12:
         handles = [axes[0].scatter([], [], s=14, c=colours[p], label=p) for p in runs]
-        axes[-1].legend(handles=handles, fontsize=6, loc="best", frameon=False)
+        axes[0].legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return fig
 
 

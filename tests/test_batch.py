@@ -111,11 +111,17 @@ def test_second_invocation_skips_complete_runs(cohort):
     assert [(j.subject, j.needs_run) for j in plan] == [("01", False), ("02", False), ("03", True)]
     assert plan[2].reason.startswith("failed before: InputError")
     log: list[str] = []
-    summary = batch.run_batch(root, workers=2, retries=0, settings=SETTINGS, labels=LABELS,
-                              dashboard_address=":0", progress=log.append)
+    # this time through an existing cluster (the --scheduler path)
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, env=batch.thread_environment(1),
+                      dashboard_address=":0", silence_logs=40) as cluster:
+        summary = batch.run_batch(root, scheduler=cluster.scheduler_address, retries=0, settings=SETTINGS,
+                                  labels=LABELS, progress=log.append)
     rows = _rows(summary)
     assert [rows[s]["status"] for s in ("01", "02", "03")] == ["skipped", "skipped", "failed"]
     assert rows["03"]["attempt"] == 1  # retries=0
+    assert any(line.startswith("Dask: 1 worker(s) at tcp://") for line in log)
     assert {s: p.stat().st_mtime_ns for s, p in provs.items()} == before  # not run again
     assert "1 to run, 2 complete" in log[0]
     with open(summary.cohort_table, newline="") as f:
@@ -225,8 +231,16 @@ def test_thread_environment():
     assert "--xla_cpu_multi_thread_eigen=false" in one["XLA_FLAGS"].split()
     assert "intra_op_parallelism_threads=1" in one["XLA_FLAGS"].split()
     four = batch.thread_environment(4)
-    assert four["OPENBLAS_NUM_THREADS"] == "4" and "intra_op_parallelism_threads=4" in four["XLA_FLAGS"]
-    assert "--xla_cpu_multi_thread_eigen=false" not in four["XLA_FLAGS"]
+    assert four["OPENBLAS_NUM_THREADS"] == "4"
+    assert "multi_thread_eigen=false" not in four.get("XLA_FLAGS", "")
+
+
+def test_thread_environment_keeps_user_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x intra_op_parallelism_threads=3")
+    env = batch.thread_environment(1)
+    assert env["XLA_FLAGS"].split() == ["--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1",
+                                        "--xla_dump_to=/tmp/x"]
+    assert batch.thread_environment(2)["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
 
 
 def test_bad_arguments_are_refused(tmp_path):
@@ -248,9 +262,13 @@ def test_missing_dask_names_the_extra(monkeypatch):
         batch._import_distributed()
 
 
-def test_core_package_does_not_import_dask():
+def test_core_package_does_not_import_dask_and_jax_accepts_the_worker_flags():
+    # one fresh interpreter, with the environment of a single-threaded worker (XLA aborts the
+    # process on flags it cannot parse, so the JAX computation checks them)
     code = ("import sys, chisep, chisep.io, chisep.pipeline, chisep.report, chisep.cli, chisep.batch; "
             "chisep.cli.build_parser(); "
-            "bad = [m for m in ('dask', 'distributed') if m in sys.modules]; assert not bad, bad")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+            "bad = [m for m in ('dask', 'distributed') if m in sys.modules]; assert not bad, bad; "
+            "import jax.numpy as jnp; assert float(jnp.ones(4).sum()) == 4.0")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSTARTUP", "XLA_FLAGS")}
+    env.update(batch.thread_environment(1))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
