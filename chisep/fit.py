@@ -55,7 +55,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +141,8 @@ class VoxelModel:
         object.__setattr__(self, "param_names", names)
         object.__setattr__(self, "lower", lower)
         object.__setattr__(self, "upper", upper)
-        object.__setattr__(self, "transform", tuple(_resolve_transform(t, lo, hi) for t, lo, hi in zip(transform, lower, upper)))
+        resolved = tuple(_resolve_transform(t, lo, hi) for t, lo, hi in zip(transform, lower, upper))
+        object.__setattr__(self, "transform", resolved)
         if self.default_init is not None:
             init = tuple(float(v) for v in self.default_init)
             if len(init) != n:
@@ -844,7 +845,8 @@ def grid_init(model: VoxelModel, data, grid, *, aux: Any = None, mask=None, weig
         unknown = set(grid) - set(model.param_names)
         if unknown:
             raise InputError(f"grid names {sorted(unknown)} are not parameters of the model {model.param_names}")
-        axes = [np.atleast_1d(np.asarray(grid.get(n, [model.start()[i]]), float)) for i, n in enumerate(model.param_names)]
+        start = model.start()
+        axes = [np.atleast_1d(np.asarray(grid.get(n, [start[i]]), float)) for i, n in enumerate(model.param_names)]
         cands = np.array(list(itertools.product(*axes)), dtype=np.float64)
     else:
         cands = np.asarray(grid, dtype=np.float64)
@@ -853,8 +855,8 @@ def grid_init(model: VoxelModel, data, grid, *, aux: Any = None, mask=None, weig
     pred = np.asarray(_predict_chunk(model, jnp.asarray(cands.astype(real_dtype)), aux))  # (G, M)
     w = _voxel_weights(weights, spatial, mask, n_meas)
     if np.iscomplexobj(pred) or np.iscomplexobj(values):
-        pred = np.concatenate([pred.real, pred.imag], axis=-1) if np.iscomplexobj(pred) else np.concatenate([pred, 0 * pred], -1)
-        values = np.concatenate([values.real, values.imag], axis=-1) if np.iscomplexobj(values) else np.concatenate([values, 0 * values], -1)
+        pred = np.concatenate([np.real(pred), np.imag(pred)], axis=-1)
+        values = np.concatenate([np.real(values), np.imag(values)], axis=-1)
         w = None if w is None else np.concatenate([w, w], axis=-1)
     pred = pred.astype(np.float64)
     best = np.empty(values.shape[0], dtype=np.int64)

@@ -135,3 +135,19 @@ def test_mask_and_bad_inputs():
         model.fit(r2star, chi[:-1])
     with pytest.raises(InputError, match="field_strength"):
         LinearModel(-3.0)
+
+
+def test_forward_derivatives_match_finite_differences():
+    # the forward model is linear: its finite-difference derivatives are the coefficients
+    model = LinearModel(3.0)
+    c = model.coefficients
+    base = np.array([0.1]), np.array([0.03])
+    h = 1e-3
+    for k, (da, db) in enumerate(((c["a_para"], c["b_para"]), (c["a_dia"], -c["b_dia"]))):
+        plus = [b.copy() for b in base]
+        minus = [b.copy() for b in base]
+        plus[k] += h
+        minus[k] -= h
+        (r2p, chip), (r2m, chim) = model.predict(*plus), model.predict(*minus)
+        assert (r2p - r2m)[0] / (2 * h) == pytest.approx(da, rel=1e-3)
+        assert (chip - chim)[0] / (2 * h) == pytest.approx(db, rel=1e-3)
