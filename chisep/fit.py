@@ -694,7 +694,9 @@ def fit_voxelwise(
         Starts: (P,) or (n_starts, P) for every voxel, or spatial + (P,) /
         (n_starts,) + spatial + (P,) per voxel (see :func:`grid_init`). With
         several starts each is fitted and the lowest loss is kept per voxel.
-        Default: ``model.start()``.
+        A shape equal to spatial + (P,) is read as per voxel (this matters
+        only for 1-D spatial shapes, where (n_voxels, P) could also be read as
+        n_voxels global starts). Default: ``model.start()``.
     optimizer : {"gauss-newton", "lbfgs", "adam"}
         See the module docstring; Gauss-Newton (Levenberg-Marquardt) is the
         fastest and most accurate for small least-squares problems.
