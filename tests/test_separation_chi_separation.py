@@ -194,6 +194,31 @@ def test_objective_gradient_matches_finite_differences(tiny_problem):
             assert float(numeric) == pytest.approx(float(analytic), rel=1e-6)
 
 
+def test_voxelwise_box_qp_is_the_constrained_minimum():
+    # the ADMM's voxelwise step: min 1/2 wr2 (a.v - r)^2 + rho/2 |v - y|^2 + c/2 |v - mu|^2, v >= 0
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(8)
+    n = 200
+    y = (rng.normal(0.05, 0.1, n), rng.normal(0.0, 0.1, n))
+    mu = (rng.uniform(0, 0.05, n), rng.uniform(0, 0.05, n))
+    rp, wr2 = rng.uniform(0, 0.3, n), rng.uniform(0, 5, n)
+    csf_w = rng.uniform(0, 1, n) * (rng.uniform(size=n) > 0.5)
+    a_p, a_d, rho = 1.1, 0.9, 0.3
+    got = np.array(cs._box_qp(y, rp, wr2, a_p, a_d, rho, csf_w, mu, (np.inf, np.inf)), np.float64)
+    assert got.min() >= 0
+    assert np.mean(got.min(axis=0) == 0) > 0.2  # the bounds are active in many cases
+    for i in range(n):
+        def cost(v, i=i):
+            return (0.5 * wr2[i] * (a_p * v[0] + a_d * v[1] - rp[i]) ** 2
+                    + 0.5 * rho * ((v[0] - y[0][i]) ** 2 + (v[1] - y[1][i]) ** 2)
+                    + 0.5 * csf_w[i] * ((v[0] - mu[0][i]) ** 2 + (v[1] - mu[1][i]) ** 2))
+        ref = minimize(cost, [0.05, 0.05], bounds=[(0, None)] * 2, method="L-BFGS-B",
+                       options=dict(ftol=1e-15, gtol=1e-12))
+        assert cost(got[:, i]) <= ref.fun + 1e-7
+        np.testing.assert_allclose(got[:, i], ref.x, atol=1e-4)
+
+
 def test_admm_and_fista_minimise_the_same_objective(tiny_problem):
     p = tiny_problem
     kw = dict(field_strength=3.0, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0, 0, 1), dr_para=DR_3T,
@@ -319,6 +344,35 @@ def test_csf_regularisation_makes_csf_more_uniform(tiny_problem):
     assert with_csf.chi_dia[csf].std() < 0.5 * plain.chi_dia[csf].std()
 
 
+def test_weights_and_edge_mask():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:8, 2:8, 2:8] = True
+    noise = np.where(mask, 0.1, 0.0)
+    noise[3, 3, 3], noise[4, 4, 4], noise[5, 5, 5] = 0.2, np.inf, 1e-6
+    w = cs.field_weight_from_noise(noise, mask)
+    assert w[4, 4, 4] == 0 and np.all(w[~mask] == 0)
+    assert w[5, 5, 5] == 5.0  # capped
+    assert w[3, 3, 3] == pytest.approx(0.5 * w[2, 2, 2])
+    r2p = np.where(mask, 10.0, 0.0)
+    r2p[3, 3, 3], r2p[4, 4, 4] = 50.0, 0.5
+    wr = cs.r2prime_weight(r2p, mask, low=1.0, high=30.0, out_of_band=0.1)
+    assert wr[2, 2, 2] == 1 and wr[3, 3, 3] == pytest.approx(0.1) and wr[4, 4, 4] == pytest.approx(0.1)
+    # a cube edge: the MEDI mask marks its largest gradient components
+    image = np.zeros((10, 10, 10), np.float32)
+    image[4:, :, :] = 1.0
+    edges = cs.edge_weight(image, mask, (1, 1, 1), edge_fraction=0.1)
+    assert edges.shape == (3, 10, 10, 10)
+    assert np.all(edges[0, 3, 2:8, 2:8] == 0)  # the jump between x = 3 and 4
+    assert np.all(edges[:, 5, 2:7, 2:7] == 1)  # flat inside
+    assert np.all(cs.edge_weight(np.ones_like(image), mask, (1, 1, 1), edge_fraction=0.3)[:, 2:7, 2:7, 2:7] == 1)
+
+
+def test_mask_given_as_integers_is_accepted(tiny_problem):
+    p = tiny_problem
+    res = ChiSeparation(3.0).fit(p["field"], p["r2p"], p["mask"].astype(np.uint8), voxel_size=(1, 1, 1), max_iter=2)
+    assert res.chi_para.shape == p["mask"].shape
+
+
 # ---------------------------------------------------------------------------
 # invalid inputs
 # ---------------------------------------------------------------------------
@@ -365,6 +419,10 @@ def test_shape_mask_and_settings_errors(small_inputs):
         model.fit(field, r2p, mask, voxel_size=(1, 1, 1), max_iter=0)
     with pytest.raises(InputError, match="field_noise_hz"):
         model.fit(field, r2p, mask, voxel_size=(1, 1, 1), field_noise_hz=-np.ones_like(field))
+    with pytest.raises(InputError, match="same voxel grid"):
+        model.fit(field, r2p, mask, voxel_size=(1, 1, 1), field_noise_hz=np.ones((3, 3, 3)))
+    with pytest.raises(InputError, match="0/1"):
+        model.fit(field, r2p, mask.astype(int) * 2, voxel_size=(1, 1, 1))
     with pytest.raises(InputError, match="field_strength"):
         ChiSeparation(3000.0)
     with pytest.raises(InputError, match="dr_para"):

@@ -249,8 +249,8 @@ def _box_qp(y, rp, wr2, a_p, a_d, rho, csf_w, mu, upper):
     only_p = jnp.maximum(b_p / (d + wr2 * a_p**2), 0.0)
     only_d = jnp.maximum(b_d / (d + wr2 * a_d**2), 0.0)
 
-    def cost(p, q):
-        return 0.5 * wr2 * (a_p * p + a_d * q - rp) ** 2 + 0.5 * d * (p**2 + q**2) - b_p * p - b_d * q
+    def cost(p, q):  # the objective up to a constant (b already holds the R2' cross term)
+        return 0.5 * wr2 * (a_p * p + a_d * q) ** 2 + 0.5 * d * (p**2 + q**2) - b_p * p - b_d * q
 
     inside = (v_p >= 0) & (v_d >= 0)
     pick_p = cost(only_p, 0.0) <= cost(0.0, only_d)
@@ -634,7 +634,8 @@ def edge_weight(image, mask, voxel_size, *, edge_fraction: float) -> np.ndarray:
         return np.ones(grads.shape, np.float32)
     values = grads[:, mask]
     threshold = np.quantile(values, 1.0 - edge_fraction)
-    edges = (grads > threshold) & (values.max() > 0)
+    # ">=" so that tied maxima (piecewise-constant images) are all edges; a zero gradient never is
+    edges = (grads >= threshold) & (grads > 0)
     return np.where(edges, 0.0, 1.0).astype(np.float32)
 
 
@@ -727,9 +728,11 @@ def _validate_inputs(local_field_hz, r2prime, mask, field_strength):
     r2p = _as_volume("r2prime", r2prime, shape)
     m = _as_volume("mask", mask, shape, dtype=None)
     if m.dtype != bool:
-        if not np.all(np.isin(np.unique(m[np.isfinite(m)] if m.dtype.kind == "f" else m), (0, 1))):
-            raise InputError("mask must be boolean or 0/1; got other values. Threshold it first.")
-        m = m.astype(bool) if m.dtype.kind != "f" else np.nan_to_num(m).astype(bool)
+        values = np.unique(m)
+        if not np.all(np.isin(values, (0, 1))):
+            raise InputError(f"mask must be boolean or 0/1; found values such as {values[:5].tolist()}. "
+                             "Threshold it first (e.g. mask > 0.5).")
+        m = m == 1
     if not m.any():
         raise InputError("mask is empty (no voxel is True); nothing to separate. "
                          "Check the brain mask (e.g. chisep.qsm.mask).")
@@ -912,11 +915,12 @@ class ChiSeparation:
                               "not ppb (divide by 1000).", stacklevel=2)
         noise_map = None
         if field_noise_hz is not None:
-            noise_map = np.broadcast_to(np.asarray(field_noise_hz, np.float32), shape)
-            if np.ndim(field_noise_hz) not in (0, 3):
-                raise InputError(f"field_noise_hz must be a number or a 3D map; got shape {np.shape(field_noise_hz)}")
             if np.ndim(field_noise_hz) == 3:
-                _as_volume("field_noise_hz", field_noise_hz, shape)
+                noise_map = _as_volume("field_noise_hz", field_noise_hz, shape)
+            elif np.ndim(field_noise_hz) == 0:
+                noise_map = np.full(shape, float(field_noise_hz), np.float32)
+            else:
+                raise InputError(f"field_noise_hz must be a number or a 3D map; got shape {np.shape(field_noise_hz)}")
             if np.any(np.isnan(noise_map[m])) or np.any(noise_map[m] < 0):
                 raise InputError("field_noise_hz must be >= 0 Hz (inf allowed for unusable voxels) inside the mask; "
                                  "found NaN or negative values.")
@@ -955,10 +959,10 @@ class ChiSeparation:
         # own high-pass (the R2' term is matched almost exactly, so its residual would not do)
         sigma_f = noise_map if noise_map is not None else _robust_std(res_f[m])
         sigma_r = r2prime_noise if r2prime_noise is not None else estimate_noise(r2p, m)
-        std_p, std_d = voxelwise_std(np.where(np.isfinite(sigma_f), sigma_f, 0.0), sigma_r,
-                                     field_strength=b0, dr_para=c.dr_para, dr_dia=c.dr_dia)
-        std_p = np.broadcast_to(std_p, shape) * m
-        std_d = np.broadcast_to(std_d, shape) * m
+        # voxels with infinite field noise (unusable) get an infinite std
+        std_p, std_d = voxelwise_std(sigma_f, sigma_r, field_strength=b0, dr_para=c.dr_para, dr_dia=c.dr_dia)
+        std_p = np.where(m, np.broadcast_to(std_p, shape), 0.0).astype(np.float32)
+        std_d = np.where(m, np.broadcast_to(std_d, shape), 0.0).astype(np.float32)
         info = dict(
             model="chi-separation",
             reference="Shin H-G et al., NeuroImage 2021;240:118371",
@@ -975,6 +979,6 @@ class ChiSeparation:
             std_note="voxelwise linearisation of the closed form; ignores regularisation and spatial coupling",
         )
         return SeparationResult(
-            chi_para=chi_p, chi_dia=chi_d, chi_para_std=std_p.astype(np.float32), chi_dia_std=std_d.astype(np.float32),
+            chi_para=chi_p, chi_dia=chi_d, chi_para_std=std_p, chi_dia_std=std_d,
             residual=residual, extra=dict(residual_field_hz=res_f, residual_r2prime=res_r), info=info,
         )
