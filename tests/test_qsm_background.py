@@ -9,6 +9,7 @@ any method could remove.
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from chisep import physics
 from chisep.errors import InputError
@@ -92,6 +93,7 @@ def test_synthetic_head_accuracy_and_masks(head):
     brain, local, total = head["brain"], head["local"], head["total"]
     assert np.std(head["background"][brain]) > 5 * np.std(local[brain])
     bounds = {"vsharp": 15.0, "lbv": 15.0, "pdf": 40.0, "resharp": 40.0, "sharp": 50.0}
+    masks = {}
     for method in METHODS:
         out, used = bg.remove_background(total, brain, method=method, voxel_size=VS)
         assert out.dtype == np.float32 and used.dtype == bool and out.shape == brain.shape
@@ -99,16 +101,17 @@ def test_synthetic_head_accuracy_and_masks(head):
         assert np.all(out[~used] == 0), method
         score = nrmse(out, local, used)
         assert score < bounds[method], (method, score)
+        masks[method] = used
     # PDF keeps the mask; SHARP loses a rim of its radius; V-SHARP only its smallest radius.
-    assert np.array_equal(bg.pdf(total, brain, voxel_size=VS)[1], brain)
+    assert np.array_equal(masks["pdf"], brain)
     _, sharp_mask = bg.sharp(total, brain, voxel_size=VS, radius_mm=6.0)
-    _, vsharp_mask = bg.vsharp(total, brain, voxel_size=VS)
-    from scipy import ndimage
-
+    vsharp_mask = masks["vsharp"]
     ball = physics.sphere_mask((5, 5, 5), VS, 6.0)
     ball = np.fft.fftshift(ball)
     assert np.array_equal(sharp_mask, ndimage.binary_erosion(brain, ball))
     assert vsharp_mask.sum() > sharp_mask.sum()
+    # Smallest V-SHARP radius = one voxel: the sphere is the 6-neighbour cross.
+    assert np.array_equal(vsharp_mask, ndimage.binary_erosion(brain))
 
 
 def test_pdf_oblique_b0_and_anisotropic_voxels():
@@ -161,3 +164,31 @@ def test_invalid_inputs(head):
         bg.pdf(total, brain, voxel_size=VS, weights=np.where(brain, 0.0, 1.0))
     with pytest.raises(InputError, match="min_radius_mm"):
         bg.vsharp(total, brain, voxel_size=VS, max_radius_mm=6, min_radius_mm=9)
+
+
+@pytest.fixture(scope="module")
+def head_3mm():
+    sim = pytest.importorskip("chisep.sim.gre")
+    from chisep.sim.phantom import head_phantom
+
+    phantom = head_phantom(3.0)
+    total, local = sim.simulate_fields(phantom, field_strength=B0_T)
+    return phantom.brain_mask, total, local
+
+
+def test_built_in_phantom_3mm(head_3mm):
+    """The built-in head at 3 mm: air and bone touch the brain mask, a hard case for every method.
+
+    Measured residual background (rms, fraction of the background's rms): PDF 1.5 %, RESHARP and
+    SHARP 2.5 %, V-SHARP 4 %, LBV 6 %; local-field
+    NRMSE: PDF 56 %, SHARP 70 %, V-SHARP 130 % (the continuous-kernel simulation rings at the
+    air/bone boundary, which no harmonic model removes; see benchmarks/bench_qsm.py).
+    """
+    mask, total, local = head_3mm
+    background = total - local
+    for method in METHODS:
+        out, used = bg.remove_background(total, mask, method=method, voxel_size=(3.0, 3.0, 3.0))
+        residual = (out - local)[used]
+        assert np.std(residual) < 0.1 * np.std(background[used]), method
+        if method == "pdf":
+            assert nrmse(out, local, used) < 70.0
