@@ -207,6 +207,15 @@ def _label_files(pattern: str | None, root: Path, run: "io.BidsRun") -> tuple[Pa
     return path, names if names.is_file() else None
 
 
+def _wanted_subjects(subjects: Sequence[str], present: set, root: Path) -> set:
+    wanted = {io._label(s, "sub") for s in subjects}
+    absent = sorted(wanted - present)
+    if absent:
+        raise InputError(f"BIDS root {root}: subject(s) {', '.join(absent)} not found; subjects with MEGRE "
+                         f"data: {', '.join(sorted(present))}")
+    return wanted
+
+
 def plan_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None,
                settings: Mapping | None = None, labels: str | None = None,
                force: bool = False) -> list[Job]:
@@ -241,12 +250,7 @@ def plan_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None,
     root = Path(bids_root).absolute()
     runs = io.find_megre_runs(root)
     if subjects:
-        wanted = [io._label(s, "sub") for s in subjects]
-        present = {r.subject for r in runs}
-        absent = [s for s in wanted if s not in present]
-        if absent:
-            raise InputError(f"BIDS root {root}: subject(s) {', '.join(absent)} not found; subjects with MEGRE "
-                             f"data: {', '.join(sorted(present))}")
+        wanted = _wanted_subjects(subjects, {r.subject for r in runs}, root)
         runs = [r for r in runs if r.subject in wanted]
     folders: dict[Path, list] = {}
     for run in runs:
@@ -351,7 +355,25 @@ def settings_from_dict(settings: Mapping | None):
         raise InputError(f"batch settings: unknown setting ({exc})") from None
 
 
-def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1) -> dict:
+def use_compilation_cache(path: PathLike) -> None:
+    """Make this process's JAX read and write compiled programs in ``path`` (a worker's setup).
+
+    Every worker process otherwise compiles the whole pipeline again for its
+    first run (measured at 8 mm: a first run 9.7 s without the cache, 5.2 s
+    with it). Entries are keyed by the program, the XLA flags and the device,
+    so workers on different machines or GPUs do not mix them up.
+    """
+    import jax
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # the pipeline is many small programs: cache them all, not only those over 1 s
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1,
+                compilation_cache: PathLike | None = None) -> dict:
     """Run the whole pipeline for one job and write its outputs; never raises.
 
     A stale ``provenance.json`` and ``FAILED.json`` are removed first, so that
@@ -365,6 +387,8 @@ def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1) 
         ``PipelineSettings.to_dict()`` (default settings if None).
     attempt : int
         Attempt number, recorded in the result.
+    compilation_cache : path, optional
+        Shared JAX compilation cache folder (see :func:`use_compilation_cache`).
 
     Returns
     -------
@@ -379,6 +403,8 @@ def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1) 
     try:
         from chisep import pipeline
 
+        if compilation_cache is not None:
+            use_compilation_cache(compilation_cache)
         for stale in ("provenance.json", FAILED_MARKER):
             try:
                 (job.out_dir / stale).unlink()
@@ -479,8 +505,10 @@ class BatchSummary:
     Attributes
     ----------
     rows : list of dict
-        One per job: ``status`` is ``done`` (ran now), ``skipped`` (complete
-        before) or ``failed`` (after all attempts; ``error`` holds the message).
+        One per run of the dataset: ``status`` is ``done`` (ran now),
+        ``skipped`` (complete before), ``failed`` (after all attempts;
+        ``error`` holds the message) or ``not selected`` (incomplete, but
+        outside ``subjects``).
     cohort_table, figure, summary_path : Path
     wall_s : float
         Wall time of the whole invocation, s.
@@ -507,7 +535,8 @@ class BatchSummary:
 
     def text(self) -> str:
         lines = [f"chisep batch: {self.count('done')} run, {self.count('skipped')} already complete, "
-                 f"{self.n_failed} failed in {self.wall_s:.0f} s"]
+                 f"{self.n_failed} failed in {self.wall_s:.0f} s"
+                 + (f", {self.count('not selected')} incomplete not selected" if self.count("not selected") else "")]
         lines += [f"  FAILED {r['prefix']} after {r['attempt']} attempt(s): {r['error']}"
                   for r in self.rows if r["status"] == "failed"]
         lines.append(f"  cohort table {self.cohort_table}\n  figure {self.figure}\n  summary {self.summary_path}")
@@ -567,8 +596,8 @@ def _start_client(scheduler: str | None, workers: int, threads: int, dashboard_a
 def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, scheduler: str | None = None,
               workers: int | None = None, threads_per_worker: int | None = None, retries: int = 1,
               settings=None, labels: str | None = None, force: bool = False,
-              dashboard_address: str = ":8787", poll_s: float = 1.0,
-              progress: Progress = print) -> BatchSummary:
+              compilation_cache: PathLike | bool | None = True, dashboard_address: str = ":8787",
+              poll_s: float = 1.0, progress: Progress = print) -> BatchSummary:
     """Process every multi-echo GRE run of a BIDS dataset as independent Dask tasks.
 
     Runs that are complete (see :func:`check_complete`) are skipped; the
@@ -581,7 +610,8 @@ def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, sch
     ----------
     bids_root : path
     subjects : sequence of str, optional
-        Only these subjects.
+        Run only these subjects. The cohort table, figure and summary still
+        cover every complete run of the dataset.
     scheduler : str, optional
         Address of a running Dask scheduler (``tcp://host:8786``), e.g. of a
         dask-jobqueue cluster. Default: a local cluster of worker processes.
@@ -597,6 +627,10 @@ def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, sch
         Per-run label image pattern (see :func:`plan_batch`).
     force : bool
         Run every subject, complete or not.
+    compilation_cache : path or bool
+        JAX compilation cache shared by the workers (a folder all of them can
+        reach): True (default) for ``derivatives/chisep/.jax_cache``, False or
+        None for none.
     dashboard_address : str
         Where the local cluster serves its dashboard (``":0"``: any free port).
     poll_s : float
@@ -621,13 +655,27 @@ def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, sch
             raise InputError(f"{name} must be a positive integer, got {value!r}")
     settings_dict = settings_from_dict(settings).to_dict()
     root = Path(bids_root).absolute()  # workers may run elsewhere (another cwd, another node)
-    jobs = plan_batch(root, subjects=subjects, settings=settings_dict, labels=labels, force=force)
-    todo = [j for j in jobs if j.needs_run]
-    progress(f"chisep batch: {len(jobs)} run(s) in {root}: {len(todo)} to run, {len(jobs) - len(todo)} complete")
-    for j in jobs:
+    if compilation_cache is True:
+        cache = str(root / DERIVATIVES / ".jax_cache")
+    else:
+        cache = str(Path(compilation_cache).absolute()) if compilation_cache else None
+    # every run is planned, selected or not: the cohort outputs cover the whole dataset
+    jobs = plan_batch(root, settings=settings_dict, labels=labels)
+    wanted = _wanted_subjects(subjects, {j.subject for j in jobs}, root) if subjects else None
+    selected = [j for j in jobs if wanted is None or j.subject in wanted]
+    if force:
+        forced = {j.prefix for j in selected}
+        jobs = [dataclasses.replace(j, needs_run=True, reason="forced re-run") if j.prefix in forced else j
+                for j in jobs]
+        selected = [j for j in jobs if j.prefix in forced]
+    todo = [j for j in selected if j.needs_run]
+    progress(f"chisep batch: {len(selected)} run(s) selected in {root}: {len(todo)} to run, "
+             f"{len(selected) - len(todo)} complete")
+    for j in selected:
         progress(f"  {j.prefix}: {'run' if j.needs_run else 'skip'} ({j.reason})")
     rows = {j.prefix: {"subject": j.subject, "session": j.session, "prefix": j.prefix, "out_dir": str(j.out_dir),
-                       "status": "skipped", "attempt": 0, "error": None, "reason": j.reason} for j in jobs}
+                       "status": "not selected" if j.needs_run else "skipped", "attempt": 0, "error": None,
+                       "reason": j.reason} for j in jobs}
     dashboard, n_workers = None, 0
     if todo:
         if workers is None and scheduler is None:
@@ -643,7 +691,7 @@ def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, sch
             progress(f"Dask: {n_workers} worker(s)"
                      + (f" x {threads_per_worker} thread(s)" if not scheduler else f" at {scheduler}")
                      + f"; dashboard {dashboard}{hint}")
-            rows.update(_run_jobs(client, todo, settings_dict, retries, poll_s, progress))
+            rows.update(_run_jobs(client, todo, settings_dict, retries, poll_s, progress, cache))
         finally:
             client.close()
             if cluster is not None:
@@ -665,15 +713,15 @@ def run_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None, sch
 
 
 def _run_jobs(client, jobs: Sequence[Job], settings: dict, retries: int, poll_s: float,
-              progress: Progress) -> dict[str, dict]:
+              progress: Progress, cache: str | None) -> dict[str, dict]:
     from distributed import wait
 
     by_key = {}
 
     def submit(job: Job, attempt: int):
-        future = client.submit(run_subject, job, settings, attempt=attempt, pure=False,
+        future = client.submit(run_subject, job, settings, attempt=attempt, compilation_cache=cache, pure=False,
                                key=f"chisep-{job.prefix}-attempt{attempt}-{os.urandom(4).hex()}")
-        by_key[future.key] = job
+        by_key[future.key] = (job, attempt)
         return future
 
     pending = {submit(j, 1) for j in jobs}
@@ -687,8 +735,7 @@ def _run_jobs(client, jobs: Sequence[Job], settings: dict, retries: int, poll_s:
             except (TimeoutError, asyncio.TimeoutError):  # nothing finished in poll_s: just update the count
                 finished = set()
             for future in finished:
-                job = by_key.pop(future.key)
-                attempt = int(future.key.split("-attempt")[1].split("-")[0])
+                job, attempt = by_key.pop(future.key)
                 try:
                     row = future.result()
                 except Exception as exc:  # noqa: BLE001 - a worker died (memory, crash): count as a failure
@@ -824,7 +871,7 @@ def _write_cohort(root: Path, jobs, complete, rows, settings, *, wall_s, dashboa
         "wall_s": round(wall_s, 2),
         "workers": workers,
         "dashboard": dashboard,
-        "counts": {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")},
+        "counts": {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed", "not selected")},
         "runs_per_hour": round(3600 * len(ran) / wall_s, 2) if ran and wall_s > 0 else None,
         "settings": settings,
         "runs": [{k: v for k, v in r.items() if k != "traceback"} for r in rows],

@@ -310,6 +310,9 @@ def _add_batch_parser(sub) -> None:
     p.add_argument("--models", type=_model_list, default=None, metavar="NAME[,NAME]",
                    help="separation models, first one gives chi_para/chi_dia (default: all)")
     p.add_argument("--config", metavar="FILE", help="TOML settings ([qsm], [separation] tables)")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="JAX compilation cache shared by the workers (default BIDS_ROOT/derivatives/chisep/"
+                        ".jax_cache; 'off': none)")
     _add_common(p)
 
 
@@ -321,6 +324,7 @@ def cmd_batch(args) -> int:
     summary = batch.run_batch(args.bids_root, subjects=args.subject, scheduler=args.scheduler,
                               workers=args.workers, threads_per_worker=args.threads_per_worker,
                               retries=args.retries, settings=settings, labels=args.labels, force=args.overwrite,
+                              compilation_cache={None: True, "off": False}.get(args.compile_cache, args.compile_cache),
                               progress=lambda s: _say(args, s))
     return 1 if summary.n_failed else 0
 # --- end batch ---

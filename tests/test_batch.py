@@ -71,6 +71,7 @@ def test_good_subjects_complete_and_the_corrupted_one_fails_cleanly(cohort):
         # the worker saw the thread limits set by the local cluster
         assert "intra_op_parallelism_threads=1" in rows[s]["xla_flags"]
         assert rows[s]["peak_rss_mb"] > 100
+    assert any((root / "derivatives" / "chisep" / ".jax_cache").iterdir())  # compiled programs shared by workers
     failed_dir = root / "derivatives" / "chisep" / "sub-03" / "anat"
     assert not (failed_dir / "provenance.json").exists()  # never presented as complete
     marker = json.loads((failed_dir / batch.FAILED_MARKER).read_text())
@@ -97,7 +98,7 @@ def test_cohort_table_figure_and_summary(cohort):
         assert means[(s, "globus_pallidus", "linear:chi_para")] > means[(s, "white_matter", "linear:chi_para")]
     assert summary.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(summary.summary_path.read_text())
-    assert doc["counts"] == {"done": 2, "skipped": 0, "failed": 1}
+    assert doc["counts"] == {"done": 2, "skipped": 0, "failed": 1, "not selected": 0}
     assert doc["settings"]["separation"]["models"] == ["linear"]
     assert [r["status"] for r in doc["runs"]] == ["done", "done", "failed"]
     assert (root / "derivatives" / "chisep" / "dataset_description.json").is_file()
@@ -133,7 +134,12 @@ def test_cli_batch_with_nothing_to_do_starts_no_cluster(cohort, capsys):
     code = main(["batch", str(root), "--subject", "01", "sub-02", "--labels", LABELS, *CLI_SETTINGS])
     out = capsys.readouterr().out
     assert code == 0
-    assert "0 to run, 2 complete" in out and "Dask:" not in out
+    assert "2 run(s) selected" in out and "0 to run, 2 complete" in out and "Dask:" not in out
+    # the cohort outputs still describe the whole dataset; the failed subject was not selected
+    doc = json.loads((root / "derivatives" / "chisep" / batch.BATCH_SUMMARY).read_text())
+    assert [r["status"] for r in doc["runs"]] == ["skipped", "skipped", "not selected"]
+    assert doc["runs"][2]["reason"].startswith("failed before")
+    assert "1 incomplete not selected" in out
     # other settings make the runs incomplete (they would run again)
     plan = batch.plan_batch(root, subjects=["01"], settings=pipeline.PipelineSettings().to_dict(), labels=LABELS)
     assert plan[0].needs_run and plan[0].reason == "settings differ from the recorded run"
