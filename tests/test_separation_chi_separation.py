@@ -112,6 +112,7 @@ def test_relaxometric_constants_scale_with_field_strength():
     assert c7.r2prime_high == pytest.approx(30.0 * 7 / 3)
     assert c3.nominal_r2 == pytest.approx(13.0)
     assert ChiSeparation(3.0, dr_para=114.0).constants.dr_para == 114.0
+    assert load_constants(1.5).dr_dia == pytest.approx(137.0 / 2)
 
 
 def test_user_toml_overrides_and_errors(tmp_path):
