@@ -238,25 +238,26 @@ def _validated_settings(phantom, field_strength, echo_times, repetition_time, fl
 # public API
 # ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("big",))
-def _fields_rfft(chi_rel, chi_brain, kernel_half, big):
-    """Fields (ppm) of two maps on a zero-padded grid, sharing one half-spectrum kernel."""
-    n = chi_rel.shape
+def _fields_rfft(chi_background, chi_brain, kernel_background, kernel_local, big):
+    """Fields (ppm) of the background sources and the brain on a zero-padded grid (half spectra)."""
+    n = chi_brain.shape
 
-    def convolve(chi):
+    def convolve(chi, kernel_half):
         spectrum = jnp.fft.rfftn(chi, s=big)
         field = jnp.fft.irfftn(kernel_half * spectrum, s=big)
         return field[: n[0], : n[1], : n[2]]
 
-    return convolve(chi_rel), convolve(chi_brain)
+    return convolve(chi_background, kernel_background), convolve(chi_brain, kernel_local)
 
 
 def simulate_fields(phantom: Phantom, *, field_strength: float = 3.0, b0_direction=None,
                     pad_factor: float = DEFAULT_PAD_FACTOR) -> tuple[np.ndarray, np.ndarray]:
     """Total and local field (Hz, float32) of a phantom; background = total - local.
 
-    Same model as :func:`chisep.physics.forward_field_hz` (continuous kernel,
-    D(0) = 0, zero padding), computed with real FFTs and one shared kernel,
-    which halves the cost on a full-size head.
+    The local field is :func:`chisep.physics.forward_field_hz` of the brain's
+    susceptibility (continuous kernel, D(0) = 0, zero padding); the background
+    (air, bone, scalp) uses the finite-difference kernel so that it is
+    harmonic inside the brain on the grid. Computed with real FFTs.
 
     Parameters
     ----------
@@ -277,10 +278,18 @@ def simulate_fields(phantom: Phantom, *, field_strength: float = 3.0, b0_directi
     chi_brain = np.where(phantom.brain_mask, phantom.chi, 0.0).astype(np.float32)
     big = physics.padded_shape(phantom.shape, pad_factor) if pad_factor > 1 else phantom.shape
     # rfft keeps the non-negative frequencies of the last axis: the first n//2 + 1 FFT-order entries
-    kernel = physics.dipole_kernel(big, phantom.voxel_size, b0)[:, :, : big[2] // 2 + 1]
-    total, local = _fields_rfft(jnp.asarray(chi_rel), jnp.asarray(chi_brain), jnp.asarray(kernel), big)
+    half = slice(0, big[2] // 2 + 1)
+    # The background sources (air, bone, and the brain's own offset from air) use the
+    # finite-difference kernel: its field is exactly (discretely) harmonic inside the brain,
+    # as a real background field is; the continuous kernel would ring at the voxelised
+    # air/bone edges and leave non-harmonic residue that no background removal can take out.
+    kernel_background = physics.dipole_kernel(big, phantom.voxel_size, b0, kind="discrete")[:, :, half]
+    kernel_local = physics.dipole_kernel(big, phantom.voxel_size, b0)[:, :, half]
+    background, local = _fields_rfft(jnp.asarray(chi_rel - chi_brain), jnp.asarray(chi_brain),
+                                     jnp.asarray(kernel_background), jnp.asarray(kernel_local), big)
     scale = np.float32(physics.ppm_to_hz(1.0, field_strength))
-    return np.asarray(total) * scale, np.asarray(local) * scale
+    local = np.asarray(local) * scale
+    return np.asarray(background) * scale + local, local
 
 
 @partial(jax.jit, static_argnames=("integer_phase",))
