@@ -157,8 +157,10 @@ def dipole_kernel(
         B0 direction in voxel axes (normalised here).
     kind : {"continuous", "discrete"}
         "continuous" samples the analytic kernel; "discrete" uses the
-        finite-difference spectrum (Milovic et al., MRM 2017), which has no
-        sharp edge at the Nyquist frequency.
+        finite-difference spectrum (Milovic et al., MRM 2017): second
+        differences for k_i^2 and central differences for k_i k_j, so its
+        fields have an exactly zero discrete Laplacian inside uniform regions
+        (harmonic on the grid) for any B0 direction.
     dc_value : float
         Value at k = 0 (0 by default; 1/3 is the other common choice).
 
@@ -167,11 +169,24 @@ def dipole_kernel(
     D : (nx, ny, nz) float32 array, values in [-2/3, 1/3].
     """
     b = normalise_direction(b0_direction)
-    kx, ky, kz = k_space_grid(shape, voxel_size, kind)
-    k2 = kx**2 + ky**2 + kz**2
-    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    if kind == "discrete":
+        # k_i^2 -> 3-point second difference; k_i k_j (i != j) -> product of central first
+        # differences. Both are local stencils, so the field of a uniform region has a
+        # zero discrete Laplacian inside it (harmonic), also for an oblique B0.
+        squares = [f**2 for f in k_space_grid(shape, voxel_size, "discrete")]
+        shape_, voxel_size_ = _validated_grid(shape, voxel_size)
+        central = [np.sin(2 * np.pi * f * h) / (2 * np.pi * h)
+                   for f, h in zip(k_space_grid(shape_, voxel_size_, "continuous"), voxel_size_)]
+        k2 = squares[0] + squares[1] + squares[2]
+        kb2 = sum(b[i] ** 2 * squares[i] for i in range(3))
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            kb2 = kb2 + 2 * b[i] * b[j] * central[i] * central[j]
+    else:
+        kx, ky, kz = k_space_grid(shape, voxel_size, kind)
+        k2 = kx**2 + ky**2 + kz**2
+        kb2 = (kx * b[0] + ky * b[1] + kz * b[2]) ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
-        kernel = 1.0 / 3.0 - kb**2 / k2
+        kernel = 1.0 / 3.0 - kb2 / k2
     kernel[0, 0, 0] = dc_value
     return kernel.astype(np.float32)
 
