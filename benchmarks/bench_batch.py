@@ -10,7 +10,7 @@ later runs (compiled code reused), and the peak resident memory of a worker.
 ``--json FILE`` keeps the raw rows.
 
 Run: ``python benchmarks/bench_batch.py [--subjects 4] [--resolution 4] [--workers 1,2]
-[--models linear,chi-separation,decompose] [--keep DIR]``
+[--models linear,chi-separation,decompose] [--cache cold|warm|off] [--keep DIR]``
 
 How throughput scales on a cluster (on paper)
 ---------------------------------------------
@@ -47,7 +47,9 @@ worker. Three resources bound W on a node and t_run per worker:
 
 Fixed costs per worker process: JAX import and one compilation per problem
 shape (tens of seconds, the "first run" column); they are paid once per
-worker, so long-lived workers (a cohort of one grid size) amortise them.
+worker, so long-lived workers (a cohort of one grid size) amortise them, and
+the shared compilation cache (``derivatives/chisep/.jax_cache``) lets later
+workers load what the first one compiled.
 Per invocation: cluster start-up and the SHA-256 of every input file for the
 completion check (of the order of 1 s per GB read).
 """
@@ -87,6 +89,9 @@ def main():
     parser.add_argument("--models", default="linear,chi-separation,decompose")
     parser.add_argument("--json", metavar="FILE", help="write the raw rows here")
     parser.add_argument("--keep", metavar="DIR", help="simulate into DIR and keep it (default: a temporary folder)")
+    parser.add_argument("--cache", choices=("cold", "warm", "off"), default="cold",
+                        help="JAX compilation cache shared by the workers: emptied before each worker count "
+                             "(cold, default), kept (warm) or not used (off)")
     args = parser.parse_args()
 
     settings = pipeline.PipelineSettings(
@@ -103,10 +108,13 @@ def main():
 
     results = []
     for w in (int(v) for v in args.workers.split(",")):
+        if args.cache == "cold":
+            shutil.rmtree(root / batch.DERIVATIVES / ".jax_cache", ignore_errors=True)
         t0 = time.perf_counter()
         summary = batch.run_batch(root, workers=w, threads_per_worker=1, retries=0, settings=settings,
                                   labels="derivatives/truth/sub-{subject}/labels.nii.gz", force=True,
-                                  dashboard_address=":0", progress=lambda s: None)
+                                  compilation_cache=args.cache != "off", dashboard_address=":0",
+                                  progress=lambda s: None)
         wall = time.perf_counter() - t0
         ran = [r for r in summary.rows if r["status"] == "done"]
         first, later, rss = _worker_stats(ran)
