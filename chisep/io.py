@@ -1065,6 +1065,29 @@ def write_json(path: PathLike, obj: Any, *, overwrite: bool = False) -> Path:
     return path
 
 
+def load_label_names(labels_path: PathLike) -> dict[int, str] | None:
+    """Names of a label image from the TSV beside it (BIDS dseg style: ``index<TAB>name``), or None."""
+    path = Path(labels_path)
+    stem = path.name.removesuffix(".gz").removesuffix(".nii")
+    tsv = path.with_name(stem + ".tsv")
+    if not tsv.exists():
+        return None
+    names: dict[int, str] = {}
+    lines = tsv.read_text().splitlines()
+    header = lines[0].split("\t") if lines else []
+    if header[:2] != ["index", "name"]:
+        raise InputError(f"{tsv}: expected a header 'index<TAB>name', found {lines[0] if lines else 'nothing'!r}")
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        try:
+            names[int(fields[0])] = fields[1]
+        except (ValueError, IndexError):
+            raise InputError(f"{tsv} line {number}: expected 'index<TAB>name', found {line!r}") from None
+    return names
+
+
 def write_bytes(path: PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write raw bytes (a PNG figure, CSV text encoded as UTF-8) atomically."""
     path = Path(path)

@@ -465,6 +465,8 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
             raise InputError(f"label map {labels_path}: shape {labels.shape} differs from the data {data.shape[:3]}")
         labels = np.rint(labels).astype(np.int32)
         inputs.append(labels_path)
+        if label_names is None:
+            label_names = io.load_label_names(labels_path)
     log(f"chisep: {data.shape[:3]} voxels of {np.round(acq.voxel_size, 3).tolist()} mm, "
         f"{acq.n_echoes} echoes, {acq.field_strength:g} T, B0 {acq.b0_angle_deg:.1f} deg from z")
     qsm = reconstruct_qsm(data.magnitude, data.phase, acq, mask=mask, settings=settings.qsm, log=log)
