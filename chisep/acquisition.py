@@ -7,8 +7,32 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from chisep import physics
+from chisep.errors import InputError
 
 FIELD_STRENGTH_RANGE_T = (0.1, 20.0)
+
+
+def check_echo_times(echo_times, n_echoes: int | None = None, *, data: str = "the data") -> np.ndarray:
+    """Validate echo times in seconds: one per echo, positive, finite, strictly increasing.
+
+    Returns them as a float64 array. Raises InputError naming the problem and
+    the fix (values above 1 s are taken for milliseconds).
+    """
+    if echo_times is None:
+        raise InputError("echo_times (s) are required, one per echo")
+    tes = np.atleast_1d(np.asarray(echo_times, dtype=np.float64))
+    if tes.ndim != 1 or tes.size == 0:
+        raise InputError(f"echo_times is empty or not a list: give one echo time (s) per echo, got {echo_times!r}")
+    if n_echoes is not None and tes.size != n_echoes:
+        raise InputError(f"echo_times has {tes.size} entries but {data} has {n_echoes} echoes (last axis); "
+                         "give one echo time (s) per echo")
+    if not np.all(np.isfinite(tes)) or np.any(tes <= 0):
+        raise InputError(f"echo_times must be positive finite seconds, got {tes.tolist()}")
+    if np.any(np.diff(tes) <= 0):
+        raise InputError(f"echo_times must be strictly increasing, got {tes.tolist()}; check the echo order")
+    if tes.max() > 1.0:
+        raise InputError(f"echo_times look like milliseconds ({tes.tolist()}); give seconds (divide by 1000)")
+    return tes
 
 
 @dataclass(frozen=True)
@@ -34,20 +58,7 @@ class Acquisition:
     phase_sign: int = 1
 
     def __post_init__(self):
-        tes = tuple(float(t) for t in np.atleast_1d(np.asarray(self.echo_times, dtype=np.float64)))
-        if len(tes) == 0:
-            raise ValueError("echo_times is empty: give one echo time (s) per echo")
-        if not all(np.isfinite(tes)) or min(tes) <= 0:
-            raise ValueError(f"echo_times must be positive finite seconds, got {list(tes)}")
-        if any(b <= a for a, b in zip(tes, tes[1:])):
-            raise ValueError(
-                f"echo_times must be strictly increasing, got {list(tes)}; "
-                "check the echo order of the input files"
-            )
-        if max(tes) > 1.0:
-            raise ValueError(
-                f"echo_times look like milliseconds ({list(tes)}); Acquisition takes seconds"
-            )
+        tes = tuple(float(t) for t in check_echo_times(self.echo_times))
         b0 = float(self.field_strength)
         lo, hi = FIELD_STRENGTH_RANGE_T
         if not (np.isfinite(b0) and lo <= b0 <= hi):

@@ -11,6 +11,7 @@ from typing import Literal, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
 from chisep.fit import VoxelModel, fit_voxelwise
 
@@ -24,24 +25,6 @@ R2STAR_RANGE = (0.0, 1000.0)
 ARLO_SPACING_RTOL = 0.01
 
 
-def _check_echo_times(echo_times, n_echoes: int) -> np.ndarray:
-    if echo_times is None:
-        raise InputError("echo_times (s) are required, one per echo")
-    tes = np.asarray(echo_times, dtype=np.float64).reshape(-1)
-    if tes.size != n_echoes:
-        raise InputError(
-            f"echo_times has {tes.size} entries but the magnitude has {n_echoes} echoes "
-            "(last axis); give one echo time (s) per echo"
-        )
-    if not np.all(np.isfinite(tes)) or np.any(tes < 0):
-        raise InputError(f"echo_times must be non-negative finite seconds, got {tes.tolist()}")
-    if np.any(np.diff(tes) <= 0):
-        raise InputError(
-            f"echo_times must be strictly increasing, got {tes.tolist()}; check the echo order"
-        )
-    if tes.max() > 1.0:
-        raise InputError(f"echo_times look like milliseconds ({tes.tolist()}); give seconds")
-    return tes
 
 
 def _check_multi_echo_magnitude(magnitude, mask):
@@ -172,7 +155,7 @@ def r2star_map(
     if method not in R2STAR_METHODS:
         raise InputError(f"unknown R2* method {method!r}; choose one of {R2STAR_METHODS}")
     mag, msk = _check_multi_echo_magnitude(magnitude, mask)
-    tes = _check_echo_times(echo_times, mag.shape[-1])
+    tes = check_echo_times(echo_times, mag.shape[-1], data="the magnitude")
     n_echoes = tes.size
     if n_echoes < 2:
         raise InputError(f"R2* needs at least 2 echoes, got {n_echoes}")

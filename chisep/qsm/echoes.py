@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
 from chisep.fit import VoxelModel, fit_voxelwise
 from chisep.physics import wrap_phase
@@ -99,18 +100,7 @@ def _validate(magnitude, phase, echo_times, mask):
             f"magnitude contains {int(np.sum(~np.isfinite(mag)))} NaN or infinite values; replace them by 0"
         )
     n_echoes = ph.shape[-1]
-    tes = np.asarray(echo_times, dtype=np.float64).reshape(-1)
-    if tes.size != n_echoes:
-        raise InputError(
-            f"echo_times has {tes.size} entries but the data have {n_echoes} echoes (last axis); "
-            "give one echo time (s) per echo"
-        )
-    if not np.all(np.isfinite(tes)) or np.any(tes <= 0):
-        raise InputError(f"echo_times must be positive seconds, got {tes.tolist()}")
-    if np.any(np.diff(tes) <= 0):
-        raise InputError(f"echo_times must be strictly increasing, got {tes.tolist()}; check the echo order")
-    if tes.max() > 1.0:
-        raise InputError(f"echo_times look like milliseconds ({tes.tolist()}); give seconds")
+    tes = check_echo_times(echo_times, n_echoes)
     if mask is None:
         msk = np.ones(ph.shape[:3], dtype=bool)
     else:

@@ -34,6 +34,7 @@ import scipy.fft
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components, minimum_spanning_tree
 
+from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
 from chisep.physics import wrap_phase
 
@@ -111,21 +112,7 @@ def _check_echo_times(echo_times, n_echoes: int) -> np.ndarray:
         raise InputError(
             f"echo_times (s) are required for multi-echo phase ({n_echoes} echoes), got None"
         )
-    tes = np.asarray(echo_times, dtype=np.float64).reshape(-1)
-    if tes.shape != (n_echoes,):
-        raise InputError(
-            f"echo_times has {tes.size} entries but the phase has {n_echoes} echoes "
-            "(last axis); give one echo time (s) per echo"
-        )
-    if not np.all(np.isfinite(tes)) or np.any(tes <= 0):
-        raise InputError(f"echo_times must be positive seconds, got {tes.tolist()}")
-    if np.any(np.diff(tes) <= 0):
-        raise InputError(
-            f"echo_times must be strictly increasing, got {tes.tolist()}; check the echo order"
-        )
-    if tes.max() > 1.0:
-        raise InputError(f"echo_times look like milliseconds ({tes.tolist()}); give seconds")
-    return tes
+    return check_echo_times(echo_times, n_echoes, data="the phase")
 
 
 # ---------------------------------------------------------------------------

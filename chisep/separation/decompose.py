@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chisep.acquisition import check_echo_times
 from chisep.errors import InputError, ModelFileError
 from chisep.fit import FitResult, VoxelModel, fit_voxelwise
 from chisep.physics import centre_frequency_hz
@@ -140,16 +141,12 @@ class DecomposeModel:
             if key not in CONSTANT_KEYS:
                 raise InputError(f"constants: unknown key {key!r}; valid keys: {', '.join(CONSTANT_KEYS)}")
             self.constants[key] = float(value)
-        te = np.asarray(echo_times, dtype=np.float64).reshape(-1)
+        te = check_echo_times(echo_times)
         min_echoes = int(self.constants["min_echoes"])
         if te.size < min_echoes:
             raise InputError(
                 f"echo_times: DECOMPOSE-QSM needs at least {min_echoes} echoes (6 real parameters per voxel), "
                 f"got {te.size}; use a multi-echo acquisition or another separation model (linear, chi-separation)")
-        if not np.all(np.isfinite(te)) or np.any(te <= 0) or np.any(np.diff(te) <= 0):
-            raise InputError(f"echo_times must be positive and increasing (s), got {te.tolist()}")
-        if te.max() > 1.0:
-            raise InputError(f"echo_times look like milliseconds (max {te.max():g}); pass them in seconds (divide by 1000)")
         self.echo_times = te
         omega0 = 2.0 * np.pi * centre_frequency_hz(field_strength) * 1e-6  # rad/s per ppm
         self.omega0 = omega0

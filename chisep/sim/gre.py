@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chisep import physics
-from chisep.acquisition import FIELD_STRENGTH_RANGE_T, Acquisition
+from chisep.acquisition import FIELD_STRENGTH_RANGE_T, Acquisition, check_echo_times
 from chisep.errors import InputError
 from chisep.sim.phantom import Phantom
 
@@ -209,13 +209,7 @@ def _validated_settings(phantom, field_strength, echo_times, repetition_time, fl
     lo, hi = FIELD_STRENGTH_RANGE_T
     if isinstance(field_strength, bool) or not np.isfinite(field_strength) or not lo <= field_strength <= hi:
         raise InputError(f"field_strength must be between {lo} and {hi} T, got {field_strength!r}")
-    tes = np.atleast_1d(np.asarray(echo_times, dtype=np.float64))
-    if tes.ndim != 1 or tes.size == 0 or not np.all(np.isfinite(tes)) or np.any(tes <= 0):
-        raise InputError(f"echo_times must be positive seconds, got {echo_times!r}")
-    if np.any(np.diff(tes) <= 0):
-        raise InputError(f"echo_times must be strictly increasing, got {tes.tolist()}")
-    if tes.max() > 1.0:
-        raise InputError(f"echo_times look like milliseconds ({tes.tolist()}); give seconds, e.g. 0.004")
+    tes = check_echo_times(echo_times)
     if not (np.isfinite(repetition_time) and repetition_time > tes.max()):
         raise InputError(
             f"repetition_time must be in seconds and longer than the last echo time "
