@@ -134,7 +134,8 @@ QUICKSTART = [
         results = pipeline.separate(acq, **qsm.separation_inputs(), settings=settings)
         chisep_maps = results["chi-separation"]
         for model, result in results.items():
-            print(f"{model:15s} chi_para max {result.chi_para.max():.3f} ppm, chi_dia max {result.chi_dia.max():.3f} ppm")
+            print(f"{model:15s} chi_para max {result.chi_para.max():.3f} ppm, "
+                  f"chi_dia max {result.chi_dia.max():.3f} ppm")
     """),
     ("md", """
         ## 4. Montage
@@ -224,8 +225,8 @@ QUICKSTART = [
         assert gp_para > 3 * gp_dia, "iron-rich globus pallidus should be dominated by chi_para"
         assert wm_dia > 1.5 * wm_para, "myelinated white matter should be dominated by chi_dia"
         assert region_mean(qsm.chi, "white_matter") < 0 < region_mean(qsm.chi, "globus_pallidus")
-        report_results(nrmse_chi=nrmse_chi, roi_slope_chi=slope_chi, gp_chi_para=gp_para, gp_chi_dia=gp_dia, wm_chi_para=wm_para,
-                       wm_chi_dia=wm_dia, runtime_s=runtime)
+        report_results(nrmse_chi=nrmse_chi, roi_slope_chi=slope_chi, gp_chi_para=gp_para, gp_chi_dia=gp_dia,
+                       wm_chi_para=wm_para, wm_chi_dia=wm_dia, runtime_s=runtime)
     """),
 ]
 
@@ -349,10 +350,10 @@ IRON_VS_MYELIN = [
           3 mm its estimates mix with them (its `chi_para` is clearly overestimated); the internal capsules are
           the cleaner tract regions. Cortical grey matter is thinner than a 3 mm voxel and lies at the edge of
           the mask, where background removal errs, so both of its sources are underestimated: the
-          thalamus-versus-cortex comparison holds in direction, not in size. Real white matter is also anisotropic (susceptibility and R2\\*
-          depend on fibre orientation to B0), which this isotropic phantom and these models ignore; compare
-          regions at similar orientations, or treat tract differences in real data with caution. Small regions
-          at 3 mm are partial-volumed.
+          thalamus-versus-cortex comparison holds in direction, not in size. Real white matter is also
+          anisotropic (susceptibility and R2\\* depend on fibre orientation to B0), which this isotropic
+          phantom and these models ignore; compare regions at similar orientations, or treat tract
+          differences in real data with caution. Small regions at 3 mm are partial-volumed.
     """),
     ("code", RESULTS_HELPER),
     ("code", """
@@ -463,8 +464,9 @@ PARADOXICAL = [
         ## Zoomed views
 
         Top row: an axial slice through the globus pallidus, cropped to the basal ganglia (red outline: the
-        calcified medial part; cyan: the healthy lateral part). Bottom rows: the calcified lesion and the largest microbleed at their centres. Display
-        windows per row are chosen for the deposit shown; chi_para and chi_dia share one window per row.
+        calcified medial part; cyan: the healthy lateral part). Bottom rows: the calcified lesion and the
+        largest microbleed at their centres. Display windows per row are chosen for the deposit shown;
+        chi_para and chi_dia share one window per row.
     """),
     ("code", """
         est = results["chi-separation"]
