@@ -348,7 +348,46 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
     "chi_para_std": ("ppm", "standard deviation (uncertainty) of chi_para", None),
     "chi_dia_std": ("ppm", "standard deviation (uncertainty) of chi_dia", None),
     "residual": ("model units (see sidecar)", "per-voxel model residual", None),
+    "quality": ("bit flags", "per-voxel quality flags (0 = no problem found); see QUALITY_FLAGS", None),
 }
+
+#: bits of the ``quality`` map written by :func:`run_files` (a voxel may carry several)
+QUALITY_FLAGS = {
+    1: "total field unreliable: field noise non-finite or above 10x its median in the mask",
+    2: "R2* estimate clipped to the plausible range (relax.R2STAR_RANGE)",
+    4: "a separation model reports that its fit did not converge here",
+    8: "a map held NaN or Inf here before writing (written as 0)",
+}
+QUALITY_NOISE_FACTOR = 10.0
+
+
+def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationResult] | None = None) -> np.ndarray:
+    """Per-voxel bit flags (uint8, see :data:`QUALITY_FLAGS`) inside the final mask, 0 outside.
+
+    Voxels where a fit failed are flagged rather than trusted: the written maps
+    hold 0 where they were non-finite, and this map says where that happened.
+    """
+    from chisep import relax
+
+    mask = np.asarray(qsm.mask, bool)
+    flags = np.zeros(mask.shape, np.uint8)
+    noise = np.asarray(qsm.field_noise, np.float64)
+    finite = np.isfinite(noise) & mask
+    limit = QUALITY_NOISE_FACTOR * np.median(noise[finite]) if finite.any() else np.inf
+    flags[mask & (~np.isfinite(noise) | ~np.isfinite(qsm.field_total) | (noise > limit))] |= 1
+    lo, hi = relax.R2STAR_RANGE
+    r2s = np.asarray(qsm.r2star)
+    if r2s.any():  # single echo: no R2* at all (all zeros), which is not clipping
+        flags[mask & ((r2s <= lo) | (r2s >= hi))] |= 2
+    arrays = [qsm.field_total, qsm.field_local, qsm.r2star, qsm.chi]
+    for result in (separations or {}).values():
+        converged = result.extra.get("converged")
+        if converged is not None:
+            flags[mask & (np.asarray(converged) == 0)] |= 4
+        arrays += [result.chi_para, result.chi_dia]
+    for array in arrays:
+        flags[mask & ~np.isfinite(np.asarray(array))] |= 8
+    return flags * mask
 
 
 #: flat name -> BIDS-derivatives suffix (with desc- entity where BIDS has no suffix of its own)
@@ -477,6 +516,8 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     writer = _Writer(out, acq.affine, data.header, overwrite, bids_prefix)
     r2prime = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.separation.nominal_r2)[0]
     write_qsm_maps(writer, qsm, r2prime * qsm.mask)
+    quality = quality_map(qsm, results)
+    writer.map("quality", quality, extra={"Flags": {str(k): v for k, v in QUALITY_FLAGS.items()}})
     for i, (model, result) in enumerate(results.items()):
         if i == 0:
             writer.separation(None, result, with_extras=False)

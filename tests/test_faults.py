@@ -176,6 +176,8 @@ def test_same_inputs_give_bit_identical_maps_and_provenance_reproduces_the_run(d
     assert cli.main(_args(dataset, b)) == 0
     first = _maps(a)
     assert len([k for k in first if k.endswith(".nii.gz")]) >= 10
+    quality = np.asarray(nib.load(a / "sub-phantom_desc-quality_map.nii.gz").dataobj)
+    assert quality.dtype == np.uint8 and "Flags" in json.loads((a / "sub-phantom_desc-quality_map.json").read_text())
     assert _maps(b) == first
 
     # a fresh process (new JAX compilation) gives the same bytes

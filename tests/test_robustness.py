@@ -125,3 +125,38 @@ def test_integer_phase_through_the_loader_matches_float_phase(results):
     assert abs(r["chi_corr"] - std["chi_corr"]) < 0.01
     # 4096 levels per pi: quantisation adds about 0.4 mrad per echo, far below the noise
     assert abs(r["field_median_err_hz"] - std["field_median_err_hz"]) < 0.01
+
+
+def test_quality_map_flags_failed_voxels_instead_of_trusting_them():
+    from chisep import pipeline
+    from chisep.separation.result import SeparationResult
+
+    shape = (6, 5, 4)
+    mask = np.zeros(shape, bool)
+    mask[1:5, 1:4, 1:3] = True
+    ones = np.ones(shape, np.float32)
+    noise, field, r2s, chi = 0.1 * ones, ones.copy(), 20 * ones, 0.01 * ones
+    noise[1, 1, 1] = 5.0          # 50x the median: unreliable field
+    field[2, 1, 1] = np.nan       # failed fit
+    r2s[3, 1, 1] = 1000.0         # at the upper R2* limit
+    chi[4, 1, 1] = np.inf
+    converged = np.ones(shape, np.uint8)
+    converged[1, 2, 1] = 0
+    qsm = pipeline.QsmMaps(mask=mask, head_mask=mask, field_total=field, field_noise=noise, field_local=ones,
+                           r2star=r2s, chi=chi)
+    sep = {"decompose": SeparationResult(chi_para=ones, chi_dia=ones, extra={"converged": converged})}
+    q = pipeline.quality_map(qsm, sep)
+    assert q.dtype == np.uint8 and not q[~mask].any()
+    assert q[1, 1, 1] == 1 and q[2, 1, 1] == 1 | 8 and q[3, 1, 1] == 2 and q[4, 1, 1] == 8 and q[1, 2, 1] == 4
+    assert np.count_nonzero(q) == 5
+    assert set(pipeline.QUALITY_FLAGS) == {1, 2, 4, 8}
+
+
+@pytest.mark.parametrize("name", ["standard", "7T", "single-echo", "snr20"])
+def test_quality_map_of_matrix_cases_is_mostly_clean(results, name):
+    from chisep import pipeline
+
+    r = results[name]
+    q = pipeline.quality_map(r["qsm"])
+    assert not (q & 8).any()  # every map finite
+    assert np.mean(q[r["qsm"].mask] != 0) < 0.05, np.bincount(q[r["qsm"].mask])
