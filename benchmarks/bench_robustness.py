@@ -57,6 +57,8 @@ CASES = (
     Case("standard"),
     Case("1.5T", field_strength=1.5, note="Dr and fields scale with B0"),
     Case("7T", field_strength=7.0, note="phase wraps between echoes (|f| dTE > 0.5)"),
+    Case("7T-short-TE", field_strength=7.0, echo_times=tuple(0.003 + 0.0025 * i for i in range(6)),
+         note="the remedy chisep's warning suggests: 2.5 ms spacing"),
     Case("oblique15", b0_tilt_deg=15.0),
     Case("oblique30", b0_tilt_deg=30.0),
     Case("anisotropic", anisotropic=True),

@@ -35,6 +35,9 @@ BOUNDS = {
     # 7 T with 6 ms spacing: |f| dTE > 0.5 in a quarter of the mask. About 2 % of the mask
     # (next to the sinuses, 5 mm voxels) gets a 1/dTE error; chisep warns (known gap)
     "7T": (0.3, 0.1, 0.04, 0.04),                 # (0.23, 0.067, 2.3, 1.6)
+    # the wrong voxels sit at the brain edge next to the sinuses, where the true field itself
+    # changes by more than half a wrap between 5 mm neighbours; a shorter spacing removes them
+    "7T-short-TE": (0.05, 0.2, 0.005, 0.05),      # (0.43, 0.12, 0.07, 3.1), no warning
     "oblique15": (0.2, 0.1, 0.005, 0.04),         # (0.34, 0.056, 0.07, 2.2)
     "oblique30": (0.25, 0.1, 0.005, 0.04),        # (0.26, 0.055, 0.07, 2.2)
     "anisotropic": (0.3, 0.1, 0.01, 0.04),        # (0.24, 0.056, 0.26, 2.2): 5x5x7.5 mm
@@ -91,7 +94,7 @@ def test_no_nan_or_inf_inside_the_mask(results, name):
 
 def test_phase_wraps_between_echoes_are_announced(results):
     assert any("wraps between consecutive echoes" in w for w in results["7T"]["warnings"])
-    assert not any("wraps" in w for w in results["standard"]["warnings"])
+    assert not any("wraps" in w for w in results["standard"]["warnings"] + results["7T-short-TE"]["warnings"])
     # the field is still right almost everywhere: Dr and the field scale with B0
     assert results["7T"]["field_median_err_hz"] < 0.1
 
