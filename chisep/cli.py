@@ -8,6 +8,9 @@ message and a non-zero exit status; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import re
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +21,15 @@ from chisep.errors import ChisepError, InputError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception, so that open temporary files are cleaned up on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 # ---------------------------------------------------------------------------
@@ -30,15 +42,16 @@ def parse_echo_times_ms(text: str) -> tuple[float, ...]:
     since a silent factor of 1000 would scale every field map.
     """
     try:
-        values = [float(v) for v in str(text).replace(" ", "").split(",") if v != ""]
+        # commas and/or spaces separate values; never join "4 10" into 410
+        values = [float(v) for v in re.split(r"[,\s]+", str(text).strip()) if v != ""]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--echo-times expects comma-separated numbers in ms (e.g. 4,10,16), got {text!r}"
         ) from None
     if not values:
         raise argparse.ArgumentTypeError("--echo-times is empty; give e.g. 4,10,16 (ms)")
-    if any(not (v == v) or v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"--echo-times must be positive, got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--echo-times must be positive finite numbers (ms), got {text!r}")
     if max(values) < 0.5:
         raise argparse.ArgumentTypeError(
             f"--echo-times {text!r} look like seconds; the command line takes milliseconds "
@@ -340,12 +353,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_ERROR
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (e.g. a Dask worker): keep the default action
+        previous = None
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("chisep: interrupted; finished outputs are complete, nothing partial was left "
-              "(a run without provenance.json is unfinished)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, Terminated) as exc:
+        print(f"chisep: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; finished outputs "
+              "are complete, nothing partial was left (a run without provenance.json is unfinished)",
+              file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except (ChisepError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         if args.debug:
             raise
@@ -353,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message + ("\n(run with --debug for a traceback)"
                          if not isinstance(exc, ChisepError) else ""), file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover
