@@ -260,7 +260,8 @@ def _run(args, settings) -> None:
     out, prefix = pipeline.bids_output_dir(data.sources, args.out)
     run = pipeline.run_files(data, out, settings=settings, mask_path=args.mask,
                              r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),
-                             bids_prefix=prefix, overwrite=args.overwrite, log=lambda s: _say(args, s))
+                             bids_prefix=prefix, overwrite=args.overwrite, log=lambda s: _say(args, s),
+                             progress_bars=not args.quiet)
     _say(args, run.summary)
 
 

@@ -280,11 +280,35 @@ def _noise_weights(field_noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # source separation (arrays in, arrays out)
 # ---------------------------------------------------------------------------
+class _ProgressBar:
+    """A tqdm bar on stderr fed by ``update(done, total)`` callbacks (a no-op when disabled)."""
+
+    def __init__(self, label: str, *, enabled: bool):
+        self.label, self.enabled, self.bar = label, enabled, None
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"  {self.label}", unit="vox", unit_scale=True, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def separate(acquisition: Acquisition, *, chi: np.ndarray, mask: np.ndarray,
              local_field: np.ndarray | None = None, r2star: np.ndarray | None = None,
              field_noise: np.ndarray | None = None, magnitude: np.ndarray | None = None,
              r2: np.ndarray | None = None, settings: SeparationSettings = SeparationSettings(),
-             log: Log = _quiet, timings: dict | None = None) -> dict[str, SeparationResult]:
+             log: Log = _quiet, timings: dict | None = None,
+             progress_bars: bool = False) -> dict[str, SeparationResult]:
     """Run the selected separation models.
 
     chi-separation needs the local field (Hz) and R2* (1/s; R2' = max(R2* - R2, 0)
@@ -321,8 +345,10 @@ def separate(acquisition: Acquisition, *, chi: np.ndarray, mask: np.ndarray,
             else:
                 from chisep.separation.decompose import DecomposeModel
 
-                results[model] = DecomposeModel(acquisition.field_strength, acquisition.echo_times,
-                                                **settings.decompose).fit(magnitude, chi, mask)
+                with _ProgressBar("DECOMPOSE voxels", enabled=progress_bars) as bar:
+                    results[model] = DecomposeModel(acquisition.field_strength, acquisition.echo_times,
+                                                    **settings.decompose).fit(magnitude, chi, mask,
+                                                                              progress=bar.update)
     return results
 
 
@@ -474,7 +500,8 @@ def write_qsm_maps(writer: _Writer, qsm: QsmMaps, r2prime: np.ndarray | None = N
 def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSettings = PipelineSettings(),
               mask_path: str | Path | None = None, r2_path: str | Path | None = None,
               labels_path: str | Path | None = None, label_names: Mapping[int, str] | None = None,
-              bids_prefix: str | None = None, overwrite: bool = False, log: Log = _quiet) -> "RunOutput":
+              bids_prefix: str | None = None, overwrite: bool = False, log: Log = _quiet,
+              progress_bars: bool = False) -> "RunOutput":
     """Run QSM (and the separation models in ``settings``) on loaded data and write the outputs.
 
     Writes the maps, ``roi_stats.csv`` (per label of ``labels_path``, or the
@@ -511,7 +538,8 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     qsm = reconstruct_qsm(data.magnitude, data.phase, acq, mask=mask, settings=settings.qsm, log=log)
     timings = dict(qsm.timings)
     results = separate(acq, **qsm.separation_inputs(), magnitude=data.magnitude, r2=r2,
-                       settings=settings.separation, log=log, timings=timings)
+                       settings=settings.separation, log=log, timings=timings,
+                       progress_bars=progress_bars)
 
     writer = _Writer(out, acq.affine, data.header, overwrite, bids_prefix)
     r2prime = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.separation.nominal_r2)[0]
@@ -767,7 +795,7 @@ def demo(out_dir: str | Path = "chisep-demo", *, resolution=1.5, scenario: str =
     data = io.load_bids(out / "bids")
     run = run_files(data, out / "run", settings=PipelineSettings(separation=SeparationSettings(models=tuple(models))),
                     labels_path=sim["truth_dir"] / "labels.nii.gz", label_names=truth.label_names,
-                    overwrite=overwrite, log=log)
+                    overwrite=overwrite, log=log, progress_bars=log is not _quiet)
     log("3/3 scoring against the ground truth")
     mask = run.qsm.mask & truth.brain_mask
     true_maps = {"chi": truth.chi, "chi_para": truth.chi_para, "chi_dia": truth.chi_dia}
