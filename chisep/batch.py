@@ -124,14 +124,6 @@ def _normalised(obj) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
 def check_complete(out_dir: PathLike, inputs: Sequence[PathLike], *,
                    settings: Mapping | None = None) -> tuple[bool, str]:
     """Whether ``out_dir`` holds a finished run for exactly these inputs.
@@ -157,11 +149,11 @@ def check_complete(out_dir: PathLike, inputs: Sequence[PathLike], *,
     out = Path(out_dir)
     prov_path = out / "provenance.json"
     if not prov_path.is_file():
-        failed = _read_json(out / FAILED_MARKER)
+        failed = io.read_json_or_none(out / FAILED_MARKER)
         if failed is not None:
             return False, f"failed before: {failed.get('error', 'unknown error')}"
         return False, "not run yet" if not out.exists() else "unfinished (no provenance.json)"
-    prov = _read_json(prov_path)
+    prov = io.read_json_or_none(prov_path)
     if prov is None:
         return False, "provenance.json is unreadable"
     missing = [name for name in prov.get("outputs", []) if not (out / name).is_file()]
@@ -208,7 +200,7 @@ def _label_files(pattern: str | None, root: Path, run: "io.BidsRun") -> tuple[Pa
 
 
 def _wanted_subjects(subjects: Sequence[str], present: set, root: Path) -> set:
-    wanted = {io._label(s, "sub") for s in subjects}
+    wanted = {io.bids_label(s, "sub") for s in subjects}
     absent = sorted(wanted - present)
     if absent:
         raise InputError(f"BIDS root {root}: subject(s) {', '.join(absent)} not found; subjects with MEGRE "
@@ -326,18 +318,6 @@ def _worker_name() -> str | None:
         return None
 
 
-def _read_label_names(path: Path | None) -> dict[int, str] | None:
-    if path is None:
-        return None
-    names = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            try:
-                names[int(row["index"])] = row["name"]
-            except (KeyError, TypeError, ValueError):
-                raise InputError(f"label table {path}: expected columns 'index' and 'name' "
-                                 f"(tab-separated), found row {row}") from None
-    return names
 
 
 def settings_from_dict(settings: Mapping | None):
@@ -414,9 +394,9 @@ def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1,
         sources = dict(data.sources)
         sources["bids"] = {"subject": job.subject, "session": job.session, "prefix": job.prefix, "root": None}
         data = dataclasses.replace(data, sources=sources)
+        names = io.load_label_names(job.label_names) if job.label_names else None
         run = pipeline.run_files(data, job.out_dir, settings=settings_from_dict(settings),
-                                 labels_path=job.labels, label_names=_read_label_names(job.label_names),
-                                 bids_prefix=job.prefix, overwrite=True)
+                                 labels_path=job.labels, label_names=names, bids_prefix=job.prefix, overwrite=True)
         row.update(status="done", timings=run.timings)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a result row, reported, not raised
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
@@ -467,7 +447,7 @@ def _cpu_count() -> int:
 
 def voxel_echoes(job: Job) -> int:
     """Voxels x echoes of a job's data (from the first magnitude file's header)."""
-    shape = io._open_nifti(Path(job.magnitude[0]), "magnitude").shape  # header only
+    shape = io.image_shape(job.magnitude[0], "magnitude")
     n_echoes = len(job.magnitude) * (shape[3] if len(shape) > 3 else 1)
     return int(math.prod(shape[:3])) * n_echoes
 
@@ -762,10 +742,8 @@ def _run_jobs(client, jobs: Sequence[Job], settings: dict, retries: int, poll_s:
 # cohort outputs
 # ---------------------------------------------------------------------------
 def _roi_rows(job: Job) -> list[dict]:
-    path = job.out_dir / f"{job.prefix}_roistats.csv"
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{"subject": job.subject, "session": job.session or "", "prefix": job.prefix, **row}
-                for row in csv.DictReader(f)]
+    rows = io.read_csv_rows(job.out_dir / f"{job.prefix}_roistats.csv")
+    return [{"subject": job.subject, "session": job.session or "", "prefix": job.prefix, **row} for row in rows]
 
 
 def cohort_table(jobs: Sequence[Job]) -> list[dict]:
@@ -917,7 +895,7 @@ def simulate_cohort(bids_root: PathLike, subjects: Sequence[str] = ("01", "02", 
     base_seed = int(simulation.pop("seed", 0))
     truths = []
     for i, label in enumerate(subjects):
-        label = io._label(label, "sub")
+        label = io.bids_label(label, "sub")
         target, truth = root / f"sub-{label}", root / "derivatives" / "truth" / f"sub-{label}"
         if (target.exists() or truth.exists()) and not overwrite:
             raise OutputExistsError(f"{target} exists; pass overwrite=True or choose another folder")

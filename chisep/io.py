@@ -682,7 +682,8 @@ _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _SKIPPED_DIRS = {"derivatives", "sourcedata", "code"}
 
 
-def _label(value: str, entity: str) -> str:
+def bids_label(value: str, entity: str) -> str:
+    """A BIDS entity label without its prefix (``sub-01`` -> ``01``), checked to be alphanumeric."""
     label = str(value)
     if label.startswith(f"{entity}-"):
         label = label[len(entity) + 1:]
@@ -727,7 +728,7 @@ def find_megre_runs(path: PathLike, subject: str | None = None) -> list[BidsRun]
             f"BIDS path {root}: expected a BIDS root, a subject folder or an anat folder, found "
             + ("a file." if root.exists() else "nothing (it does not exist).")
         )
-    wanted = _label(subject, "sub") if subject is not None else None
+    wanted = bids_label(subject, "sub") if subject is not None else None
     groups: dict[str, dict] = {}
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith("."))
@@ -813,7 +814,7 @@ def load_bids(
             "one. Fix: choose one with subject=... (CLI: --subject), or use `chisep batch`."
         )
     if session is not None:
-        label = _label(session, "ses")
+        label = bids_label(session, "ses")
         chosen = [r for r in runs if r.session == label]
         if not chosen:
             raise InputError(
@@ -885,8 +886,8 @@ def write_bids_megre(
     """
     if not isinstance(acquisition, Acquisition):
         raise InputError(f"acquisition: expected an Acquisition, found {type(acquisition).__name__}")
-    sub = _label(subject, "sub")
-    ses = _label(session, "ses") if session is not None else None
+    sub = bids_label(subject, "sub")
+    ses = bids_label(session, "ses") if session is not None else None
     arrays = {}
     for role, value in (("magnitude", magnitude), ("phase", phase)):
         array = np.asarray(value)
@@ -1065,13 +1066,19 @@ def write_json(path: PathLike, obj: Any, *, overwrite: bool = False) -> Path:
     return path
 
 
-def load_label_names(labels_path: PathLike) -> dict[int, str] | None:
-    """Names of a label image from the TSV beside it (BIDS dseg style: ``index<TAB>name``), or None."""
-    path = Path(labels_path)
-    stem = path.name.removesuffix(".gz").removesuffix(".nii")
-    tsv = path.with_name(stem + ".tsv")
-    if not tsv.exists():
-        return None
+def load_label_names(path: PathLike) -> dict[int, str] | None:
+    """Names of labels (BIDS dseg style TSV: ``index<TAB>name``).
+
+    ``path`` is the TSV itself, or a label image whose same-named ``.tsv``
+    beside it is read; None when that TSV does not exist.
+    """
+    path = Path(path)
+    if path.suffix == ".tsv":
+        tsv = path
+    else:
+        tsv = path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".tsv")
+        if not tsv.exists():
+            return None
     names: dict[int, str] = {}
     lines = tsv.read_text().splitlines()
     header = lines[0].split("\t") if lines else []
@@ -1086,6 +1093,28 @@ def load_label_names(labels_path: PathLike) -> dict[int, str] | None:
         except (ValueError, IndexError):
             raise InputError(f"{tsv} line {number}: expected 'index<TAB>name', found {line!r}") from None
     return names
+
+
+def read_json_or_none(path: PathLike) -> dict | None:
+    """A JSON object from a file, or None if it is missing, unreadable or not an object."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def read_csv_rows(path: PathLike) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header (e.g. roi_stats.csv) as dicts of strings."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def image_shape(path: PathLike, role: str = "image") -> tuple[int, ...]:
+    """Shape of a NIfTI image from its header alone (no voxel data read)."""
+    return tuple(_open_nifti(Path(path), role).shape)
 
 
 def write_bytes(path: PathLike, data: bytes, *, overwrite: bool = False) -> Path:

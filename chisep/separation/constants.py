@@ -20,13 +20,29 @@ MODEL_FILES = {
 }
 
 
+def _packaged_models():
+    """The models folder: the installed ``chisep.models``, or ``models/`` beside a source checkout.
+
+    The wheel maps the top-level models/ to ``chisep.models``; a script run from
+    the repository root imports the source ``chisep/`` instead, which has no
+    such subpackage, so fall back to the checkout's folder.
+    """
+    try:
+        return resources.files("chisep.models")
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parents[2] / "models"
+        if not checkout.is_dir():
+            raise ModelFileError("the packaged model files (chisep.models) are missing; reinstall chisep") from None
+        return checkout
+
+
 def load_model_file(model: str, path: str | Path | None = None) -> dict:
     """Read a model's TOML (the packaged one, or ``path`` for user-calibrated constants)."""
     if model not in MODEL_FILES:
         raise ModelFileError(f"unknown model {model!r}; valid models: {', '.join(MODEL_FILES)}")
     try:
         if path is None:
-            text = resources.files("chisep.models").joinpath(MODEL_FILES[model]).read_text()
+            text = _packaged_models().joinpath(MODEL_FILES[model]).read_text()
             source = f"chisep.models/{MODEL_FILES[model]}"
         else:
             text = Path(path).read_text()
