@@ -176,3 +176,27 @@ def test_phantom_unwrapping_and_total_field(phantom_sim, method):
     err = (fit.field_hz - truth.field_total_hz)[inner]
     assert np.sqrt(np.mean(err**2)) < 0.3  # Hz, at SNR 100
     assert 0.7 < np.std(err / fit.field_noise_hz[inner]) < 1.5
+
+
+def test_whole_cycle_field_errors_are_corrected_from_the_phase_offset():
+    """A patch off by 1/dTE (the echo difference unwrapped wrongly) is found by its phi0 jump."""
+    from chisep.qsm.echoes import _correct_echo_wraps
+
+    shape = (24, 24, 24)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = x**2 + y**2 + z**2 < 0.9
+    tes = np.array([0.004, 0.010, 0.016, 0.022])
+    dte = 0.006
+    f_true = 200 * x + 80 * y * z
+    phi0_true = 0.8 * x - 0.5 * y + 0.3
+    f_est, phi0_est = f_true.copy(), phi0_true.copy()
+    patch = mask & (np.abs(x - 0.3) < 0.2) & (np.abs(y) < 0.2) & (np.abs(z) < 0.2)
+    f_est[patch] -= 1 / dte  # the field is one cycle low there
+    phi0_est[patch] += 2 * np.pi * tes[0] / dte  # the phase at TE1 is unchanged
+    f_fix, phi0_fix, n = _correct_echo_wraps(f_est[mask], phi0_est[mask], mask, tes)
+    assert n == patch.sum() > 20
+    np.testing.assert_allclose(f_fix, f_true[mask], atol=1e-9)
+    # blind when TE1 is a multiple of dTE: the offset then does not move, nothing is changed
+    tes_blind = np.array([0.006, 0.012, 0.018])
+    f_same, _, n_blind = _correct_echo_wraps(f_est[mask], phi0_est[mask], mask, tes_blind)
+    assert n_blind == 0 and np.array_equal(f_same, f_est[mask])

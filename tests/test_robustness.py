@@ -30,7 +30,10 @@ CASES = {c.name: c for c in bench.CASES}
 #          fraction of mask voxels > 5 Hz off at most, R2* median relative error at most)
 # measured at 5 mm in brackets: (chi corr, median Hz, wrong %, R2* %)
 BOUNDS = {
-    "standard": (0.0, 0.1, 0.005, 0.04),          # (0.43, 0.054, 0.07, 2.2)
+    # the whole-cycle correction from phi0 (qsm.echoes) lifted the standard case from 0.43 to 0.53;
+    # cases where it is blind (TE1 a multiple of dTE, uneven spacing) or that it does not
+    # reach keep their earlier absolute floor, hence larger drops below
+    "standard": (0.0, 0.1, 0.005, 0.04),          # (0.53, 0.054, 0.0, 2.2)
     "1.5T": (0.2, 0.1, 0.005, 0.05),              # (0.31, 0.052, 0.07, 2.6): half the field per ppm
     # 7 T with 6 ms spacing: |f| dTE > 0.5 in a quarter of the mask. About 2 % of the mask
     # (next to the sinuses, 5 mm voxels) gets a 1/dTE error; chisep warns (known gap)
@@ -39,13 +42,13 @@ BOUNDS = {
     # changes by more than half a wrap between 5 mm neighbours; a shorter spacing removes them
     "7T-short-TE": (0.05, 0.2, 0.005, 0.05),      # (0.43, 0.12, 0.07, 3.1), no warning
     "oblique15": (0.2, 0.1, 0.005, 0.04),         # (0.34, 0.056, 0.07, 2.2)
-    "oblique30": (0.25, 0.1, 0.005, 0.04),        # (0.26, 0.055, 0.07, 2.2)
+    "oblique30": (0.35, 0.1, 0.005, 0.04),        # (0.27, 0.055, 0.07, 2.2)
     "anisotropic": (0.3, 0.1, 0.01, 0.04),        # (0.24, 0.056, 0.26, 2.2): 5x5x7.5 mm
     "slab": (0.1, 0.1, 0.005, 0.04),              # (0.45, 0.054, 0.02, 2.2)
     "2-echoes": (0.25, 0.3, 0.03, 0.08),          # (0.28, 0.14, 1.35, 5.3): dTE 12 ms wraps
     "4-echoes": (0.25, 0.15, 0.01, 0.05),         # (0.28, 0.074, 0.32, 3.1)
-    "8-echoes": (0.15, 0.1, 0.005, 0.04),         # (0.37, 0.052, 0.07, 2.1)
-    "uneven-TE": (0.15, 0.1, 0.005, 0.04),        # (0.37, 0.058, 0.07, 2.2)
+    "8-echoes": (0.25, 0.1, 0.005, 0.04),         # (0.37, 0.052, 0.07, 2.1): TE1 = dTE, correction blind
+    "uneven-TE": (0.25, 0.1, 0.005, 0.04),        # (0.37, 0.058, 0.07, 2.2): uneven, correction blind
     "snr20": (0.1, 0.5, 0.005, 0.15),             # (0.41, 0.27, 0.07, 11)
     "snr1000": (0.05, 0.02, 0.005, 0.01),   # (0.43, 0.005, 0.07, 0.2)
     "haemorrhage": (0.0, 0.1, 0.005, 0.04),       # (0.78, ...): a strong source raises the correlation

@@ -289,6 +289,9 @@ def fit_multi_echo_field(
         else:
             f, coef_var = _echo_average(u, m, tes, phi0, w)
 
+    f, phi0, n_fixed = _correct_echo_wraps(f, phi0, msk, tes)
+    info["wrap_corrected_voxels"] = n_fixed
+
     if noise_sigma is not None:
         sigma, source = float(noise_sigma), "given"
     elif dof > 0:
@@ -341,6 +344,57 @@ def _sigma_without_residuals(noise_sigma, mag_rss, mask, n_echoes, info):
     warnings.warn(message, UserWarning, stacklevel=3)
     info["warnings"].append(message)
     return 1.0, "relative"
+
+
+def _correct_echo_wraps(f, phi0, msk, tes, *, window: int = 7, rounds: int = 10):
+    """Fix whole-cycle field errors (f off by k / dTE) using the smoothness of the phase offset.
+
+    Where the phase wraps between echoes (steep fields by the sinuses, 7 T),
+    spatial unwrapping of the echo difference can leave a patch whose field
+    is off by k / dTE; every echo still fits, so the field alone cannot show
+    it. The phase at the first echo is unchanged by such an error, so the
+    fitted offset phi0 moves by -2 pi k TE1 / dTE, while the true phi0 is
+    smooth in space (coil phase). A voxel whose phi0 disagrees with its
+    neighbourhood's circular mean by more than 1 rad, and agrees within
+    0.5 rad after a 1/dTE correction, is corrected (when TE1/dTE is near
+    1/2 both directions move phi0 alike and the neighbours' field picks
+    the direction); rounds grow the
+    correction into larger patches. Blind (returns unchanged) when TE1 is a
+    multiple of dTE or the echoes are not equally spaced.
+    """
+    from scipy import ndimage
+
+    spacing = np.diff(tes)
+    if spacing.size == 0 or np.ptp(spacing) > 0.01 * spacing.mean():
+        return f, phi0, 0
+    dte = float(spacing.mean())
+    shift = _TWO_PI * tes[0] / dte  # phi0 change for a +1/dTE field error
+    if abs(wrap_phase(shift)) < 1.0:
+        return f, phi0, 0
+    f_map = np.zeros(msk.shape)
+    p_map = np.zeros(msk.shape)
+    f_map[msk], p_map[msk] = f, phi0
+    weight = ndimage.uniform_filter(msk.astype(np.float64), window)
+    n_fixed = 0
+    for _ in range(rounds):
+        z = np.where(msk, np.exp(1j * p_map), 0)
+        ref = np.angle(ndimage.uniform_filter(z.real, window) + 1j * ndimage.uniform_filter(z.imag, window))
+        current = np.abs(wrap_phase(p_map - ref))
+        up = np.abs(wrap_phase(p_map - shift - ref))  # phi0 misfit after f += 1/dTE
+        down = np.abs(wrap_phase(p_map + shift - ref))  # after f -= 1/dTE
+        if abs(wrap_phase(2 * shift)) > 1.0:
+            k = np.where(up < down, 1.0, -1.0)
+        else:  # TE1/dTE near 1/2: both directions move phi0 alike, the neighbours' field decides
+            f_ref = ndimage.uniform_filter(f_map * msk, window) / np.maximum(weight, 1e-12)
+            k = np.where(f_map > f_ref, -1.0, 1.0)
+        candidate = np.where(k > 0, up, down)
+        fix = msk & (weight > 0.3) & (current > 1.0) & (candidate < 0.5)
+        f_map[fix] += k[fix] / dte
+        p_map[fix] -= k[fix] * shift
+        n_fixed += int(fix.sum())
+        if not fix.any():
+            break
+    return f_map[msk], p_map[msk], n_fixed
 
 
 def _result(msk, f, phi0, noise, u4, method, info) -> FieldFit:
