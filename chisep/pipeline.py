@@ -8,6 +8,7 @@ runner all call these.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import tomllib
@@ -183,22 +184,19 @@ class QsmMaps:
                 "field_noise": self.field_noise}
 
 
-class _Timer:
-    def __init__(self, timings: dict, log: Log):
-        self.timings, self.log = timings, log
+def _stepper(timings: dict, log: Log):
+    """``with step(name):`` logs the step and records its wall time in ``timings``."""
 
-    def __call__(self, name: str):
-        timer = self
+    @contextlib.contextmanager
+    def step(name: str):
+        log(f"  {name} ...")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[name] = round(time.perf_counter() - t0, 3)
 
-        class _Step:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-                timer.log(f"  {name} ...")
-
-            def __exit__(self, *exc):
-                timer.timings[name] = round(time.perf_counter() - self.t0, 3)
-
-        return _Step()
+    return step
 
 
 def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acquisition, *,
@@ -225,7 +223,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                          f"(x, y, z, {acquisition.n_echoes}) for {acquisition.n_echoes} echo times")
     timings: dict = {}
     notes: list = []
-    step = _Timer(timings, log)
+    step = _stepper(timings, log)
     vs, b0 = acquisition.voxel_size, acquisition.b0_direction
 
     with step("mask"):
@@ -319,7 +317,7 @@ def separate(acquisition: Acquisition, *, chi: np.ndarray, mask: np.ndarray,
     from chisep import relax
 
     timings = {} if timings is None else timings
-    step = _Timer(timings, log)
+    step = _stepper(timings, log)
     results: dict[str, SeparationResult] = {}
     needs = {"chi-separation": ("local_field", "r2star"), "linear": ("r2star",), "decompose": ("magnitude",)}
     given = {"local_field": local_field, "r2star": r2star, "magnitude": magnitude}
@@ -550,7 +548,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
         if i == 0:
             writer.separation(None, result, with_extras=False)
         writer.separation(model, result, with_extras=True)
-    with _Timer(timings, log)("report"):
+    with _stepper(timings, log)("report"):
         maps = {"magnitude": data.magnitude[..., 0], "chi": qsm.chi, "r2star": qsm.r2star, "r2prime": r2prime}
         for model, result in results.items():
             maps[f"{model}:chi_para"], maps[f"{model}:chi_dia"] = result.chi_para, result.chi_dia
