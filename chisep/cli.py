@@ -16,20 +16,12 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
-from chisep import __version__
+from chisep import __version__, signals
 from chisep.errors import ChisepError, InputError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
-
-
-class Terminated(BaseException):
-    """SIGTERM turned into an exception, so that open temporary files are cleaned up on the way out."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
 
 
 # ---------------------------------------------------------------------------
@@ -354,18 +346,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_ERROR
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread (e.g. a Dask worker): keep the default action
-        previous = None
+    signals.install()
     try:
         return COMMANDS[args.command](args)
-    except (KeyboardInterrupt, Terminated) as exc:
-        print(f"chisep: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; finished outputs "
+    except (KeyboardInterrupt, signals.Terminated) as exc:
+        print(f"chisep: {'terminated' if isinstance(exc, signals.Terminated) else 'interrupted'}; finished outputs "
               "are complete, nothing partial was left (a run without provenance.json is unfinished)",
               file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(exc, signals.Terminated) else EXIT_INTERRUPTED
     except (ChisepError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
         if args.debug:
             raise
@@ -374,8 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          if not isinstance(exc, ChisepError) else ""), file=sys.stderr)
         return EXIT_ERROR
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        signals.restore()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from chisep import io, physics
+from chisep import io, physics, signals
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError
 from chisep.qsm import background as _background
@@ -189,12 +189,14 @@ def _stepper(timings: dict, log: Log):
 
     @contextlib.contextmanager
     def step(name: str):
+        signals.checkpoint()
         log(f"  {name} ...")
         t0 = time.perf_counter()
         try:
             yield
         finally:
             timings[name] = round(time.perf_counter() - t0, 3)
+        signals.checkpoint()
 
     return step
 
@@ -463,6 +465,7 @@ class _Writer:
             array = array.astype(np.uint8)
         elif np.issubdtype(array.dtype, np.floating):
             array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        signals.checkpoint()
         path = self.out_dir / f"{output_name(rel_name, self.bids_prefix)}.nii.gz"
         io.save_map(path, array, affine=self.affine, header=self.header, unit=unit, description=description,
                     convention=convention, overwrite=self.overwrite, extra=extra)
@@ -556,6 +559,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
                                        label_names=label_names, overwrite=overwrite,
                                        first_model=next(iter(results), None), bids_prefix=bids_prefix)
     timings["total"] = round(time.perf_counter() - t_start, 3)
+    signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
     io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
                         extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
                                "outputs": writer.written, "notes": qsm.notes,
@@ -649,6 +653,7 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
             writer.separation(None, result, with_extras=False)
         writer.separation(model, result, with_extras=True)
     timings["total"] = round(time.perf_counter() - t0, 3)
+    signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
     io.write_provenance(out, inputs=inputs, settings=dataclasses.asdict(settings), timings=timings,
                         extra={"acquisition": acq.to_dict(), "outputs": writer.written,
                                "models": {m: r.info for m, r in results.items()}}, overwrite=overwrite)
@@ -753,6 +758,7 @@ def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite
                     description=description, overwrite=overwrite)
     names = "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in sorted(sim.truth.label_names.items()))
     io.write_bytes(truth_dir / "labels.tsv", names.encode(), overwrite=overwrite)
+    signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
     io.write_provenance(truth_dir, inputs=[], settings={"subject": subject, **_jsonable_settings(simulation)},
                         timings={"simulate": round(time.perf_counter() - t0, 3)},
                         extra={"acquisition": sim.acquisition.to_dict(), "noise_sigma": sim.truth.noise_sigma,

@@ -116,6 +116,27 @@ def test_interrupt_during_a_step_exits_130_and_leaves_nothing_partial(dataset, t
     assert not any(out.rglob("*.nii.gz"))  # maps are written only after the computation
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, on purpose
+def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(dataset, tmp_path, monkeypatch, capsys):
+    """Python prints and drops an exception raised inside __del__; the checkpoints catch it."""
+    out = tmp_path / "out"
+    real_invert = pipeline._inversion.invert
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler raises here, inside __del__
+
+    def invert_with_swallowed_interrupt(*args, **kwargs):
+        Finaliser()  # collected at once: its KeyboardInterrupt is printed and swallowed
+        return real_invert(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline._inversion, "invert", invert_with_swallowed_interrupt)
+    assert cli.main(_args(dataset, out)) == cli.EXIT_INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+    assert not (out / "provenance.json").exists()
+    _assert_only_complete_files(out)
+
+
 def test_interrupt_while_writing_exits_130_and_rerun_finishes(dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(io.os, "replace", _fail_on_call(4, KeyboardInterrupt(), os.replace))
