@@ -49,6 +49,10 @@ def parse_echo_times_ms(text: str) -> tuple[float, ...]:
             f"--echo-times {text!r} look like seconds; the command line takes milliseconds "
             f"(e.g. {','.join(f'{v * 1000:g}' for v in values)})"
         )
+    if max(values) > 1000:
+        raise argparse.ArgumentTypeError(
+            f"--echo-times {text!r}: gradient-echo times are below 1000 ms; give milliseconds (e.g. 4,10,16)"
+        )
     if any(b <= a for a, b in zip(values, values[1:])):
         raise argparse.ArgumentTypeError(f"--echo-times must be strictly increasing, got {text!r}")
     return tuple(v / 1000.0 for v in values)

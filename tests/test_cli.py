@@ -23,6 +23,7 @@ def test_echo_times_in_ms_are_converted_to_seconds():
         ("4,x", "comma-separated numbers"),
         ("", "empty"),
         ("-4,5", "positive"),
+        ("4,1001", "below 1000 ms"),
     ],
 )
 def test_echo_times_parser_refuses_with_hint(text, match):
