@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from chisep import __version__, signals
+from chisep.acquisition import check_echo_times
 from chisep.errors import ChisepError, InputError
 
 EXIT_ERROR = 2
@@ -55,7 +56,12 @@ def parse_echo_times_ms(text: str) -> tuple[float, ...]:
         )
     if any(b <= a for a, b in zip(values, values[1:])):
         raise argparse.ArgumentTypeError(f"--echo-times must be strictly increasing, got {text!r}")
-    return tuple(v / 1000.0 for v in values)
+    seconds = tuple(v / 1000.0 for v in values)
+    try:  # what the parser lets through, Acquisition must accept (e.g. no underflow to 0 s)
+        check_echo_times(seconds)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(f"--echo-times {text!r} (ms): {exc}") from None
+    return seconds
 
 
 def _positive_float(name):
