@@ -131,6 +131,8 @@ def _add_qsm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inversion", choices=pipeline.INVERSION_METHODS, default=d.inversion)
     g.add_argument("--mask-erode", type=float, default=d.mask_erode_mm, metavar="MM",
                    help="erode the automatic brain mask by this many mm")
+    g.add_argument("--reference", choices=("mean", "csf"), default=d.reference,
+                   help="zero of chi: mean of the mask, or CSF (voxels with R2* < 5 1/s)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

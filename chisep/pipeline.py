@@ -64,6 +64,7 @@ class QsmSettings:
             ("r2star", self.r2star, R2STAR_METHODS),
             ("background", self.background, BACKGROUND_METHODS),
             ("inversion", self.inversion, INVERSION_METHODS),
+            ("reference", self.reference, tuple(_inversion.REFERENCE_METHODS)),
         ]:
             if value not in valid:
                 raise InputError(f"qsm setting {name}={value!r} is not valid; choose one of: {', '.join(valid)}")
@@ -119,7 +120,7 @@ class PipelineSettings:
             defaults = QsmSettings()
             for flag, key in [("unwrap", "unwrap"), ("field_fit", "field_fit"), ("r2star_method", "r2star"),
                               ("background", "background"), ("inversion", "inversion"),
-                              ("mask_erode", "mask_erode_mm")]:
+                              ("mask_erode", "mask_erode_mm"), ("reference", "reference")]:
                 value = getattr(args, flag, None)
                 if value is not None and (key not in qsm or value != getattr(defaults, key)):
                     qsm[key] = value
@@ -260,10 +261,23 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         chi = _inversion.invert(local, eroded, method=settings.inversion, voxel_size=vs, b0_direction=b0,
                                 field_strength=acquisition.field_strength, weights=weights,
                                 magnitude=magnitude[..., 0], **settings.inversion_options)
-        chi = _inversion.reference(chi, eroded, method=settings.reference)
+        csf = _csf_mask(r2star, eroded) if settings.reference == "csf" else None
+        chi = _inversion.reference(chi, eroded, method=settings.reference, csf_mask=csf)
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), timings=timings, notes=notes)
+
+
+CSF_R2STAR_MAX = 5.0  # 1/s; CSF is the only brain compartment this slow (MEDI+0, Liu et al. MRM 2018)
+
+
+def _csf_mask(r2star: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """CSF reference region: voxels of the mask with R2* below 5 1/s (ventricles)."""
+    csf = mask & (r2star > 0) & (r2star < CSF_R2STAR_MAX)
+    if csf.sum() < 20:
+        raise InputError(f"reference='csf': only {int(csf.sum())} voxels have R2* < {CSF_R2STAR_MAX:g} 1/s "
+                         "inside the mask (ventricles); use reference='mean' or give more echoes")
+    return csf
 
 
 def _noise_weights(field_noise: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -153,3 +153,18 @@ def test_prepare_output_refuses_finished_run(tmp_path):
     (tmp_path / "provenance.json").write_text("{}")
     with pytest.raises(OutputExistsError):
         io.prepare_output_dir(tmp_path)
+
+
+def test_csf_reference_sets_the_ventricles_to_zero(dataset):
+    data = io.load_bids(dataset)
+    qsm = pipeline.reconstruct_qsm(data.magnitude, data.phase, data.acquisition,
+                                   settings=pipeline.QsmSettings(inversion="tkd", reference="csf"))
+    csf = pipeline._csf_mask(qsm.r2star, qsm.mask)
+    assert abs(qsm.chi[csf].mean()) < 1e-6
+    labels = _load(dataset / "derivatives/truth/labels.nii.gz")
+    names = io.load_label_names(dataset / "derivatives/truth/labels.nii.gz")
+    csf_label = [k for k, v in names.items() if v == "csf"][0]
+    assert (labels[csf] == csf_label).mean() > 0.8  # the slow-R2* voxels are the phantom's CSF
+    with pytest.raises(InputError, match="reference"):
+        pipeline.QsmSettings(reference="median")
+
