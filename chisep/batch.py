@@ -90,8 +90,8 @@ class Job:
         after the other entities when a session holds several runs).
     magnitude, phase : tuple of Path
         Input files, one per echo.
-    labels, label_names : Path or None
-        Label image for the ROI table and its ``index<TAB>name`` table, if any.
+    labels : Path or None
+        Label image for the ROI table, if any (names from the ``.tsv`` beside it).
     needs_run : bool
         False when the outputs are complete for these inputs (and settings).
     reason : str
@@ -105,7 +105,6 @@ class Job:
     magnitude: tuple[Path, ...]
     phase: tuple[Path, ...]
     labels: Path | None = None
-    label_names: Path | None = None
     needs_run: bool = True
     reason: str = ""
 
@@ -181,22 +180,15 @@ def check_complete(out_dir: PathLike, inputs: Sequence[PathLike], *,
     return True, f"complete ({prov.get('created_utc', 'time unknown')})"
 
 
-def _label_files(pattern: str | None, root: Path, run: "io.BidsRun") -> tuple[Path | None, Path | None]:
+def _label_file(pattern: str | None, root: Path, run: "io.BidsRun") -> Path | None:
     if pattern is None:
-        return None, None
+        return None
     try:
         rel = pattern.format(subject=run.subject, session=run.session or "", prefix=run.prefix)
     except (KeyError, IndexError) as exc:
         raise InputError(f"labels pattern {pattern!r}: unknown field {exc}; use {{subject}}, {{session}} "
                          "or {prefix}") from None
-    path = Path(rel) if Path(rel).is_absolute() else root / rel
-    stem = path.name
-    for suffix in io.NIFTI_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    names = path.with_name(stem + ".tsv")
-    return path, names if names.is_file() else None
+    return Path(rel) if Path(rel).is_absolute() else root / rel
 
 
 def _wanted_subjects(subjects: Sequence[str], present: set, root: Path) -> set:
@@ -257,9 +249,9 @@ def plan_batch(bids_root: PathLike, *, subjects: Sequence[str] | None = None,
             if len(group) > 1:  # several runs in one session: one folder each, named by the other entities
                 base = f"sub-{run.subject}" + (f"_ses-{run.session}" if run.session else "")
                 out = anat / (run.prefix[len(base) + 1:] or run.prefix)
-            lab, lab_names = _label_files(labels, root, run)
+            lab = _label_file(labels, root, run)
             job = Job(subject=run.subject, session=run.session, prefix=run.prefix, out_dir=out,
-                      magnitude=tuple(run.magnitude), phase=tuple(run.phase), labels=lab, label_names=lab_names)
+                      magnitude=tuple(run.magnitude), phase=tuple(run.phase), labels=lab)
             if force:
                 needs, reason = True, "forced re-run"
             else:
@@ -394,9 +386,9 @@ def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1,
         sources = dict(data.sources)
         sources["bids"] = {"subject": job.subject, "session": job.session, "prefix": job.prefix, "root": None}
         data = dataclasses.replace(data, sources=sources)
-        names = io.load_label_names(job.label_names) if job.label_names else None
+        # run_files reads the label names from the .tsv beside the label image
         run = pipeline.run_files(data, job.out_dir, settings=settings_from_dict(settings),
-                                 labels_path=job.labels, label_names=names, bids_prefix=job.prefix, overwrite=True)
+                                 labels_path=job.labels, bids_prefix=job.prefix, overwrite=True)
         row.update(status="done", timings=run.timings)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a result row, reported, not raised
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
