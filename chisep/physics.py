@@ -260,9 +260,3 @@ def forward_field_hz(
 ):
     """Frequency offset (Hz) produced by a susceptibility map (ppm): CF * 1e-6 * (D * chi)."""
     return ppm_to_hz(forward_field_ppm(chi_ppm, voxel_size, b0_direction, **kwargs), field_strength_t)
-
-
-def dipole_convolve(chi, kernel):
-    """Periodic convolution with a k-space kernel of the same shape (no padding): real(ifft(K * fft(x)))."""
-    return jnp.real(jnp.fft.ifftn(kernel * jnp.fft.fftn(chi)))
-

@@ -20,7 +20,7 @@ import numpy as np
 
 from chisep import io, physics, signals
 from chisep.acquisition import Acquisition
-from chisep.errors import InputError
+from chisep.errors import InputError, OutputExistsError
 from chisep.qsm import background as _background
 from chisep.qsm import inversion as _inversion
 from chisep.qsm import unwrap as _unwrap
@@ -759,8 +759,6 @@ def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite
         raise InputError(f"--out {out}: expected a folder, found a file")
     truth_dir = out / "derivatives" / "truth"
     if (truth_dir / "provenance.json").exists() and not overwrite:
-        from chisep.errors import OutputExistsError
-
         raise OutputExistsError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
     log(f"simulating the head phantom ({simulation})")
     sim = simulate(**simulation)
@@ -802,8 +800,6 @@ def demo(out_dir: str | Path = "chisep-demo", *, resolution=1.5, scenario: str =
     out = io.prepare_output_dir(out_dir, overwrite=overwrite)
     for name in ("accuracy.md", "comparison.png"):
         if (out / name).exists() and not overwrite:
-            from chisep.errors import OutputExistsError
-
             raise OutputExistsError(f"{out / name} exists; pass --overwrite or choose another --out")
     log(f"1/3 simulating the phantom at {resolution} mm (scenario {scenario!r}, SNR {snr:g})")
     sim = simulate_dataset(out / "bids", resolution=resolution, scenario=scenario, snr=snr,
