@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from chisep import io, physics, signals
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, OutputExistsError
 from chisep.qsm import background as _background
 from chisep.qsm import inversion as _inversion
+from chisep.qsm import reliability as _reliability
 from chisep.qsm import unwrap as _unwrap
 from chisep.separation.result import SeparationResult
 
@@ -56,6 +58,9 @@ class QsmSettings:
     reference: str = "mean"
     background_options: dict = field(default_factory=dict)
     inversion_options: dict = field(default_factory=dict)
+    #: per criterion of :func:`chisep.qsm.reliability.field_reliability`, the factor over its
+    #: median that makes a voxel unreliable (None switches a criterion off)
+    reliability: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name, value, valid in [
@@ -70,6 +75,10 @@ class QsmSettings:
                 raise InputError(f"qsm setting {name}={value!r} is not valid; choose one of: {', '.join(valid)}")
         if not self.mask_erode_mm >= 0:
             raise InputError(f"mask_erode_mm must be >= 0 mm, got {self.mask_erode_mm}")
+        unknown = sorted(set(self.reliability) - set(_reliability.CRITERIA))
+        if unknown:
+            raise InputError(f"qsm setting reliability has unknown criteria {unknown}; "
+                             f"valid: {', '.join(_reliability.CRITERIA)}")
 
 
 @dataclass(frozen=True)
@@ -167,22 +176,51 @@ def select_device(name: str) -> None:
 # ---------------------------------------------------------------------------
 @dataclass
 class QsmMaps:
-    """Outputs of :func:`reconstruct_qsm` (units in the attribute names' docs)."""
+    """Outputs of :func:`reconstruct_qsm` (units in the attribute names' docs).
 
-    mask: np.ndarray             # bool, the mask of the final maps (eroded by background removal)
+    Masks, from the widest to the narrowest: ``head_mask`` (the given or
+    automatic mask, enclosed holes filled: where the field was fitted)
+    contains ``mask`` (the brain mask of the outputs: where chi is reported)
+    and ``reliable_mask`` (the reconstruction region: voxels with a usable
+    field, where background removal worked); ``local_mask`` is where the
+    local field is known (``reliable_mask`` after background-removal erosion).
+    Voxels of ``mask`` outside ``local_mask`` (enclosed dark sources, their
+    rim) get chi from the inversion's prior and the field around them.
+    """
+
+    mask: np.ndarray             # bool, brain mask of the final maps
     head_mask: np.ndarray        # bool, the mask the field was estimated in
     field_total: np.ndarray      # Hz
     field_noise: np.ndarray      # Hz, standard error of the field estimate
-    field_local: np.ndarray      # Hz
+    field_local: np.ndarray      # Hz, 0 outside local_mask
     r2star: np.ndarray           # 1/s
     chi: np.ndarray              # ppm, referenced (settings.reference)
+    reliable_mask: np.ndarray | None = None   # bool, reconstruction region (head_mask minus unreliable voxels)
+    local_mask: np.ndarray | None = None      # bool, where the local field is known (after erosion)
+    reliability: "_reliability.Reliability | None" = None
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
+    def __post_init__(self):
+        if self.reliable_mask is None:
+            self.reliable_mask = np.asarray(self.mask, bool)
+        if self.local_mask is None:
+            self.local_mask = np.asarray(self.mask, bool)
+
+    @property
+    def excluded_mask(self) -> np.ndarray:
+        """Voxels of ``head_mask`` left out of reconstruction because their field is unreliable."""
+        return np.asarray(self.head_mask, bool) & ~np.asarray(self.reliable_mask, bool)
+
     def separation_inputs(self) -> dict:
-        """Keyword arguments of :func:`separate` taken from these maps."""
+        """Keyword arguments of :func:`separate` taken from these maps.
+
+        The field noise is infinite (zero weight) where the local field is not
+        known, so that separation, like the inversion, takes nothing from there.
+        """
+        noise = np.where(self.local_mask, self.field_noise, np.inf).astype(np.float32)
         return {"chi": self.chi, "mask": self.mask, "local_field": self.field_local, "r2star": self.r2star,
-                "field_noise": self.field_noise}
+                "field_noise": noise}
 
 
 def _stepper(timings: dict, log: Log):
@@ -240,9 +278,30 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                 raise InputError("the given mask is empty; pass a mask with the brain set to 1")
             if not (magnitude[head, 0] > 0).any():
                 raise InputError("the given mask does not overlap the data (magnitude is zero in it)")
+        # Holes inside a mask are dark tissue a threshold cut out (bleeds, calcifications, veins):
+        # the strongest sources. Fill them; the reliability step decides what their field is worth.
+        filled = ndimage.binary_fill_holes(head)
+        n_holes = int(np.count_nonzero(filled & ~head))
+        if n_holes:
+            notes.append(f"mask: filled {n_holes} voxels ({n_holes * np.prod(vs) / 1000:.1f} mL) enclosed by the mask")
+            log(f"  {notes[-1]}")
+        head = filled
     with step("field"):
         fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
                                           method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs)
+    with step("reliability"):
+        rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,
+                                             field_noise_hz=fit.field_noise_hz, voxel_size=vs,
+                                             factors=settings.reliability)
+        notes.append(rel.summary())
+        log(f"  {notes[-1]}")
+        share = rel.excluded.sum() / head.sum()
+        if mask is not None and share > USER_MASK_UNRELIABLE_SHARE:
+            notes.append(f"the given mask holds {rel.volume_ml(rel.excluded):.1f} mL ({100 * share:.1f} %) of "
+                         "voxels whose field is unreliable (skull, air or noise at its edge): they were left out "
+                         "of background removal, inversion and outputs; check the mask")
+            log(f"  warning: {notes[-1]}")
+        region = rel.region
     with step("r2star"):
         method = settings.r2star
         if method == "auto":
@@ -253,19 +312,27 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         else:
             r2star = relax.r2star_map(magnitude, acquisition.echo_times, head, method=method)
     with step("background"):
-        local, eroded = _background.remove_background(fit.field_hz, head, method=settings.background,
-                                                      voxel_size=vs, b0_direction=b0,
-                                                      **settings.background_options)
+        local, local_mask = _background.remove_background(
+            fit.field_hz, region, method=settings.background, voxel_size=vs, b0_direction=b0,
+            weights=_noise_weights(fit.field_noise_hz, region), **settings.background_options)
     with step("inversion"):
-        weights = _noise_weights(fit.field_noise_hz, eroded)
-        chi = _inversion.invert(local, eroded, method=settings.inversion, voxel_size=vs, b0_direction=b0,
+        # chi's support: the local-field region plus what it encloses (dark sources and their rim,
+        # which background removal could not use), never beyond the given mask
+        support = (ndimage.binary_fill_holes(local_mask) & head) | local_mask
+        weights = _noise_weights(fit.field_noise_hz, local_mask)
+        chi = _inversion.invert(local, support, method=settings.inversion, voxel_size=vs, b0_direction=b0,
                                 field_strength=acquisition.field_strength, weights=weights,
                                 magnitude=magnitude[..., 0], **settings.inversion_options)
-        csf = _csf_mask(r2star, eroded) if settings.reference == "csf" else None
-        chi = _inversion.reference(chi, eroded, method=settings.reference, csf_mask=csf)
-    return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
+        csf = _csf_mask(r2star, local_mask) if settings.reference == "csf" else None
+        chi = _inversion.reference(chi, support, method=settings.reference, csf_mask=csf)
+    return QsmMaps(mask=np.asarray(support, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
-                   r2star=np.asarray(r2star), chi=np.asarray(chi), timings=timings, notes=notes)
+                   r2star=np.asarray(r2star), chi=np.asarray(chi), reliable_mask=region,
+                   local_mask=np.asarray(local_mask, bool), reliability=rel, timings=timings, notes=notes)
+
+
+#: share of a user's mask with an unreliable field above which the log says so
+USER_MASK_UNRELIABLE_SHARE = 0.005
 
 
 CSF_R2STAR_MAX = 5.0  # 1/s; CSF is the only brain compartment this slow (MEDI+0, Liu et al. MRM 2018)

@@ -8,7 +8,7 @@ here exploits in a different way.
 
 Every method has the same signature::
 
-    method(field_hz, mask, *, voxel_size=(1, 1, 1), b0_direction=(0, 0, 1), **settings)
+    method(field_hz, mask, *, voxel_size=(1, 1, 1), b0_direction=(0, 0, 1), weights=None, **settings)
         -> (local_field_hz, eroded_mask)
 
 and returns the mask it trusts the result in: SMV methods (SHARP, V-SHARP,
@@ -56,6 +56,18 @@ def _finish(grid, local, used_mask, method):
             "the kernel radius. Use a smaller radius or a larger mask."
         )
     return np.where(used, local, 0).astype(np.float32), used
+
+
+def _normalised_weights(weights, msk) -> np.ndarray:
+    """Data weights checked against the mask and scaled to mean 1 in it (uniform when None)."""
+    w = g.check_optional_map(weights, msk.shape, name="weights")
+    if w is None:
+        return msk.astype(np.float32)
+    if not np.all(np.isfinite(w[msk])) or np.any(w[msk] < 0):
+        raise InputError("weights must be finite and >= 0 inside the mask (0 = ignore the voxel)")
+    if not np.any(w[msk] > 0):
+        raise InputError("weights are zero everywhere inside the mask; give positive weights where the mask is")
+    return (w / np.mean(w[msk])).astype(np.float32)
 
 
 def _erode(mask_spectrum, S, count, shape):
@@ -130,7 +142,7 @@ def _radii_check(radius_mm, vs, name):
     return r
 
 
-def sharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
+def sharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0), weights=None,
           radius_mm: float = 5.0, threshold: float = 0.05):
     """SHARP: spherical-mean-value filtering and truncated deconvolution (Schweser et al. 2011).
 
@@ -149,6 +161,9 @@ def sharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0,
     voxel_size : 3 floats, mm
     b0_direction : 3 floats
         Unused (SMV filtering is isotropic); accepted for a common signature.
+    weights : (nx, ny, nz) array, optional
+        Unused: SHARP is a filter without a data term (leave unreliable voxels
+        out of ``mask`` instead); accepted for a common signature.
     radius_mm : float, mm
         SMV sphere radius (5 mm by default).
     threshold : float
@@ -173,7 +188,7 @@ def sharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0,
     return _finish(grid, local, used, "sharp")
 
 
-def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
+def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0), weights=None,
            max_radius_mm: float = 12.0, min_radius_mm: float | None = None,
            step_mm: float | None = None, threshold: float = 0.05):
     """V-SHARP: SHARP with a sphere that shrinks towards the mask boundary (Li et al. 2011).
@@ -186,8 +201,8 @@ def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0
 
     Parameters
     ----------
-    field_hz, mask, voxel_size, b0_direction
-        As in :func:`sharp`.
+    field_hz, mask, voxel_size, b0_direction, weights
+        As in :func:`sharp` (``weights`` are unused).
     max_radius_mm : float, mm
         Largest sphere (12 mm, the STI Suite / chi-separation toolbox default).
     min_radius_mm : float, mm, optional
@@ -224,33 +239,37 @@ def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0
 # ---------------------------------------------------------------------------
 # RESHARP
 # ---------------------------------------------------------------------------
-@partial(jax.jit, static_argnums=(6,))
-def _resharp_core(field, mask, radius, lam, max_iter, tol, shape, voxel_size):
+@partial(jax.jit, static_argnums=(7,))
+def _resharp_core(field, mask, weights, radius, lam, max_iter, tol, shape, voxel_size):
     S, count = g.sphere_half(shape, voxel_size, radius)
     C = 1.0 - S
     eroded = (_erode(g.rfft(mask), S, count, shape) & (mask > 0)).astype(jnp.float32)
+    w2 = eroded * weights**2
 
-    def apply_A(x):  # C^T M C x + lambda x  (C is real and even, so C^T = C)
-        return g.conv(eroded * g.conv(x, C), C) + lam * x
+    def apply_A(x):  # C^T W^2 M C x + lambda x  (C is real and even, so C^T = C)
+        return g.conv(w2 * g.conv(x, C), C) + lam * x
 
-    b = g.conv(eroded * g.conv(field * mask, C), C)
+    b = g.conv(w2 * g.conv(field * mask, C), C)
     x, iters = _cg(apply_A, b, jnp.zeros(shape, jnp.float32), max_iter, tol)
     return x * eroded, eroded > 0, iters
 
 
-def resharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
+def resharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0), weights=None,
             radius_mm: float = 5.0, lam: float = 1e-3, max_iter: int = 100, tol: float = 1e-4):
     """RESHARP: SHARP with Tikhonov regularisation instead of truncation (Sun & Wilman 2014).
 
-    Solves ``min_x ||M C (x - f)||^2 + lam ||x||^2`` by conjugate gradients,
+    Solves ``min_x ||W M C (x - f)||^2 + lam ||x||^2`` by conjugate gradients,
     where ``C = delta - S`` is the SMV high-pass of radius ``radius_mm``,
-    ``M`` the eroded mask and ``f`` the total field; the local field is
-    ``x`` inside ``M``.
+    ``M`` the eroded mask, ``W`` the data weights and ``f`` the total field;
+    the local field is ``x`` inside ``M``.
 
     Parameters
     ----------
     field_hz, mask, voxel_size, b0_direction
         As in :func:`sharp`.
+    weights : (nx, ny, nz) array, optional
+        Data weights (e.g. inverse field noise), normalised to mean 1 in the
+        mask; uniform if None.
     radius_mm : float, mm
         SMV radius (5 mm).
     lam : float
@@ -273,8 +292,9 @@ def resharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.
     """
     field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=radius_mm)
     radius = _radii_check(radius_mm, vs, "radius_mm")
+    w = _normalised_weights(weights, msk)
     local, used, _ = _resharp_core(
-        jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)), jnp.float32(radius),
+        jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)), jnp.asarray(grid.embed(w)), jnp.float32(radius),
         jnp.float32(g.check_positive(lam, "lam")), g.check_count(max_iter, "max_iter"),
         jnp.float32(g.check_positive(tol, "tol")), grid.shape, g.as_jax(vs))
     return _finish(grid, local, used, "resharp")
@@ -338,13 +358,7 @@ def pdf(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
     """
     field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction,
                                         margin_mm=g.check_positive(margin_mm, "margin_mm"))
-    w = g.check_optional_map(weights, msk.shape, name="weights")
-    if w is None:
-        w = msk.astype(np.float32)
-    else:
-        if not np.any(w[msk] > 0):
-            raise InputError("weights are zero everywhere inside the mask; give positive weights where the mask is")
-        w = w / np.mean(w[msk])
+    w = _normalised_weights(weights, msk)
     local, used, _ = _pdf_core(
         jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)), jnp.asarray(grid.embed(w)),
         g.check_count(max_iter, "max_iter"), jnp.float32(g.check_positive(tol, "tol")),
@@ -379,7 +393,7 @@ def _lbv_core(field, mask, interior, max_iter, tol, shape, voxel_size):
     return x * interior, interior > 0, iters
 
 
-def lbv(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
+def lbv(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0), weights=None,
         max_iter: int = 500, tol: float = 1e-4):
     """Laplacian boundary value (LBV) background removal (Zhou et al. 2014).
 
@@ -396,6 +410,10 @@ def lbv(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
     ----------
     field_hz, mask, voxel_size, b0_direction
         As in :func:`sharp` (``b0_direction`` is unused).
+    weights : (nx, ny, nz) array, optional
+        Unused: LBV solves Poisson's equation exactly on the interior, with
+        the field on the boundary layer as its condition, so there is no data
+        term to weight; leave unreliable voxels out of ``mask``.
     max_iter : int
         Preconditioned CG iteration cap (500).
     tol : float
@@ -433,14 +451,15 @@ BACKGROUND_METHODS = {"vsharp": vsharp, "sharp": sharp, "resharp": resharp, "pdf
 
 def _check_settings(func, settings, method):
     params = inspect.signature(func).parameters
-    allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in ("voxel_size", "b0_direction")]
+    allowed = [n for n, p in params.items()
+               if p.kind is p.KEYWORD_ONLY and n not in ("voxel_size", "b0_direction", "weights")]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
         raise InputError(f"unknown setting(s) {unknown} for method {method!r}; valid settings: {', '.join(allowed)}")
 
 
 def remove_background(field_hz, mask, *, method: str = "vsharp", voxel_size=(1.0, 1.0, 1.0),
-                      b0_direction=(0.0, 0.0, 1.0), **settings):
+                      b0_direction=(0.0, 0.0, 1.0), weights=None, **settings):
     """Remove the background field with a named method.
 
     Parameters
@@ -453,6 +472,9 @@ def remove_background(field_hz, mask, *, method: str = "vsharp", voxel_size=(1.0
         PDF or LBV. See each function for its settings.
     voxel_size : 3 floats, mm
     b0_direction : 3 floats, unit vector in voxel axes
+    weights : (nx, ny, nz) array, optional
+        Data weights (inverse field noise) for the methods with a data term
+        (PDF, RESHARP); SHARP, V-SHARP and LBV have none and ignore them.
     **settings
         Keyword settings of the chosen method; unknown names are an error.
 
@@ -464,4 +486,4 @@ def remove_background(field_hz, mask, *, method: str = "vsharp", voxel_size=(1.0
     g.check_choice(method, tuple(BACKGROUND_METHODS), "method")
     func = BACKGROUND_METHODS[method]
     _check_settings(func, settings, method)
-    return func(field_hz, mask, voxel_size=voxel_size, b0_direction=b0_direction, **settings)
+    return func(field_hz, mask, voxel_size=voxel_size, b0_direction=b0_direction, weights=weights, **settings)

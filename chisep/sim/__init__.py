@@ -12,6 +12,7 @@ from chisep.sim.gre import (
     relaxometric_constants,
     simulate_fields,
     simulate_gre,
+    simulate_gre_partial_volume,
     with_affine,
 )
 from chisep.sim.phantom import (
@@ -37,5 +38,6 @@ __all__ = [
     "resample_labels",
     "simulate_fields",
     "simulate_gre",
+    "simulate_gre_partial_volume",
     "with_affine",
 ]
