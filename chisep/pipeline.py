@@ -443,7 +443,10 @@ COMPONENT_CONVENTION = ("chi_para >= 0 and chi_dia >= 0 (diamagnetic magnitude);
 #: file stem -> (unit, description, convention)
 MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
     "mask": ("1", "brain mask of the final maps (after background-removal erosion)", None),
-    "head_mask": ("1", "mask in which the total field was estimated", None),
+    "head_mask": ("1", "mask in which the total field was estimated (the given or automatic mask, holes filled)",
+                  None),
+    "reconstruction_mask": ("1", "reconstruction region: head_mask minus the voxels whose field is unreliable "
+                                 "(skull, air, noise); background removal worked here", None),
     "field_total": ("Hz", "total field offset from the multi-echo fit", "positive = higher frequency"),
     "field_noise": ("Hz", "standard error of the total field estimate", None),
     "field_local": ("Hz", "local (tissue) field after background removal", "positive = higher frequency"),
@@ -460,32 +463,39 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
 
 #: bits of the ``quality`` map written by :func:`run_files` (a voxel may carry several)
 QUALITY_FLAGS = {
-    1: "total field unreliable: field noise non-finite or above 10x its median in the mask",
+    1: "total field unreliable (chisep.qsm.reliability criteria): excluded from background removal, "
+       "inversion and the brain mask of the outputs",
     2: "R2* estimate clipped to the plausible range (relax.R2STAR_RANGE)",
     4: "a separation model reports that its fit did not converge here",
     8: "a map held NaN or Inf here before writing (written as 0)",
+    16: "total field unreliable but enclosed by brain (a dark source such as a bleed or calcification): "
+        "kept, down-weighted by its field noise",
+    32: "no local field here (background-removal erosion): chi comes from the field around it and the prior",
 }
-QUALITY_NOISE_FACTOR = 10.0
 
 
 def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationResult] | None = None) -> np.ndarray:
-    """Per-voxel bit flags (uint8, see :data:`QUALITY_FLAGS`) inside the final mask, 0 outside.
+    """Per-voxel bit flags (uint8, see :data:`QUALITY_FLAGS`) inside the head mask, 0 outside.
 
-    Voxels where a fit failed are flagged rather than trusted: the written maps
-    hold 0 where they were non-finite, and this map says where that happened.
+    The head mask (the given or automatic mask) is covered, not just the
+    brain mask of the outputs, so that every voxel left out as unreliable is
+    flagged. Voxels where a fit failed are flagged rather than trusted: the
+    written maps hold 0 where they were non-finite, and this map says where
+    that happened.
     """
     from chisep import relax
 
+    head = np.asarray(qsm.head_mask, bool)
     mask = np.asarray(qsm.mask, bool)
-    flags = np.zeros(mask.shape, np.uint8)
-    noise = np.asarray(qsm.field_noise, np.float64)
-    finite = np.isfinite(noise) & mask
-    limit = QUALITY_NOISE_FACTOR * np.median(noise[finite]) if finite.any() else np.inf
-    flags[mask & (~np.isfinite(noise) | ~np.isfinite(qsm.field_total) | (noise > limit))] |= 1
+    flags = np.zeros(head.shape, np.uint8)
+    flags[qsm.excluded_mask | (head & ~np.isfinite(qsm.field_total))] |= 1
+    if qsm.reliability is not None:
+        flags[qsm.reliability.enclosed & head] |= 16
+    flags[mask & ~np.asarray(qsm.local_mask, bool)] |= 32
     lo, hi = relax.R2STAR_RANGE
     r2s = np.asarray(qsm.r2star)
     if r2s.any():  # single echo: no R2* at all (all zeros), which is not clipping
-        flags[mask & ((r2s <= lo) | (r2s >= hi))] |= 2
+        flags[head & ((r2s <= lo) | (r2s >= hi))] |= 2
     arrays = [qsm.field_total, qsm.field_local, qsm.r2star, qsm.chi]
     for result in (separations or {}).values():
         converged = result.extra.get("converged")
@@ -494,13 +504,14 @@ def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationResult] | No
         arrays += [result.chi_para, result.chi_dia]
     for array in arrays:
         flags[mask & ~np.isfinite(np.asarray(array))] |= 8
-    return flags * mask
+    return flags * head
 
 
 #: flat name -> BIDS-derivatives suffix (with desc- entity where BIDS has no suffix of its own)
 BIDS_NAMES = {
     "mask": "desc-brain_mask",
     "head_mask": "desc-head_mask",
+    "reconstruction_mask": "desc-reconstruction_mask",
     "field_total": "desc-total_fieldmap",
     "field_noise": "desc-noise_fieldmap",
     "field_local": "desc-local_fieldmap",
@@ -570,6 +581,7 @@ class _Writer:
 def write_qsm_maps(writer: _Writer, qsm: QsmMaps, r2prime: np.ndarray | None = None) -> None:
     writer.map("mask", qsm.mask)
     writer.map("head_mask", qsm.head_mask)
+    writer.map("reconstruction_mask", qsm.reliable_mask)
     writer.map("field_total", qsm.field_total)
     writer.map("field_noise", qsm.field_noise)
     writer.map("field_local", qsm.field_local)
@@ -638,16 +650,28 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
             maps[f"{model}:chi_para"], maps[f"{model}:chi_dia"] = result.chi_para, result.chi_dia
         writer.written += write_report(out, maps, qsm.mask, acq.voxel_size, labels=labels,
                                        label_names=label_names, overwrite=overwrite,
-                                       first_model=next(iter(results), None), bids_prefix=bids_prefix)
+                                       first_model=next(iter(results), None), bids_prefix=bids_prefix,
+                                       excluded=qsm.excluded_mask)
     timings["total"] = round(time.perf_counter() - t_start, 3)
     signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
     io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
                         extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
                                "outputs": writer.written, "notes": qsm.notes,
+                               "reliability": reliability_record(qsm),
                                "models": {m: r.info for m, r in results.items()}},
                         overwrite=overwrite)
     return RunOutput(out_dir=out, qsm=qsm, separations=results, timings=timings,
                      summary=_summary(out, timings, results))
+
+
+def reliability_record(qsm: QsmMaps) -> dict | None:
+    """What the reliability step did, for the provenance: volumes (mL), thresholds and factors."""
+    rel = qsm.reliability
+    if rel is None:
+        return None
+    return {"excluded_ml": round(rel.volume_ml(rel.excluded), 3), "enclosed_kept_ml": round(rel.volume_ml(rel.enclosed), 3),
+            "excluded_ml_by_criterion": {k: round(rel.volume_ml(v & rel.excluded), 3) for k, v in rel.flagged_by.items()},
+            **rel.info}
 
 
 @dataclass
@@ -662,8 +686,12 @@ class RunOutput:
 def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, voxel_size, *,
                  labels: np.ndarray | None = None, label_names: Mapping[int, str] | None = None,
                  first_model: str | None = None, overwrite: bool = False,
-                 bids_prefix: str | None = None) -> list[str]:
-    """roi_stats.csv (every map, every label) and report.png (montage of the main maps)."""
+                 bids_prefix: str | None = None, excluded: np.ndarray | None = None) -> list[str]:
+    """roi_stats.csv (every map, every label) and report.png (montage of the main maps).
+
+    ``excluded``: voxels left out as unreliable; the figure shows them in red
+    in a last row and its title gives their volume.
+    """
     from chisep import report
 
     csv_name, png_name = ((f"{bids_prefix}_roistats.csv", f"{bids_prefix}_report.png") if bids_prefix
@@ -676,8 +704,12 @@ def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, vo
     if first_model is not None:
         shown["chi_para"] = maps[f"{first_model}:chi_para"]
         shown["chi_dia"] = maps[f"{first_model}:chi_dia"]
-    figure = report.montage_figure(shown, mask=mask, voxel_size=voxel_size,
-                                   title=f"chisep {first_model or 'QSM'}")
+    title = f"chisep {first_model or 'QSM'}"
+    if excluded is not None:
+        excluded_ml = float(np.count_nonzero(excluded) * np.prod(voxel_size)) / 1000.0
+        title += f"; excluded as unreliable field: {excluded_ml:.1f} mL"
+    figure = report.montage_figure(shown, mask=mask, voxel_size=voxel_size, title=title, highlight=excluded,
+                                   highlight_label="excluded (unreliable field)")
     io.write_bytes(out / png_name, report.figure_png_bytes(figure), overwrite=overwrite)
     return [csv_name, png_name]
 

@@ -632,6 +632,8 @@ def montage_figure(
     voxel_size=(1.0, 1.0, 1.0),
     slices=None,
     title: str | None = None,
+    highlight=None,
+    highlight_label: str = "highlighted voxels",
 ) -> Figure:
     """Orthogonal-slice montage: one row per map, axial / coronal / sagittal columns.
 
@@ -650,6 +652,11 @@ def montage_figure(
         Voxel indices of the sagittal, coronal and axial cuts; default: the
         mask's centre of mass (the volume centre without a mask).
     title : str, optional
+    highlight : (x, y, z) bool array, optional
+        Voxels to show in red over the first map (e.g. the voxels excluded as
+        unreliable), in an extra last row whose slices cut through most of them.
+    highlight_label : str
+        Row label of the highlight row.
 
     Returns
     -------
@@ -661,13 +668,15 @@ def montage_figure(
     msk = None if mask is None else _mask(mask, shape)
     centre = _default_centre(msk, shape) if slices is None else _slices_arg(slices, shape)
     names = _ordered(arrays)
+    marked = None if highlight is None else _mask(highlight, shape)
+    n_rows = len(names) + (marked is not None)
 
     # Panel widths proportional to their physical widths; about 2.2 in per 200 mm.
     widths = [shape[h] * vox[h] for _, _, (h, _) in _VIEWS]
     heights = [shape[v] * vox[v] for _, _, (_, v) in _VIEWS]
     scale = 2.6 / max(max(widths), max(heights))
-    fig = _new_figure(sum(w * scale for w in widths) + 1.6, len(names) * max(heights) * scale + 0.6 + 0.3 * bool(title))
-    axes = fig.subplots(len(names), 3, squeeze=False, width_ratios=widths)
+    fig = _new_figure(sum(w * scale for w in widths) + 1.6, n_rows * max(heights) * scale + 0.6 + 0.3 * bool(title))
+    axes = fig.subplots(n_rows, 3, squeeze=False, width_ratios=widths)
     for row, name in enumerate(names):
         data = _masked(name, arrays[name], msk)
         window = display_window(name, arrays[name], msk)
@@ -676,9 +685,32 @@ def montage_figure(
             if row == 0:
                 axes[row, col].set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=9)
         _colorbar(fig, im, list(axes[row]), _label_text(name))
+    if marked is not None:
+        _highlight_row(fig, axes[-1], arrays[names[0]], names[0], marked, msk, vox, highlight_label)
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _highlight_row(fig, row_axes, background, name, marked, mask, vox, label) -> None:
+    """Grey ``background`` with ``marked`` voxels in red, cut where most of them lie."""
+    shape = marked.shape
+    if marked.any():
+        # per axis, the slice holding the most marked voxels
+        centre = tuple(int(np.argmax(marked.sum(axis=tuple(a for a in range(3) if a != axis)))) for axis in range(3))
+    else:
+        centre = _default_centre(mask, shape)
+    data = _masked(name, background, None)
+    window = display_window(name, background, mask)
+    for col, (view, axis, shown) in enumerate(_VIEWS):
+        ax = row_axes[col]
+        extent = _extent(shape, vox, shown)
+        im = _show(ax, _view(data, axis, centre[axis]), extent, window, "gray")
+        overlay = np.zeros(_view(marked, axis, centre[axis]).shape + (4,), np.float32)
+        overlay[_view(marked, axis, centre[axis])] = (1.0, 0.1, 0.1, 0.9)
+        ax.imshow(overlay, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
+        ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
+    _colorbar(fig, im, list(row_axes), f"{_label_text(name)}; red: {label}")
 
 
 def _default_axial_slice(mask, labels, label_names, shape) -> int:

@@ -63,8 +63,6 @@ def _normalised_weights(weights, msk) -> np.ndarray:
     w = g.check_optional_map(weights, msk.shape, name="weights")
     if w is None:
         return msk.astype(np.float32)
-    if not np.all(np.isfinite(w[msk])) or np.any(w[msk] < 0):
-        raise InputError("weights must be finite and >= 0 inside the mask (0 = ignore the voxel)")
     if not np.any(w[msk] > 0):
         raise InputError("weights are zero everywhere inside the mask; give positive weights where the mask is")
     return (w / np.mean(w[msk])).astype(np.float32)

@@ -195,12 +195,13 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, vox
         "decay_residual": decay_residual(mag[msk], tes),
     }
     flagged, statistics, thresholds = {}, {}, {}
-    for name, v in values.items():
+    reference = np.ones(int(msk.sum()), bool)  # the voxels whose median sets the thresholds
+    for name, v in values.items():  # field_noise first: see below
         stat = np.zeros(msk.shape, np.float32)
         stat[msk] = np.where(np.isfinite(v), v, np.finfo(np.float32).max)
         statistics[name] = stat
         factor = chosen[name]
-        finite = v[np.isfinite(v)]
+        finite = v[np.isfinite(v) & reference]
         if factor is None or not np.isfinite(factor) or finite.size == 0 or not np.median(finite) > 0:
             # a statistic that is zero at the median (too few echoes, noiseless data) cannot rank voxels
             sel = ~np.isfinite(v) if name == "field_noise" else np.zeros(v.shape, bool)
@@ -211,6 +212,10 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, vox
         flag = np.zeros(msk.shape, bool)
         flag[msk] = sel
         flagged[name] = flag
+        if name == "field_noise" and not sel.all():
+            # A mask reaching far into noise-only skull or air would lift the medians of the
+            # other statistics and loosen their thresholds: take them over the voxels with signal.
+            reference = ~sel
     unreliable = np.logical_or.reduce(list(flagged.values())) & msk
     reliable = msk & ~unreliable
     if not reliable.any():
