@@ -75,10 +75,7 @@ class QsmSettings:
                 raise InputError(f"qsm setting {name}={value!r} is not valid; choose one of: {', '.join(valid)}")
         if not self.mask_erode_mm >= 0:
             raise InputError(f"mask_erode_mm must be >= 0 mm, got {self.mask_erode_mm}")
-        unknown = sorted(set(self.reliability) - set(_reliability.CRITERIA))
-        if unknown:
-            raise InputError(f"qsm setting reliability has unknown criteria {unknown}; "
-                             f"valid: {', '.join(_reliability.CRITERIA)}")
+        _reliability.check_factors(self.reliability)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,10 @@ FIELD_METHODS = ("nonlinear", "weighted-linear", "echo-average")
 #: (|f| * dTE > 0.5) above which a warning is raised.
 ALIASING_WARN_FRACTION = 0.05
 
+#: Voxels whose field noise exceeds this factor times the median are not counted for that warning
+#: (nor for the global cycle count, see ``_centre_whole_cycles``).
+ALIASING_NOISE_FACTOR = 10.0
+
 _TWO_PI = 2.0 * np.pi
 
 
@@ -299,9 +303,14 @@ def fit_multi_echo_field(
     else:
         sigma, source = _sigma_without_residuals(None, mag_rss, msk, n_echoes, info)
     noise = sigma * np.sqrt(np.maximum(coef_var, 0.0))
+    # counted where the field is measured at all: noise-only voxels (skull, air in a wide mask)
+    # have random frequencies and would raise false alarms and pull the global cycle count
+    measured = np.isfinite(noise) & (noise <= ALIASING_NOISE_FACTOR * np.median(noise[np.isfinite(noise)]))
+    f, phi0, cycles = _centre_whole_cycles(f, phi0, tes, measured)
+    info["global_cycle_shift"] = cycles
 
     max_dte = float(np.max(np.diff(tes)))
-    aliased = float(np.mean(np.abs(f) * max_dte > 0.5))
+    aliased = float(np.mean(np.abs(f[measured]) * max_dte > 0.5)) if measured.any() else 0.0
     if aliased > ALIASING_WARN_FRACTION:
         message = (
             f"the phase wraps between consecutive echoes (|f| * dTE > 0.5, dTE = {max_dte * 1e3:.2f} ms) "
@@ -344,6 +353,27 @@ def _sigma_without_residuals(noise_sigma, mag_rss, mask, n_echoes, info):
     warnings.warn(message, UserWarning, stacklevel=3)
     info["warnings"].append(message)
     return 1.0, "relative"
+
+
+def _centre_whole_cycles(f, phi0, tes, measured):
+    """Shift the whole field by k / dTE so that its median over ``measured`` voxels lies within +-1/(2 dTE).
+
+    With equally spaced echoes, f + k/dTE and phi0 - 2 pi k TE1/dTE fit every
+    echo equally well, so the data cannot fix the global cycle count; spatial
+    unwrapping picks it from wherever it starts, and in a mask that reaches
+    noise-only skull that can be one cycle off for the whole brain (166.7 Hz
+    at dTE 6 ms). The scanner sets its centre frequency on the imaged tissue,
+    so the median field is near 0: that decides. Unequal spacing breaks the
+    ambiguity, and then nothing is changed. Returns (f, phi0, k).
+    """
+    spacing = np.diff(tes)
+    if spacing.size == 0 or np.ptp(spacing) > 0.01 * spacing.mean() or not measured.any():
+        return f, phi0, 0
+    dte = float(spacing.mean())
+    k = int(np.round(np.median(f[measured]) * dte))
+    if k == 0:
+        return f, phi0, 0
+    return f - k / dte, phi0 + _TWO_PI * k * tes[0] / dte, -k
 
 
 def _correct_echo_wraps(f, phi0, msk, tes, *, window: int = 7, rounds: int = 10):

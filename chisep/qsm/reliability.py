@@ -141,6 +141,21 @@ def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
     return np.where(sw > 0, np.sqrt(((m - fit) ** 2).sum(-1) / energy), 1.0)
 
 
+def check_factors(factors: dict | None) -> dict:
+    """The factors per criterion: the defaults updated by ``factors`` (None or "off" = criterion off)."""
+    chosen = dict(DEFAULT_FACTORS)
+    for name, value in (factors or {}).items():
+        if name not in DEFAULT_FACTORS:
+            raise InputError(f"unknown reliability criterion {name!r}; choose from {', '.join(CRITERIA)}")
+        if value == "off":
+            value = None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1):
+            raise InputError(f"reliability factor {name}={value!r} must be a number > 1 (times the median "
+                             "in the mask), or None / \"off\" to switch the criterion off")
+        chosen[name] = value
+    return chosen
+
+
 def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, voxel_size=(1.0, 1.0, 1.0),
                       factors: dict | None = None) -> Reliability:
     """Split a mask into voxels with a reliable field and the rest.
@@ -156,7 +171,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, vox
     factors : dict, optional
         Per criterion (``field_noise``, ``echo_spread``, ``decay_residual``), the
         factor over its median in the mask above which a voxel is unreliable;
-        ``None`` or ``inf`` switches a criterion off. Defaults: :data:`DEFAULT_FACTORS`.
+        ``None``, ``"off"`` or ``inf`` switches a criterion off. Defaults: :data:`DEFAULT_FACTORS`.
 
     Returns
     -------
@@ -168,14 +183,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, vox
         Unknown criterion, non-positive factor, shape mismatch, empty mask, or
         a mask in which every voxel would be unreliable.
     """
-    chosen = dict(DEFAULT_FACTORS)
-    for name, value in (factors or {}).items():
-        if name not in DEFAULT_FACTORS:
-            raise InputError(f"unknown reliability criterion {name!r}; choose from {', '.join(CRITERIA)}")
-        if value is not None and not (isinstance(value, (int, float)) and value > 1):
-            raise InputError(f"reliability factor {name}={value!r} must be a number > 1 (times the median "
-                             "in the mask), or None to switch the criterion off")
-        chosen[name] = value
+    chosen = check_factors(factors)
     msk = np.asarray(mask, dtype=bool)
     mag = np.asarray(magnitude, dtype=np.float32)
     ph = np.asarray(phase, dtype=np.float32)
@@ -232,4 +240,4 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, vox
                        info=info)
 
 
-__all__ = ["CRITERIA", "DEFAULT_FACTORS", "Reliability", "decay_residual", "echo_spread_hz", "field_reliability"]
+__all__ = ["CRITERIA", "DEFAULT_FACTORS", "Reliability", "check_factors", "decay_residual", "echo_spread_hz", "field_reliability"]
