@@ -176,48 +176,37 @@ class QsmMaps:
     """Outputs of :func:`reconstruct_qsm` (units in the attribute names' docs).
 
     Masks, from the widest to the narrowest: ``head_mask`` (the given or
-    automatic mask, enclosed holes filled: where the field was fitted)
-    contains ``mask`` (the brain mask of the outputs: where chi is reported)
-    and ``reliable_mask`` (the reconstruction region: voxels with a usable
-    field, where background removal worked); ``local_mask`` is where the
-    local field is known (``reliable_mask`` after background-removal erosion).
-    Voxels of ``mask`` outside ``local_mask`` (enclosed dark sources, their
-    rim) get chi from the inversion's prior and the field around them.
+    automatic mask, enclosed holes filled: where the field was fitted),
+    ``reconstruction_mask`` (``head_mask`` minus the voxels whose field is
+    unreliable: where background removal worked) and ``mask`` (the brain mask
+    of the outputs: the reconstruction region after background-removal erosion).
     """
 
     mask: np.ndarray             # bool, brain mask of the final maps
     head_mask: np.ndarray        # bool, the mask the field was estimated in
     field_total: np.ndarray      # Hz
     field_noise: np.ndarray      # Hz, standard error of the field estimate
-    field_local: np.ndarray      # Hz, 0 outside local_mask
+    field_local: np.ndarray      # Hz
     r2star: np.ndarray           # 1/s
     chi: np.ndarray              # ppm, referenced (settings.reference)
-    reliable_mask: np.ndarray | None = None   # bool, reconstruction region (head_mask minus unreliable voxels)
-    local_mask: np.ndarray | None = None      # bool, where the local field is known (after erosion)
+    reconstruction_mask: np.ndarray | None = None  # bool, head_mask minus unreliable voxels (default: mask)
     reliability: "_reliability.Reliability | None" = None
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.reliable_mask is None:
-            self.reliable_mask = np.asarray(self.mask, bool)
-        if self.local_mask is None:
-            self.local_mask = np.asarray(self.mask, bool)
+        if self.reconstruction_mask is None:
+            self.reconstruction_mask = np.asarray(self.mask, bool)
 
     @property
     def excluded_mask(self) -> np.ndarray:
         """Voxels of ``head_mask`` left out of reconstruction because their field is unreliable."""
-        return np.asarray(self.head_mask, bool) & ~np.asarray(self.reliable_mask, bool)
+        return np.asarray(self.head_mask, bool) & ~np.asarray(self.reconstruction_mask, bool)
 
     def separation_inputs(self) -> dict:
-        """Keyword arguments of :func:`separate` taken from these maps.
-
-        The field noise is infinite (zero weight) where the local field is not
-        known, so that separation, like the inversion, takes nothing from there.
-        """
-        noise = np.where(self.local_mask, self.field_noise, np.inf).astype(np.float32)
+        """Keyword arguments of :func:`separate` taken from these maps."""
         return {"chi": self.chi, "mask": self.mask, "local_field": self.field_local, "r2star": self.r2star,
-                "field_noise": noise}
+                "field_noise": self.field_noise}
 
 
 def _stepper(timings: dict, log: Log):
@@ -309,23 +298,20 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         else:
             r2star = relax.r2star_map(magnitude, acquisition.echo_times, head, method=method)
     with step("background"):
-        local, local_mask = _background.remove_background(
+        local, eroded = _background.remove_background(
             fit.field_hz, region, method=settings.background, voxel_size=vs, b0_direction=b0,
             weights=_noise_weights(fit.field_noise_hz, region), **settings.background_options)
     with step("inversion"):
-        # chi's support: the local-field region plus what it encloses (dark sources and their rim,
-        # which background removal could not use), never beyond the given mask
-        support = (ndimage.binary_fill_holes(local_mask) & head) | local_mask
-        weights = _noise_weights(fit.field_noise_hz, local_mask)
-        chi = _inversion.invert(local, support, method=settings.inversion, voxel_size=vs, b0_direction=b0,
+        weights = _noise_weights(fit.field_noise_hz, eroded)
+        chi = _inversion.invert(local, eroded, method=settings.inversion, voxel_size=vs, b0_direction=b0,
                                 field_strength=acquisition.field_strength, weights=weights,
                                 magnitude=magnitude[..., 0], **settings.inversion_options)
-        csf = _csf_mask(r2star, local_mask) if settings.reference == "csf" else None
-        chi = _inversion.reference(chi, support, method=settings.reference, csf_mask=csf)
-    return QsmMaps(mask=np.asarray(support, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
+        csf = _csf_mask(r2star, eroded) if settings.reference == "csf" else None
+        chi = _inversion.reference(chi, eroded, method=settings.reference, csf_mask=csf)
+    return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
-                   r2star=np.asarray(r2star), chi=np.asarray(chi), reliable_mask=region,
-                   local_mask=np.asarray(local_mask, bool), reliability=rel, timings=timings, notes=notes)
+                   r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
+                   reliability=rel, timings=timings, notes=notes)
 
 
 #: share of a user's mask with an unreliable field above which the log says so
@@ -467,7 +453,6 @@ QUALITY_FLAGS = {
     8: "a map held NaN or Inf here before writing (written as 0)",
     16: "total field unreliable but enclosed by brain (a dark source such as a bleed or calcification): "
         "kept, down-weighted by its field noise",
-    32: "no local field here (background-removal erosion): chi comes from the field around it and the prior",
 }
 
 
@@ -488,7 +473,6 @@ def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationResult] | No
     flags[qsm.excluded_mask | (head & ~np.isfinite(qsm.field_total))] |= 1
     if qsm.reliability is not None:
         flags[qsm.reliability.enclosed & head] |= 16
-    flags[mask & ~np.asarray(qsm.local_mask, bool)] |= 32
     lo, hi = relax.R2STAR_RANGE
     r2s = np.asarray(qsm.r2star)
     if r2s.any():  # single echo: no R2* at all (all zeros), which is not clipping
@@ -578,7 +562,7 @@ class _Writer:
 def write_qsm_maps(writer: _Writer, qsm: QsmMaps, r2prime: np.ndarray | None = None) -> None:
     writer.map("mask", qsm.mask)
     writer.map("head_mask", qsm.head_mask)
-    writer.map("reconstruction_mask", qsm.reliable_mask)
+    writer.map("reconstruction_mask", qsm.reconstruction_mask)
     writer.map("field_total", qsm.field_total)
     writer.map("field_noise", qsm.field_noise)
     writer.map("field_local", qsm.field_local)

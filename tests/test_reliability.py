@@ -236,7 +236,7 @@ def test_user_masks_give_the_true_mask_result(head, reference_scores, mask_name)
     # field does wrap between echoes, so the alarm may be right there)
     if mask_name in ("dilated 1", "dilated 2"):
         assert not [w for w in caught if "phase wraps" in str(w.message)]
-    inside = qsm.local_mask & head.truth.brain_mask
+    inside = qsm.mask & head.truth.brain_mask
     assert abs(np.median(qsm.field_total[inside] - head.truth.field_total_hz[inside])) < 1.0
     reference = reference_scores["plain"]
     for name, value in scores.items():

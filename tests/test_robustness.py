@@ -145,22 +145,19 @@ def test_quality_map_flags_failed_voxels_instead_of_trusting_them():
     noise[1, 1, 1] = 5.0          # 50x the median: unreliable field, excluded by the reliability step
     reliable = mask.copy()
     reliable[1, 1, 1] = False
-    local = mask & reliable
-    local[1, 3, 2] = False        # lost to background-removal erosion
     field[2, 1, 1] = np.nan       # failed fit
     r2s[3, 1, 1] = 1000.0         # at the upper R2* limit
     chi[4, 1, 1] = np.inf
     converged = np.ones(shape, np.uint8)
     converged[1, 2, 1] = 0
     qsm = pipeline.QsmMaps(mask=mask & reliable, head_mask=mask, field_total=field, field_noise=noise,
-                           field_local=ones, r2star=r2s, chi=chi, reliable_mask=reliable, local_mask=local)
+                           field_local=ones, r2star=r2s, chi=chi, reconstruction_mask=reliable)
     sep = {"decompose": SeparationResult(chi_para=ones, chi_dia=ones, extra={"converged": converged})}
     q = pipeline.quality_map(qsm, sep)
     assert q.dtype == np.uint8 and not q[~mask].any()
     assert q[1, 1, 1] == 1 and q[2, 1, 1] == 1 | 8 and q[3, 1, 1] == 2 and q[4, 1, 1] == 8 and q[1, 2, 1] == 4
-    assert q[1, 3, 2] == 32       # in the output mask, but without a local field
-    assert np.count_nonzero(q) == 6
-    assert set(pipeline.QUALITY_FLAGS) == {1, 2, 4, 8, 16, 32}
+    assert np.count_nonzero(q) == 5
+    assert set(pipeline.QUALITY_FLAGS) == {1, 2, 4, 8, 16}
 
 
 @pytest.mark.parametrize("name", ["standard", "7T", "single-echo", "snr20"])
