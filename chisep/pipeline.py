@@ -277,7 +277,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                                           method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs)
     with step("reliability"):
         rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,
-                                             field_noise_hz=fit.field_noise_hz, voxel_size=vs,
+                                             field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
+                                             voxel_size=vs,
                                              factors=settings.reliability)
         notes.append(rel.summary())
         log(f"  {notes[-1]}")

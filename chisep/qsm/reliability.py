@@ -96,13 +96,18 @@ class Reliability:
                 "unreliable voxels enclosed by brain (dark sources), down-weighted by their field noise")
 
 
-def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
+def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndarray,
+                   field_hz: np.ndarray | None = None) -> np.ndarray:
     """Magnitude-weighted standard deviation (Hz) of the consecutive-echo frequencies, per voxel.
 
     Parameters
     ----------
     magnitude, phase : (n, echo) arrays (phase in rad, wrapped or not)
     echo_times : (echo,) s
+    field_hz : (n,) array, Hz, optional
+        The fitted field. Each pair's frequency is taken on the branch nearest
+        to it, so that a field beyond +-1/(2 dTE) (wrapping between echoes,
+        long or unequal echo spacings) is not mistaken for a spread.
 
     Returns
     -------
@@ -112,7 +117,10 @@ def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndar
         return np.zeros(magnitude.shape[:-1])
     signal = magnitude * np.exp(1j * phase)
     pairs = signal[..., 1:] * np.conj(signal[..., :-1])
-    freq = np.angle(pairs) / (2.0 * np.pi * np.diff(echo_times))
+    dte = np.diff(echo_times)
+    reference = np.zeros(pairs.shape[:-1]) if field_hz is None else np.asarray(field_hz, np.float64)
+    turn = 2.0 * np.pi * reference[..., None] * dte  # the fitted field's phase change per pair
+    freq = reference[..., None] + np.angle(pairs * np.exp(-1j * turn)) / (2.0 * np.pi * dte)
     w = np.abs(pairs)
     w_sum = np.maximum(w.sum(-1), 1e-30)
     mean = (w * freq).sum(-1) / w_sum
@@ -156,8 +164,8 @@ def check_factors(factors: dict | None) -> dict:
     return chosen
 
 
-def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, voxel_size=(1.0, 1.0, 1.0),
-                      factors: dict | None = None) -> Reliability:
+def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, field_hz=None,
+                      voxel_size=(1.0, 1.0, 1.0), factors: dict | None = None) -> Reliability:
     """Split a mask into voxels with a reliable field and the rest.
 
     Parameters
@@ -167,6 +175,9 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, vox
     mask : (x, y, z) bool, the voxels the field was fitted in
     field_noise_hz : (x, y, z) array, Hz, the field's standard error (e.g. ``FieldFit.field_noise_hz``);
         non-finite values are unreliable
+    field_hz : (x, y, z) array, Hz, optional
+        The fitted total field (``FieldFit.field_hz``): the echo-pair frequencies are
+        taken on its branch (needed when the phase wraps between echoes)
     voxel_size : 3 floats, mm (for volumes in mL)
     factors : dict, optional
         Per criterion (``field_noise``, ``echo_spread``, ``decay_residual``), the
@@ -190,16 +201,17 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, vox
     if mag.ndim == 3:
         mag, ph = mag[..., None], ph[..., None]
     noise = np.asarray(field_noise_hz, dtype=np.float64)
-    if mag.shape != ph.shape or mag.shape[:3] != msk.shape or noise.shape != msk.shape:
-        raise InputError(f"field_reliability: magnitude {mag.shape}, phase {ph.shape}, mask {msk.shape} and "
-                         f"field_noise_hz {noise.shape} must share the (x, y, z) grid")
+    field = np.zeros(msk.shape) if field_hz is None else np.asarray(field_hz, dtype=np.float64)
+    if mag.shape != ph.shape or mag.shape[:3] != msk.shape or noise.shape != msk.shape or field.shape != msk.shape:
+        raise InputError(f"field_reliability: magnitude {mag.shape}, phase {ph.shape}, mask {msk.shape}, "
+                         f"field_noise_hz {noise.shape} and field_hz {field.shape} must share the (x, y, z) grid")
     if not msk.any():
         raise InputError("field_reliability: the mask is empty; pass the mask the field was fitted in")
     tes = np.asarray(echo_times, dtype=np.float64)
 
     values = {
         "field_noise": np.where(np.isfinite(noise[msk]), noise[msk], np.inf),
-        "echo_spread": echo_spread_hz(mag[msk].astype(np.float64), ph[msk].astype(np.float64), tes),
+        "echo_spread": echo_spread_hz(mag[msk].astype(np.float64), ph[msk].astype(np.float64), tes, field[msk]),
         "decay_residual": decay_residual(mag[msk], tes),
     }
     flagged, statistics, thresholds = {}, {}, {}
