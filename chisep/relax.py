@@ -55,8 +55,11 @@ def _check_multi_echo_magnitude(magnitude, mask):
     return mag, msk
 
 
-def _loglinear(values: np.ndarray, tes: np.ndarray):
-    """Weighted log-linear fit, weights S^2 (var(log S) ~ sigma^2 / S^2). Returns (s0, r2)."""
+def loglinear_fit(values: np.ndarray, tes: np.ndarray):
+    """Weighted log-linear fit of S = s0 exp(-r2 TE) per row, weights S^2 (var(log S) ~ sigma^2 / S^2).
+
+    ``values``: (n, echo) magnitudes; ``tes``: (echo,) s. Returns (s0, r2), each (n,).
+    """
     # zeros get a tiny floor: with weights S^2 they then carry no weight
     floor = max(float(values.max()) if values.size else 1.0, 1e-30) * 1e-30
     s = np.maximum(values.astype(np.float64), floor)
@@ -174,7 +177,7 @@ def r2star_map(
         r2 = _arlo(values, tes)
         clipped_values = (r2 < lo) | (r2 > hi)
     else:
-        s0, r2 = _loglinear(values, tes)
+        s0, r2 = loglinear_fit(values, tes)
         clipped_values = (r2 < lo) | (r2 > hi)
         if method == "nonlinear" and values.size:
             lo, hi = R2STAR_RANGE

@@ -130,23 +130,20 @@ def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndar
 def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
     """Relative residual of a mono-exponential fit to the magnitude, ``||m - fit|| / ||m||``.
 
-    Log-linear least squares weighted by m^2 (the noise variance of log m is
-    sigma^2 / m^2). Returns 0 for fewer than 3 echoes (two points fit exactly).
+    The fit is relax's log-linear least squares weighted by m^2 (the noise
+    variance of log m is sigma^2 / m^2). Returns 0 for fewer than 3 echoes
+    (two points fit exactly).
     """
+    from chisep.relax import loglinear_fit
+
     if magnitude.shape[-1] < 3:
         return np.zeros(magnitude.shape[:-1])
     m = magnitude.astype(np.float64)
-    w = m**2
-    y = np.log(np.maximum(m, 1e-30))
-    sw, st, stt = w.sum(-1), (w * echo_times).sum(-1), (w * echo_times**2).sum(-1)
-    sy, sty = (w * y).sum(-1), (w * echo_times * y).sum(-1)
-    det = sw * stt - st**2
-    ok = det > 1e-30 * np.maximum(sw * stt, 1e-300)
-    slope = np.where(ok, (sw * sty - st * sy) / np.where(ok, det, 1.0), 0.0)
-    intercept = np.where(sw > 0, (sy - slope * st) / np.where(sw > 0, sw, 1.0), 0.0)
-    fit = np.exp(np.clip(intercept[..., None] + slope[..., None] * echo_times, -700, 700))
-    energy = np.maximum((m**2).sum(-1), 1e-30)
-    return np.where(sw > 0, np.sqrt(((m - fit) ** 2).sum(-1) / energy), 1.0)
+    s0, r2 = loglinear_fit(m, echo_times)
+    fit = s0[..., None] * np.exp(-np.clip(r2[..., None] * echo_times, -700, 700))
+    energy = (m**2).sum(-1)
+    residual = np.sqrt(((m - fit) ** 2).sum(-1) / np.maximum(energy, 1e-300))
+    return np.where(energy > 0, residual, 1.0)
 
 
 def check_factors(factors: dict | None) -> dict:
