@@ -116,7 +116,9 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--session", metavar="LABEL", help="BIDS session")
     g.add_argument("--phase-sign", type=int, choices=(1, -1), default=1,
                    help="multiply the stored phase by this (vendor convention; default 1)")
-    g.add_argument("--mask", metavar="FILE", help="brain mask NIfTI (always wins over the automatic mask)")
+    g.add_argument("--mask", metavar="FILE",
+                   help="brain mask NIfTI, used instead of the automatic mask as the outer limit; voxels "
+                        "inside it whose field is unreliable (skull, air) are still left out, and the log says so")
 
 
 def _add_qsm_options(p: argparse.ArgumentParser) -> None:
@@ -129,6 +131,9 @@ def _add_qsm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--r2star-method", choices=pipeline.R2STAR_METHODS, default=d.r2star)
     g.add_argument("--background", choices=pipeline.BACKGROUND_METHODS, default=d.background)
     g.add_argument("--inversion", choices=pipeline.INVERSION_METHODS, default=d.inversion)
+    g.add_argument("--denoise", choices=pipeline.DENOISE_METHODS, default=d.denoise,
+                   help=f"denoise the multi-echo magnitude before R2* and separation (MP-PCA, Veraart et al. "
+                        f"2016; the phase is not touched); default {d.denoise}")
     g.add_argument("--mask-erode", type=float, default=d.mask_erode_mm, metavar="MM",
                    help="erode the automatic brain mask by this many mm")
     g.add_argument("--reference", choices=("mean", "csf"), default=d.reference,

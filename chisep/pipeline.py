@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from chisep import denoise as _denoise
 from chisep import io, physics, signals
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, OutputExistsError
@@ -34,6 +35,7 @@ FIELD_FIT_METHODS = ("nonlinear", "weighted-linear", "echo-average")
 R2STAR_METHODS = ("auto", "arlo", "loglinear", "nonlinear")
 BACKGROUND_METHODS = tuple(_background.BACKGROUND_METHODS)
 INVERSION_METHODS = tuple(_inversion.INVERSION_METHODS)
+DENOISE_METHODS = _denoise.DENOISE_METHODS
 
 Log = Callable[[str], None]
 
@@ -54,6 +56,7 @@ class QsmSettings:
     r2star: str = "auto"
     background: str = "vsharp"
     inversion: str = "medi"
+    denoise: str = "off"
     mask_erode_mm: float = 0.0
     reference: str = "mean"
     background_options: dict = field(default_factory=dict)
@@ -69,6 +72,7 @@ class QsmSettings:
             ("r2star", self.r2star, R2STAR_METHODS),
             ("background", self.background, BACKGROUND_METHODS),
             ("inversion", self.inversion, INVERSION_METHODS),
+            ("denoise", self.denoise, DENOISE_METHODS),
             ("reference", self.reference, tuple(_inversion.REFERENCE_METHODS)),
         ]:
             if value not in valid:
@@ -126,7 +130,8 @@ class PipelineSettings:
             defaults = QsmSettings()
             for flag, key in [("unwrap", "unwrap"), ("field_fit", "field_fit"), ("r2star_method", "r2star"),
                               ("background", "background"), ("inversion", "inversion"),
-                              ("mask_erode", "mask_erode_mm"), ("reference", "reference")]:
+                              ("mask_erode", "mask_erode_mm"), ("reference", "reference"),
+                              ("denoise", "denoise")]:
                 value = getattr(args, flag, None)
                 if value is not None and (key not in qsm or value != getattr(defaults, key)):
                     qsm[key] = value
@@ -191,6 +196,8 @@ class QsmMaps:
     chi: np.ndarray              # ppm, referenced (settings.reference)
     reconstruction_mask: np.ndarray | None = None  # bool, head_mask minus unreliable voxels (default: mask)
     reliability: "_reliability.Reliability | None" = None
+    magnitude: np.ndarray | None = None  # (x, y, z, echo), the magnitude of R2* and separation (denoised or not)
+    noise_sigma: np.ndarray | None = None  # (x, y, z), MP-PCA noise level (magnitude units) when denoised
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -272,9 +279,19 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             notes.append(f"mask: filled {n_holes} voxels ({n_holes * np.prod(vs) / 1000:.1f} mL) enclosed by the mask")
             log(f"  {notes[-1]}")
         head = filled
+    relax_magnitude, sigma_map, sigma = magnitude, None, None
+    if settings.denoise == "mppca" and acquisition.n_echoes >= 3:
+        with step("denoise"):
+            # the magnitude only: the field fit keeps the measured signal, relaxometry gets the denoised one
+            den = _denoise.mppca(magnitude, head)
+            relax_magnitude, sigma_map, sigma = den.magnitude, den.sigma, den.info["median_sigma"]
+            notes.append(f"denoise: MP-PCA on the magnitude, noise sigma {sigma:.3g} (median in the mask), "
+                         f"{den.info['median_signal_components']:g} signal components of {acquisition.n_echoes}")
+            log(f"  {notes[-1]}")
     with step("field"):
         fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
-                                          method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs)
+                                          method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs,
+                                          noise_sigma=sigma)
     with step("reliability"):
         rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
@@ -297,7 +314,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             r2star = np.zeros(magnitude.shape[:3], np.float32)
             notes.append("single echo: no R2* map (zeros)")
         else:
-            r2star = relax.r2star_map(magnitude, acquisition.echo_times, head, method=method)
+            r2star = relax.r2star_map(relax_magnitude, acquisition.echo_times, head, method=method)
     with step("background"):
         local, eroded = _background.remove_background(
             fit.field_hz, region, method=settings.background, voxel_size=vs, b0_direction=b0,
@@ -312,7 +329,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
-                   reliability=rel, timings=timings, notes=notes)
+                   reliability=rel, magnitude=relax_magnitude, noise_sigma=sigma_map, timings=timings, notes=notes)
 
 
 #: share of a user's mask with an unreliable field above which the log says so
@@ -433,6 +450,7 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
                                  "(skull, air, noise); background removal worked here", None),
     "field_total": ("Hz", "total field offset from the multi-echo fit", "positive = higher frequency"),
     "field_noise": ("Hz", "standard error of the total field estimate", None),
+    "noise_sigma": ("magnitude units", "noise standard deviation per channel estimated by MP-PCA denoising", None),
     "field_local": ("Hz", "local (tissue) field after background removal", "positive = higher frequency"),
     "r2star": ("1/s", "effective transverse relaxation rate R2*", None),
     "r2prime": ("1/s", "reversible relaxation rate R2' = max(R2* - R2, 0)", None),
@@ -496,6 +514,7 @@ BIDS_NAMES = {
     "reconstruction_mask": "desc-reconstruction_mask",
     "field_total": "desc-total_fieldmap",
     "field_noise": "desc-noise_fieldmap",
+    "noise_sigma": "desc-noiseSigma_map",
     "field_local": "desc-local_fieldmap",
     "r2star": "R2starmap",
     "r2prime": "desc-prime_R2starmap",
@@ -571,6 +590,8 @@ def write_qsm_maps(writer: _Writer, qsm: QsmMaps, r2prime: np.ndarray | None = N
     if r2prime is not None:
         writer.map("r2prime", r2prime)
     writer.map("chi", qsm.chi)
+    if qsm.noise_sigma is not None:
+        writer.map("noise_sigma", qsm.noise_sigma)
 
 
 def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSettings = PipelineSettings(),
@@ -613,7 +634,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
         f"{acq.n_echoes} echoes, {acq.field_strength:g} T, B0 {acq.b0_angle_deg:.1f} deg from z")
     qsm = reconstruct_qsm(data.magnitude, data.phase, acq, mask=mask, settings=settings.qsm, log=log)
     timings = dict(qsm.timings)
-    results = separate(acq, **qsm.separation_inputs(), magnitude=data.magnitude, r2=r2,
+    results = separate(acq, **qsm.separation_inputs(), magnitude=qsm.magnitude, r2=r2,
                        settings=settings.separation, log=log, timings=timings,
                        progress_bars=progress_bars)
 

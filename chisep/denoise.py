@@ -1,0 +1,204 @@
+"""Denoising multi-echo magnitude by Marchenko-Pastur PCA (MP-PCA).
+
+Within a small patch (5 x 5 x 5 voxels by default) the echoes of a GRE
+magnitude are strongly redundant: a few principal components carry the
+signal (the decays of the tissues present), the rest is noise. Random-matrix
+theory says how the noise eigenvalues of the patch's echo covariance spread
+(the Marchenko-Pastur law), which gives both the number of signal components
+and the noise level, with no parameter to tune (Veraart et al., NeuroImage
+2016;142:394). Denoising the magnitude before R2* mapping halves the R2*
+error at clinical SNR (Does et al., MRM 2019;81:3503); the phase is left as it is.
+
+Implementation: the patch means and echo covariances of every voxel come from
+box filters of the echo products (one pass per product, cost independent of
+the patch size), the 6 x 6 (echoes x echoes) eigenproblems are solved in one
+batched call, and each voxel keeps its own projection onto the signal
+components, and every voxel's estimate is the weighted average of the
+estimates of all patches that contain it (Manjon et al. 2013; dipy's
+weights), also computed with box filters. The result matches dipy's
+``localpca.mppca`` at a fraction of its run time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from chisep.errors import InputError
+
+DENOISE_METHODS = ("mppca", "off")
+
+
+@dataclass(frozen=True)
+class Denoised:
+    """Result of :func:`mppca`.
+
+    magnitude : (x, y, z, echo) float32, denoised inside the mask, unchanged outside
+    sigma : (x, y, z) float32, noise standard deviation per voxel (magnitude units), 0 outside the mask
+    signal_components : (x, y, z) uint8, number of signal components kept, 0 outside the mask
+    info : dict (patch size, median sigma in the mask)
+    """
+
+    magnitude: np.ndarray
+    sigma: np.ndarray
+    signal_components: np.ndarray
+    info: dict
+
+
+def _noise_components(eigenvalues: np.ndarray, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Marchenko-Pastur split of ascending eigenvalues (n, M): (number of noise components, sigma^2).
+
+    For c noise components (the c smallest eigenvalues) the MP law bounds their
+    range by 4 sqrt(c / N) times their mean; the largest c that satisfies it is
+    taken (Veraart et al. 2016, as in dipy.denoise.localpca).
+    """
+    n, m = eigenvalues.shape
+    counts = np.arange(1, m + 1)
+    means = np.cumsum(eigenvalues, axis=1) / counts  # mean of the c smallest, c = 1..M
+    spread = eigenvalues - eigenvalues[:, :1]        # lambda_c - lambda_min
+    fits = spread - 4.0 * np.sqrt(counts / n_samples) * means <= 0
+    # the largest c whose eigenvalues fit the MP law (c = 1 always does)
+    c = m - np.argmax(fits[:, ::-1], axis=1)
+    sigma2 = np.take_along_axis(means, (c - 1)[:, None], axis=1)[:, 0]
+    return c, sigma2
+
+
+def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int = 2,
+          chunk_voxels: int = 1_000_000) -> Denoised:
+    """MP-PCA denoising of multi-echo magnitude (Veraart et al. 2016) with overlapping-patch averaging.
+
+    Parameters
+    ----------
+    magnitude : (x, y, z, echo) array, echo >= 3
+    mask : (x, y, z) bool array, optional
+        Voxels to denoise (all when None). Patches near its edge still use the
+        voxels around them, so give the mask the head needs, not a tight brain.
+    patch_radius : int
+        Patches are (2 r + 1)^3 voxels (r = 2: 125 voxels, as dipy's default).
+    stride : int
+        Patches are centred on every ``stride``-th voxel along each axis (1:
+        every voxel, as dipy). With 2, each voxel is still averaged over 8 to 27
+        patches and the eigen-decompositions, the costly part, drop 8-fold.
+    chunk_voxels : int
+        Patches per batched eigen-decomposition (bounds memory).
+
+    Returns
+    -------
+    Denoised
+
+    Raises
+    ------
+    InputError
+        Not 4D, fewer than 3 echoes, non-finite values in the mask, negative
+        magnitude, patch smaller than the number of echoes, empty mask.
+
+    References
+    ----------
+    Veraart J, Novikov DS, Christiaens D, et al. Denoising of diffusion MRI
+    using random matrix theory. NeuroImage 2016;142:394-406.
+    Does MD, Olesen JL, Harkins KD, et al. Evaluation of principal component
+    analysis image denoising on multi-exponential MRI relaxometry. Magn Reson
+    Med 2019;81:3503-3514.
+    """
+    mag = np.asarray(magnitude)
+    if mag.ndim != 4 or mag.shape[3] < 3:
+        raise InputError(f"MP-PCA needs a 4D magnitude (x, y, z, echo) with >= 3 echoes, got shape {mag.shape}")
+    msk = np.ones(mag.shape[:3], bool) if mask is None else np.asarray(mask).astype(bool)
+    if msk.shape != mag.shape[:3]:
+        raise InputError(f"mask shape {msk.shape} does not match the magnitude's {mag.shape[:3]}")
+    if not msk.any():
+        raise InputError("MP-PCA: the mask is empty")
+    if not np.all(np.isfinite(mag[msk])) or np.any(mag[msk] < 0):
+        raise InputError("MP-PCA: the magnitude must be finite and >= 0 inside the mask")
+    if isinstance(patch_radius, bool) or int(patch_radius) != patch_radius or patch_radius < 1:
+        raise InputError(f"patch_radius must be an integer >= 1, got {patch_radius!r}")
+    size = 2 * int(patch_radius) + 1
+    n_samples = size**3
+    n_echoes = mag.shape[3]
+    if n_samples <= n_echoes:
+        raise InputError(f"a patch of {n_samples} voxels is too small for {n_echoes} echoes; raise patch_radius")
+
+    # Work on the mask's bounding box plus the patch radius (patches reach outside the mask).
+    box = tuple(slice(max(s.start - size, 0), s.stop + size) for s in ndimage.find_objects(msk.astype(np.uint8))[0])
+    data = mag[box].astype(np.float64)
+    inside = msk[box]
+    scale = float(np.percentile(data[inside], 99)) or 1.0
+    data /= scale  # products of O(1) numbers: no overflow or underflow in the box filters
+
+    if isinstance(stride, bool) or int(stride) != stride or not 1 <= stride <= patch_radius:
+        raise InputError(f"stride must be an integer from 1 to patch_radius ({patch_radius}), got {stride!r}")
+    # patch centres: every stride-th voxel within patch_radius of the mask (so every mask voxel is covered)
+    lattice = np.zeros(inside.shape, bool)
+    lattice[::stride, ::stride, ::stride] = True
+    centres = lattice & ndimage.binary_dilation(inside, np.ones((size, size, size), bool))
+
+    def box_mean(volume):
+        return ndimage.uniform_filter(volume, size=size, mode="reflect")[centres]
+
+    means = np.stack([box_mean(data[..., e]) for e in range(n_echoes)], axis=-1)
+    cov = np.empty((means.shape[0], n_echoes, n_echoes))
+    for i in range(n_echoes):
+        for j in range(i, n_echoes):
+            cov[:, i, j] = cov[:, j, i] = box_mean(data[..., i] * data[..., j]) - means[:, i] * means[:, j]
+    centre = data[inside]
+
+    # Per patch (centred on each mask voxel): its weight w = 1 / (1 + kept components)
+    # (Manjon et al. 2013), its mean mu and its projection P onto the signal components.
+    # Every voxel's estimate is the w-weighted average over the patches that contain it of
+    # mu + P (x - mu) = (mu - P mu) + P x: box sums of w (mu - P mu) and of w P give it in
+    # closed form, with no loop over patches.
+    tau_factor = (1.0 + np.sqrt(n_echoes / n_samples)) ** 2
+    n_voxels = means.shape[0]  # patches
+    weight = np.empty(n_voxels)
+    offset = np.empty((n_voxels, n_echoes))                 # w (mu - P mu)
+    projection = np.empty((n_voxels, n_echoes, n_echoes))   # w P
+    sigma2 = np.empty(n_voxels)
+    kept = np.empty(n_voxels, np.uint8)
+    for start in range(0, n_voxels, chunk_voxels):
+        part = slice(start, start + chunk_voxels)
+        values, vectors = np.linalg.eigh(cov[part])       # ascending eigenvalues
+        values = np.maximum(values, 0.0)
+        _, s2 = _noise_components(values, n_samples)
+        signal = values >= tau_factor * s2[:, None]         # dipy's threshold on the MP noise level
+        u = vectors * signal[:, None, :]
+        p = u @ u.transpose(0, 2, 1)
+        n_kept = signal.sum(axis=1)
+        w = 1.0 / (1.0 + n_kept)
+        mu = means[part]
+        weight[part] = w
+        offset[part] = w[:, None] * (mu - (p @ mu[:, :, None])[:, :, 0])
+        projection[part] = w[:, None, None] * p
+        sigma2[part] = s2
+        kept[part] = n_kept
+
+    def box_sum(values):  # from the patch centres to every mask voxel their patches cover
+        volume = np.zeros(inside.shape, np.float32)
+        volume[centres] = values
+        return ndimage.uniform_filter(volume, size=size, mode="constant")[inside].astype(np.float64)
+
+    total = box_sum(weight)
+    estimate = np.stack([box_sum(offset[:, i]) for i in range(n_echoes)], axis=-1)
+    for i in range(n_echoes):
+        for j in range(i, n_echoes):
+            pij = box_sum(projection[:, i, j])
+            estimate[:, i] += pij * centre[:, j]
+            if j != i:
+                estimate[:, j] += pij * centre[:, i]
+    denoised = estimate / total[:, None]
+
+    out = np.array(mag, dtype=np.float32, copy=True)
+    out[box][inside] = np.maximum(denoised * scale, 0.0).astype(np.float32)  # out[box] is a view
+    sigma = np.zeros(msk.shape, np.float32)
+    components = np.zeros(msk.shape, np.uint8)
+    # per voxel: the weighted mean over the patches covering it
+    sigma[box][inside] = (np.sqrt(box_sum(weight * sigma2) / total) * scale).astype(np.float32)
+    components[box][inside] = np.rint(box_sum(weight * kept) / total).astype(np.uint8)
+    info = {"method": "mppca", "patch_voxels": n_samples,
+            "median_sigma": float(np.median(sigma[msk])),
+            "median_signal_components": float(np.median(components[msk]))}
+    return Denoised(magnitude=out, sigma=sigma, signal_components=components, info=info)
+
+
+__all__ = ["DENOISE_METHODS", "Denoised", "mppca"]
