@@ -172,7 +172,7 @@ def _maps(maps, shape=None, *, what: str = "maps", against: str = "the other map
     return out
 
 
-def _mask(mask, shape, *, required: bool = False) -> np.ndarray:
+def _mask(mask, shape, *, required: bool = False, allow_empty: bool = False) -> np.ndarray:
     if mask is None:
         if required:
             raise InputError("mask is required: pass the brain mask the maps were reconstructed in")
@@ -183,7 +183,7 @@ def _mask(mask, shape, *, required: bool = False) -> np.ndarray:
     if not (msk.dtype == bool or np.issubdtype(msk.dtype, np.number)):
         raise InputError(f"mask must be boolean or 0/1 numbers, found dtype {msk.dtype}")
     msk = msk.astype(bool)
-    if not msk.any():
+    if not msk.any() and not allow_empty:
         raise InputError("mask is empty (no voxel set); check the brain mask")
     return msk
 
@@ -654,7 +654,8 @@ def montage_figure(
     title : str, optional
     highlight : (x, y, z) bool array, optional
         Voxels to show in red over the first map (e.g. the voxels excluded as
-        unreliable), in an extra last row whose slices cut through most of them.
+        unreliable), in an extra last row whose slices cut through most of
+        them; no row when it is empty.
     highlight_label : str
         Row label of the highlight row.
 
@@ -668,7 +669,9 @@ def montage_figure(
     msk = None if mask is None else _mask(mask, shape)
     centre = _default_centre(msk, shape) if slices is None else _slices_arg(slices, shape)
     names = _ordered(arrays)
-    marked = None if highlight is None else _mask(highlight, shape)
+    marked = None if highlight is None else _mask(highlight, shape, allow_empty=True)
+    if marked is not None and not marked.any():
+        marked = None  # nothing to show: no row
     n_rows = len(names) + (marked is not None)
 
     # Panel widths proportional to their physical widths; about 2.2 in per 200 mm.

@@ -52,6 +52,12 @@ def test_run_flat_outputs_match_truth(dataset, tmp_path):
     assert np.corrcoef(chi[mask], true_chi[mask])[0, 1] > 0.6  # 0.83 measured at 5 mm
     rows = (out / "roi_stats.csv").read_text().splitlines()
     assert rows[0].startswith("label,name,map") and any("globus_pallidus" in r for r in rows)
+    # the baseline every model has to beat sits in the same table
+    assert any(",thresholded-qsm:chi_dia," in r for r in rows)
+    # what the reliability step left out is on record, and the region it worked on is written
+    assert prov["reliability"]["excluded_ml"] >= 0 and "echo_spread" in prov["reliability"]["factors"]
+    region = _load(out / "reconstruction_mask.nii.gz") > 0
+    assert (region | (_load(out / "head_mask.nii.gz") > 0)).sum() == (_load(out / "head_mask.nii.gz") > 0).sum()
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # no temporary files left behind
     assert not list(out.rglob(".*tmp*"))

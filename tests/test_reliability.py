@@ -298,3 +298,13 @@ def test_oblique_head_with_a_dilated_mask():
                                        mask=ndimage.binary_dilation(brain, iterations=2)).chi
     reference = metrics.nrmse(true_chi, sim.truth.chi, brain)
     assert metrics.nrmse(dilated, sim.truth.chi, brain) <= reference + 5.0
+
+
+def test_thresholded_qsm_baseline():
+    from chisep.separation.baseline import thresholded_qsm
+
+    chi = np.array([-0.2, 0.0, 0.15], np.float64)
+    para, dia = thresholded_qsm(chi)
+    np.testing.assert_allclose(para, [0.0, 0.0, 0.15])
+    np.testing.assert_allclose(dia, [0.2, 0.0, 0.0])
+    assert para.dtype == dia.dtype == np.float32 and np.allclose(para - dia, chi)

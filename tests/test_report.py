@@ -277,6 +277,24 @@ def test_montage_figure_png_with_anisotropic_voxels(volume):
     _assert_png(report.figure_png_bytes(fig, dpi=60))
 
 
+def test_montage_figure_highlight_row_shows_excluded_voxels(volume):
+    maps, _, mask, _ = volume
+    excluded = np.zeros(mask.shape, bool)
+    excluded[2, 3, 1:3] = True  # most of them in x = 2, y = 3, z = 1
+    fig = report.montage_figure({"magnitude": maps["magnitude"], "chi": maps["chi"]}, mask=mask,
+                                voxel_size=VOXEL, highlight=excluded, highlight_label="excluded")
+    image_axes = [ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]
+    assert len(image_axes) == 3 * 3  # magnitude, chi, the highlight row
+    axial = image_axes[6]
+    assert axial.get_title() == "axial z=1" and len(axial.images) == 2  # grey image + red overlay
+    overlay = axial.images[1].get_array()
+    assert overlay[3, 2, 0] == 1.0 and overlay[3, 2, 3] > 0.5 and overlay[..., 3].sum() == pytest.approx(0.9)
+    assert "excluded" in [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"][-1]
+    # nothing excluded: no row
+    fig = report.montage_figure({"chi": maps["chi"]}, mask=mask, highlight=np.zeros(mask.shape, bool))
+    assert len([ax for ax in fig.axes if ax.images and ax.get_label() != "<colorbar>"]) == 3
+
+
 def test_montage_figure_slices_and_errors(volume):
     maps, _, mask, _ = volume
     fig = report.montage_figure({"chi": maps["chi"]}, slices=(1, 2, 4))
