@@ -57,7 +57,7 @@ class QsmSettings:
     r2star: str = "auto"
     background: str = "vsharp"
     inversion: str = "medi"
-    denoise: str = "off"
+    denoise: str = "mppca"
     mask_erode_mm: float = 0.0
     reference: str = "mean"
     background_options: dict = field(default_factory=dict)
