@@ -188,7 +188,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
     Raises
     ------
     InputError
-        Unknown criterion, non-positive factor, shape mismatch, empty mask, or
+        Unknown criterion, a factor not above 1, shape mismatch, empty mask, or
         a mask in which every voxel would be unreliable.
     """
     chosen = check_factors(factors)
