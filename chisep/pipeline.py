@@ -458,6 +458,12 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
     "chi": ("ppm", "magnetic susceptibility (QSM)", CHI_CONVENTION),
     "chi_para": ("ppm", "paramagnetic susceptibility component", COMPONENT_CONVENTION),
     "chi_dia": ("ppm", "diamagnetic susceptibility component (magnitude)", COMPONENT_CONVENTION),
+    "pool_chi_para": ("ppm", "DECOMPOSE: fitted susceptibility of the paramagnetic pool (undetermined where the "
+                             "pool is empty; chi_para is the component susceptibility PCS)", None),
+    "pool_chi_dia": ("ppm", "DECOMPOSE: fitted susceptibility of the diamagnetic pool, magnitude (undetermined "
+                            "where the pool is empty; chi_dia is the component susceptibility DCS)", None),
+    "pool_chi_para_std": ("ppm", "standard error of pool_chi_para", None),
+    "pool_chi_dia_std": ("ppm", "standard error of pool_chi_dia", None),
     "chi_para_std": ("ppm", "standard deviation (uncertainty) of chi_para", None),
     "chi_dia_std": ("ppm", "standard deviation (uncertainty) of chi_dia", None),
     "residual": ("model units (see sidecar)", "per-voxel model residual", None),

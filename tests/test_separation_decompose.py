@@ -7,7 +7,13 @@ import pytest
 
 from chisep.errors import InputError, ModelFileError
 from chisep.fit import numerical_gradient
-from chisep.separation.decompose import PARAM_NAMES, DecomposeModel, decompose_forward, decompose_jacobian
+from chisep.separation.decompose import (
+    PARAM_NAMES,
+    DecomposeModel,
+    component_susceptibilities,
+    decompose_forward,
+    decompose_jacobian,
+)
 
 TE = 0.004 + 0.006 * np.arange(6)  # 6 echoes, 4-34 ms
 
@@ -53,13 +59,39 @@ def test_noiseless_recovery():
     truth = _truth(n)
     signal = 250.0 * model.predict(**truth)  # arbitrary magnitude scale
     res = model.fit_signal(signal.reshape(10, 30, 6))
-    est = {"chi_para": res.chi_para, "chi_dia": res.chi_dia, "r2star0": res.extra["r2star0"],
+    est = {"chi_para": res.extra["pool_chi_para"], "chi_dia": res.extra["pool_chi_dia"], "r2star0": res.extra["r2star0"],
            "c_para": res.extra["c_para"] / 250.0, "c_dia": res.extra["c_dia"] / 250.0, "c_0": res.extra["c_0"] / 250.0}
     for name in PARAM_NAMES:
         err = np.abs(est[name].ravel() - truth[name]) / truth[name]
         assert np.max(err) < 1e-4, (name, np.max(err))
     assert res.extra["converged"].all()
     assert res.chi_para.shape == (10, 30)
+    # the outputs are the component susceptibilities of those pools, not the pool susceptibilities
+    with jax.enable_x64(True):
+        aux = model.aux(np.float64)
+        expected = np.stack([np.asarray(component_susceptibilities(jnp.asarray([truth[n][i] for n in PARAM_NAMES]), aux))
+                             for i in range(n)])
+    np.testing.assert_allclose(res.chi_para.ravel(), expected[:, 0], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(res.chi_dia.ravel(), expected[:, 1], rtol=1e-3, atol=1e-5)
+
+
+def test_component_susceptibilities_of_one_pool_and_of_an_empty_pool():
+    """One pool: PCS is its susceptibility and DCS 0, whatever the empty pool's fitted value."""
+    model = DecomposeModel(3.0, TE)
+    with jax.enable_x64(True):
+        aux = model.aux(np.float64)
+        for empty_chi in (0.0, 0.215, 0.5):  # 0.215: the value an empty pool took on the phantom's caudate
+            pcs, dcs = np.asarray(component_susceptibilities(jnp.asarray([1.0, 0.0, 0.0, 12.0, 0.06, empty_chi]), aux))
+            assert pcs == pytest.approx(0.06, rel=1e-9) and dcs == pytest.approx(0.0, abs=1e-12)
+            pcs, dcs = np.asarray(component_susceptibilities(jnp.asarray([0.0, 1.0, 0.0, 12.0, empty_chi, 0.03]), aux))
+            assert dcs == pytest.approx(0.03, rel=1e-9) and pcs == pytest.approx(0.0, abs=1e-12)
+        # the neutral pool dilutes: half the signal undephased halves the phase (to first order)
+        pcs, _ = np.asarray(component_susceptibilities(jnp.asarray([0.5, 0.0, 0.5, 12.0, 0.02, 0.0]), aux))
+        assert 0.4 * 0.02 < pcs < 0.6 * 0.02
+    # end to end: a single-pool voxel fitted from noiseless data gives PCS = its chi and DCS ~ 0
+    signal = model.predict(1.0, 0.0, 0.0, 12.0, 0.08, 0.0)[None]
+    res = model.fit_signal(signal)
+    assert res.chi_para[0] == pytest.approx(0.08, rel=2e-3) and res.chi_dia[0] < 2e-3
 
 
 def test_fit_from_magnitude_and_qsm_masked_bounds_and_uncertainty():
@@ -70,13 +102,21 @@ def test_fit_from_magnitude_and_qsm_masked_bounds_and_uncertainty():
     clean = model.predict(*[np.full(n, v) for v in p.values()])
     noisy = clean + sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
     res = model.fit_signal(noisy)
-    for name in ("chi_para", "chi_dia"):
+    good = res.extra["converged"].astype(bool)
+    for name in ("chi_para", "chi_dia"):  # the pool susceptibilities: per-parameter errors
+        est = res.extra["pool_" + name]
+        mc = np.std(est[good])
+        ratio = np.median(res.extra[f"pool_{name}_std"][good]) / mc
+        assert 0.7 < ratio < 1.4, (name, ratio)
+        assert abs(np.median(est) - p[name]) < 2 * mc
+    with jax.enable_x64(True):
+        components = np.asarray(component_susceptibilities(jnp.asarray(list(p.values())), model.aux(np.float64)))
+    for i, name in enumerate(("chi_para", "chi_dia")):  # PCS / DCS: errors propagated with the covariance
         est = getattr(res, name)
-        good = res.extra["converged"].astype(bool)
         mc = np.std(est[good])
         ratio = np.median(getattr(res, name + "_std")[good]) / mc
         assert 0.7 < ratio < 1.4, (name, ratio)
-        assert abs(np.median(est) - p[name]) < 2 * mc
+        assert abs(np.median(est) - components[i]) < 2 * mc
     # magnitude + QSM entry point, with a mask; outputs stay inside the model bounds
     mag = np.abs(noisy).reshape(20, 20, 6)
     chi = (np.full(n, p["chi_para"] - p["chi_dia"]) + 0.01 * rng.standard_normal(n)).reshape(20, 20)

@@ -105,6 +105,57 @@ def decompose_jacobian(p, aux):
     ], axis=-1)
 
 
+def component_susceptibilities(p, aux):
+    """PCS and DCS (ppm; DCS a magnitude) of one voxel's pool parameters p = PARAM_NAMES values.
+
+    The outputs of DECOMPOSE-QSM are not the pool susceptibilities but the
+    susceptibility each pool's sub-signal implies, with the other pools left
+    undephased (Chen et al. 2021; SCIENCE.md, DECOMPOSE-QSM):
+
+        S_p(t) = C_para exp(-a chi_para t + i k omega0 chi_para t) + C_dia + C_0
+        S_d(t) = C_dia  exp(-a chi_dia t  - i k omega0 chi_dia t)  + C_para + C_0
+        PCS = sum_n unwrap(arg S_p(TE_n)) / (k omega0 sum_n TE_n),   DCS = -(same for S_d)
+
+    (the common decay exp(-R2*0 t) does not change the phase). A pool with
+    C ~ 0 thus contributes ~0 whatever its fitted susceptibility, which is then
+    undetermined; a voxel holding one pool gets that pool's susceptibility.
+    """
+    te, omega, a = aux["te"], aux["omega"], aux["a"]
+    c_para, c_dia, c_0, _, x_para, x_dia = (p[i] for i in range(6))
+    sub_p = c_para * jnp.exp(-a * x_para * te) * jax.lax.complex(jnp.cos(omega * x_para * te),
+                                                                 jnp.sin(omega * x_para * te)) + (c_dia + c_0)
+    sub_d = c_dia * jnp.exp(-a * x_dia * te) * jax.lax.complex(jnp.cos(omega * x_dia * te),
+                                                               -jnp.sin(omega * x_dia * te)) + (c_para + c_0)
+    norm = omega * jnp.sum(te)
+    return jnp.stack([jnp.sum(jnp.unwrap(jnp.angle(sub_p))) / norm, -jnp.sum(jnp.unwrap(jnp.angle(sub_d))) / norm])
+
+
+@jax.jit
+def _components_with_errors(params, aux, sigma2):
+    """PCS, DCS (N, 2) and their standard errors (N, 2): g^T sigma^2 (J^T J)^+ g per voxel.
+
+    J is the real Jacobian of the model at the fit and g the gradient of
+    (PCS, DCS), so the errors carry the strong correlations between pool
+    amplitudes and susceptibilities that the per-parameter errors ignore. The
+    pseudo-inverse (Jacobi-scaled, relative cut-off) keeps directions the data
+    do not determine (an empty pool's susceptibility) out: PCS and DCS hardly
+    depend on them.
+    """
+
+    def one(p, s2):
+        value = component_susceptibilities(p, aux)
+        g = jax.jacfwd(component_susceptibilities)(p, aux)           # (2, 6)
+        jac = decompose_jacobian(p, aux)
+        jr = jnp.concatenate([jnp.real(jac), jnp.imag(jac)], axis=0)  # (2M, 6)
+        h = jr.T @ jr
+        scale = 1.0 / jnp.sqrt(jnp.maximum(jnp.diag(h), jnp.finfo(h.dtype).tiny))
+        cov = jnp.linalg.pinv(h * scale[:, None] * scale[None, :], rtol=1e-6) * scale[:, None] * scale[None, :]
+        var = s2 * jnp.einsum("ij,jk,ik->i", g, cov, g)
+        return value, jnp.sqrt(jnp.maximum(var, 0.0))
+
+    return jax.vmap(one)(params, sigma2)
+
+
 class DecomposeModel:
     """DECOMPOSE-QSM model (build once for an acquisition, ``fit`` many volumes).
 
@@ -293,6 +344,35 @@ class DecomposeModel:
             out[s][mask] = best[:, s]
         return out
 
+    def components(self, params: Mapping[str, np.ndarray], mask, *, rms_residual=None,
+                   chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        """PCS and DCS maps (..., 2) and their standard errors from fitted pool parameters.
+
+        ``params``: PARAM_NAMES -> maps with amplitudes on the scale the fit saw
+        (the engine's normalised data); ``rms_residual``: RMS complex residual
+        per voxel on that scale (noise per real channel from RSS / (2M - 6)); no
+        errors (zeros) without it. See :func:`component_susceptibilities`.
+        """
+        mask = np.asarray(mask, bool)
+        theta = np.stack([np.asarray(params[n], np.float64)[mask] for n in PARAM_NAMES], axis=-1)
+        m = self.echo_times.size
+        s2 = (np.zeros(theta.shape[0]) if rms_residual is None
+              else np.asarray(rms_residual, np.float64)[mask] ** 2 * m / (2 * m - 6))
+        dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
+        aux = self.aux(dtype)
+        values, errors = np.zeros((theta.shape[0], 2)), np.zeros((theta.shape[0], 2))
+        for lo in range(0, theta.shape[0], chunk_size):
+            part = slice(lo, lo + chunk_size)
+            n = theta[part].shape[0]
+            size = 1 << max(6, int(n - 1).bit_length())  # few compiled shapes
+            pad = lambda x: np.pad(x, [(0, size - n)] + [(0, 0)] * (x.ndim - 1), mode="edge")  # noqa: E731
+            v, e = _components_with_errors(jnp.asarray(pad(theta[part]), dtype), aux, jnp.asarray(pad(s2[part]), dtype))
+            values[part], errors[part] = np.asarray(v)[:n], np.asarray(e)[:n]
+        out_v = np.zeros(mask.shape + (2,), np.float32)
+        out_e = np.zeros(mask.shape + (2,), np.float32)
+        out_v[mask], out_e[mask] = values, errors
+        return out_v, out_e
+
     def _to_result(self, fit: FitResult, scale, mask, n_starts) -> SeparationResult:
         p, se = fit.params, fit.std_errors
         extra = {}
@@ -301,13 +381,18 @@ class DecomposeModel:
             extra[name + "_std"] = (se[name] * scale * mask).astype(np.float32)
         extra["r2star0"] = p["r2star0"].astype(np.float32)
         extra["r2star0_std"] = se["r2star0"].astype(np.float32)
+        # the pool susceptibilities themselves: undetermined where their pool is empty
+        for name in ("chi_para", "chi_dia"):
+            extra[f"pool_{name}"] = (p[name] * mask).astype(np.float32)
+            extra[f"pool_{name}_std"] = (se[name] * mask).astype(np.float32)
         extra["converged"] = fit.converged.astype(np.uint8)
         extra["steps"] = fit.steps.astype(np.int32)
+        value, error = self.components(p, mask, rms_residual=fit.residual)
         return SeparationResult(
-            chi_para=p["chi_para"].astype(np.float32),
-            chi_dia=p["chi_dia"].astype(np.float32),
-            chi_para_std=se["chi_para"].astype(np.float32),
-            chi_dia_std=se["chi_dia"].astype(np.float32),
+            chi_para=np.maximum(value[..., 0], 0.0) * mask,
+            chi_dia=np.maximum(value[..., 1], 0.0) * mask,
+            chi_para_std=error[..., 0],
+            chi_dia_std=error[..., 1],
             residual=(fit.residual * scale * mask).astype(np.float32),
             extra=extra,
             info={
@@ -321,9 +406,14 @@ class DecomposeModel:
                 "n_starts": n_starts,
                 "optimizer": fit.info["optimizer"],
                 "fraction_converged": float(fit.converged[mask].mean()) if mask.any() else 1.0,
-                "units": {"chi_para": "ppm (PCS)", "chi_dia": "ppm (DCS, magnitude)", "r2star0": "1/s",
+                "units": {"chi_para": "ppm (PCS: paramagnetic component susceptibility)",
+                          "chi_dia": "ppm (DCS: diamagnetic component susceptibility, magnitude)", "r2star0": "1/s",
+                          "pool_chi_para": "ppm (fitted pool susceptibility; undetermined where c_para ~ 0)",
                           "c_para": "magnitude units", "residual": "magnitude units (RMS over echoes)"},
-                "std_errors": "Gauss-Newton sigma^2 (J^T J)^-1, sigma^2 = RSS / (2 n_echoes - 6); inf = not identifiable",
+                "outputs": "chi_para/chi_dia are PCS/DCS, the susceptibility each pool's sub-signal implies "
+                           "(Chen et al. 2021), not the fitted pool susceptibilities (pool_chi_para/pool_chi_dia)",
+                "std_errors": "Gauss-Newton sigma^2 (J^T J)^-1, sigma^2 = RSS / (2 n_echoes - 6), propagated to "
+                              "PCS/DCS with their gradients; inf = not identifiable",
             },
         )
 
