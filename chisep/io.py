@@ -566,6 +566,51 @@ def _check_finite(data: np.ndarray, role: str, files: Sequence[Path]) -> None:
             )
 
 
+#: share of a magnitude's non-zero voxels that may be negative (interpolation ringing) before it is refused
+MAGNITUDE_NEGATIVE_SHARE = 0.01
+#: a phase image whose central 98 % of values covers less than this share of the circle in every echo
+#: is not a phase image (scanner phase wraps: noise alone spans the whole circle)
+PHASE_MIN_CIRCLE_SHARE = 0.25
+
+
+def _check_magnitude_and_phase(mag: np.ndarray, raw_phase: np.ndarray, phase_rad: np.ndarray, scaling: str,
+                               mag_files: Sequence[Path], pha_files: Sequence[Path]) -> None:
+    """Refuse magnitude and phase that were mixed up, before any work is done.
+
+    * The same data given as both (one file twice, or copies).
+    * A magnitude with negative values in more than 1 % of its non-zero voxels:
+      magnitude images are |S| >= 0, phase images are centred on 0; most
+      likely the two inputs are swapped.
+    * A multi-echo phase that covers less than a quarter of the circle in every
+      echo: a scanner's phase wraps (its noise alone spans [-pi, pi), and late
+      echoes wrap in tissue); a magnitude image read as phase stays in a narrow
+      band of non-negative values.
+    """
+    both = f"--magnitude {_names(mag_files)} and --phase {_names(pha_files)}"
+    if mag.shape == raw_phase.shape and np.array_equal(mag, raw_phase.astype(mag.dtype, copy=False)):
+        raise InputError(f"{both} hold the same data. Fix: give the phase images (part-phase, '_ph' or "
+                         "'_phase' in dcm2niix names) as --phase and the magnitude images as --magnitude.")
+    nonzero = mag != 0
+    negative = int(np.count_nonzero(mag < 0))
+    if negative > MAGNITUDE_NEGATIVE_SHARE * max(int(np.count_nonzero(nonzero)), 1):
+        raise InputError(
+            f"magnitude ({_names(mag_files)}): expected values >= 0, found {negative} negative voxels "
+            f"({100 * negative / max(int(nonzero.sum()), 1):.0f} % of the non-zero ones, minimum "
+            f"{float(mag.min()):.4g}): this looks like a phase image. Fix: check that {both} are not swapped.")
+    if phase_rad.ndim != 4 or phase_rad.shape[-1] < 2:
+        return  # one short echo of a masked, smooth phase may legitimately stay in a narrow band
+    shares = []
+    for e in range(phase_rad.shape[-1]):
+        lo, hi = np.percentile(phase_rad[..., e], [1, 99])
+        shares.append((hi - lo) / (2 * np.pi))
+    if max(shares) < PHASE_MIN_CIRCLE_SHARE:
+        raise InputError(
+            f"phase ({_names(pha_files)}): expected values that wrap around [-pi, pi) (a scanner's phase noise "
+            f"alone covers the whole circle), found 98 % of the values within {100 * max(shares):.0f} % of it in "
+            f"every echo ({scaling}): this looks like a magnitude image. Fix: check that {both} are the right "
+            "files and not swapped.")
+
+
 def load_gre(
     magnitude: PathLike | Sequence[PathLike],
     phase: PathLike | Sequence[PathLike],
@@ -650,6 +695,7 @@ def load_gre(
     raw_phase = _read_series(pha_files, pha_imgs, "phase", pha_shape, as_float=False)
     _check_finite(raw_phase, "phase", pha_files)
     phase_rad, scaling = rescale_phase(raw_phase)
+    _check_magnitude_and_phase(mag, raw_phase, phase_rad, scaling, mag_files, pha_files)
     del raw_phase
     if phase_sign == -1:
         phase_rad = _wrap_half_open(-phase_rad)

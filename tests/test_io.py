@@ -279,6 +279,42 @@ def test_magnitude_phase_shape_mismatch(tmp_path):
     assert "m.nii.gz" in str(err.value) and "p.nii.gz" in str(err.value)
 
 
+def test_swapped_magnitude_and_phase_are_refused_naming_both_files(tmp_path):
+    mag, phase = make_data()
+    m, p = write_4d(tmp_path, mag, phase)
+    with pytest.raises(InputError, match="looks like a phase image") as err:
+        io.load_gre(p, m)  # swapped
+    assert "mag.nii.gz" in str(err.value) and "phase.nii.gz" in str(err.value) and "swapped" in str(err.value)
+
+
+def test_magnitude_given_as_phase_is_refused(tmp_path):
+    """Float magnitude in [0, 0.12] fits the radian range: it must still not pass as phase."""
+    mag, _ = make_data()
+    m = write_nifti(tmp_path / "mag.nii.gz", mag, sidecar={"EchoTime": TES, "MagneticFieldStrength": 3.0})
+    p = write_nifti(tmp_path / "mag_again.nii.gz", 0.1 * mag + 1e-6)
+    with pytest.raises(InputError, match="looks like a magnitude image") as err:
+        io.load_gre(m, p)
+    assert "mag_again.nii.gz" in str(err.value)
+    # integer magnitude codes as phase: scaled as 0..4095, still a narrow band of the circle
+    p = write_nifti(tmp_path / "mag_int.nii.gz", np.round(mag * 300).astype(np.int16))
+    with pytest.raises(InputError, match="looks like a magnitude image"):
+        io.load_gre(m, p)
+    # the same file twice
+    with pytest.raises(InputError, match="hold the same data"):
+        io.load_gre(m, m)
+
+
+def test_swapped_inputs_are_refused_before_any_output_is_written(tmp_path, capsys):
+    from chisep import cli
+
+    mag, phase = make_data()
+    m, p = write_4d(tmp_path, mag, phase)
+    out = tmp_path / "run"
+    code = cli.main(["qsm", "--magnitude", str(p), "--phase", str(m), "--out", str(out), "--quiet"])
+    assert code != 0 and "swapped" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_magnitude_phase_affine_mismatch(tmp_path):
     mag, phase = make_data()
     shifted = AFFINE.copy()
