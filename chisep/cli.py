@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -357,6 +358,10 @@ COMMANDS = {"simulate": cmd_simulate, "qsm": cmd_qsm, "separate": cmd_separate, 
             "demo": cmd_demo, "batch": cmd_batch}
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"chisep: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -365,7 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     signals.install()
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:  # one line in the user's terms, not a Python warning with a source line
+                warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except (KeyboardInterrupt, signals.Terminated) as exc:
         print(f"chisep: {'terminated' if isinstance(exc, signals.Terminated) else 'interrupted'}; finished outputs "
               "are complete, nothing partial was left (a run without provenance.json is unfinished)",

@@ -104,3 +104,15 @@ def test_out_path_that_is_a_file_is_refused(tmp_path, capsys):
 def test_python_dash_m_and_console_script_entry_points():
     res = subprocess.run([sys.executable, "-m", "chisep", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.startswith("chisep ")
+
+
+def test_warnings_reach_the_user_as_one_line(tmp_path, capsys):
+    """A single-echo run warns; the user sees 'chisep: warning: ...', not a Python warning with source lines."""
+    data = tmp_path / "single"
+    assert cli.main(["simulate", "--out", str(data), "--resolution", "6", "--echo-times", "20", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["qsm", "--bids", str(data), "--out", str(tmp_path / "out"), "--quiet",
+                     "--inversion", "tkd", "--background", "pdf"]) == 0
+    err = capsys.readouterr().err
+    assert "chisep: warning: single echo" in err
+    assert "UserWarning" not in err and ".py:" not in err
