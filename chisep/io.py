@@ -384,7 +384,7 @@ def _check_echo_times(tes: list[float], n_echoes: int, where: str, files: Sequen
                     "one 3D file per echo.")
         raise InputError(
             f"echo times ({where}) do not match the data ({_names(files)}): expected {n_echoes} "
-            f"echo time(s), one per echo, found {len(tes)}: {tes}.{hint}"
+            f"echo time(s), one per echo, found {len(tes)}: {', '.join(f'{1000 * t:g}' for t in tes)} ms.{hint}"
         )
     if not all(math.isfinite(t) and t > 0 for t in tes):
         raise InputError(

@@ -337,6 +337,7 @@ def test_echo_time_count_mismatch(tmp_path):
     with pytest.raises(InputError, match="expected 3 echo time") as err:
         io.load_gre(m, p, echo_times=[0.004, 0.008], field_strength=3)
     assert "mag.nii.gz" in str(err.value)
+    assert "found 2: 4, 8 ms" in str(err.value)  # the unit the command line speaks
 
 
 def test_sidecar_echo_time_count_mismatch(tmp_path):
