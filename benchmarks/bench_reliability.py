@@ -21,6 +21,7 @@ scalp and air carry biased fields; the truth is the fine-grid average.
 Usage::
 
     python benchmarks/bench_reliability.py --resolution 2 [--oblique 30] [--partial-volume] [--quick]
+        [--snr 30] [--factors echo_spread=5,decay_residual=5]
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def main(argv=None) -> None:
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="fewer masks (for 1 mm)")
+    parser.add_argument("--factors", default="",
+                        help="reliability factors for the 'on' rows, e.g. echo_spread=5,decay_residual=5 "
+                             "(default: chisep's defaults)")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
 
@@ -100,10 +104,13 @@ def main(argv=None) -> None:
           "mask outside brain (mL) | excluded (mL) | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     masks = user_masks(sim, quick=args.quick)
-    runs = [(name, {}) for name in masks] + [("automatic", OFF), ("true dilated 3" if args.quick else "true dilated 2", OFF)]
+    factors = {k: float(v) for k, v in (item.split("=") for item in args.factors.split(",") if item)}
+    runs = [(name, factors) for name in masks] + [("automatic", OFF),
+                                                  ("true dilated 3" if args.quick else "true dilated 2", OFF)]
     for name, factors in runs:
         r = score(sim, masks[name], factors)
-        print(f"| {name} | {'off' if factors else 'on'} | {r['chi']:.1f} | {r['chi_para']:.1f} | {r['chi_dia']:.1f} | "
+        state = "off" if factors is OFF else ("on" + (f" ({args.factors})" if factors else ""))
+        print(f"| {name} | {state} | {r['chi']:.1f} | {r['chi_para']:.1f} | {r['chi_dia']:.1f} | "
               f"{r['threshold_para']:.1f} / {r['threshold_dia']:.1f} | {100 * r['coverage']:.1f} % | {r['outside']:.1f} | {r['excluded_ml']:.1f} | {r['seconds']:.0f} |",
               flush=True)
 
