@@ -114,6 +114,8 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int = 2,
         raise InputError("MP-PCA: the magnitude must be finite and >= 0 inside the mask")
     if isinstance(patch_radius, bool) or int(patch_radius) != patch_radius or patch_radius < 1:
         raise InputError(f"patch_radius must be an integer >= 1, got {patch_radius!r}")
+    if isinstance(stride, bool) or int(stride) != stride or not 1 <= stride <= patch_radius:
+        raise InputError(f"stride must be an integer from 1 to patch_radius ({patch_radius}), got {stride!r}")
     size = 2 * int(patch_radius) + 1
     n_samples = size**3
     n_echoes = mag.shape[3]
@@ -127,8 +129,6 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int = 2,
     scale = float(np.percentile(data[inside], 99)) or 1.0
     data /= scale  # products of O(1) numbers: no overflow or underflow in the box filters
 
-    if isinstance(stride, bool) or int(stride) != stride or not 1 <= stride <= patch_radius:
-        raise InputError(f"stride must be an integer from 1 to patch_radius ({patch_radius}), got {stride!r}")
     # patch centres: every stride-th voxel within patch_radius of the mask (so every mask voxel is covered)
     lattice = np.zeros(inside.shape, bool)
     lattice[::stride, ::stride, ::stride] = True
