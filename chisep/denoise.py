@@ -65,7 +65,7 @@ def _noise_components(eigenvalues: np.ndarray, n_samples: int) -> tuple[np.ndarr
     return c, sigma2
 
 
-def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int = 2,
+def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int | None = None,
           chunk_voxels: int = 1_000_000) -> Denoised:
     """MP-PCA denoising of multi-echo magnitude (Veraart et al. 2016) with overlapping-patch averaging.
 
@@ -77,10 +77,11 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int = 2,
         voxels around them, so give the mask the head needs, not a tight brain.
     patch_radius : int
         Patches are (2 r + 1)^3 voxels (r = 2: 125 voxels, as dipy's default).
-    stride : int
+    stride : int, optional
         Patches are centred on every ``stride``-th voxel along each axis (1:
-        every voxel, as dipy). With 2, each voxel is still averaged over 8 to 27
-        patches and the eigen-decompositions, the costly part, drop 8-fold.
+        every voxel, as dipy; default min(2, patch_radius)). With 2, each voxel
+        is still averaged over 8 to 27 patches and the eigen-decompositions, the
+        costly part, drop 8-fold.
     chunk_voxels : int
         Patches per batched eigen-decomposition (bounds memory).
 
@@ -114,6 +115,7 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int = 2,
         raise InputError("MP-PCA: the magnitude must be finite and >= 0 inside the mask")
     if isinstance(patch_radius, bool) or int(patch_radius) != patch_radius or patch_radius < 1:
         raise InputError(f"patch_radius must be an integer >= 1, got {patch_radius!r}")
+    stride = min(2, int(patch_radius)) if stride is None else stride
     if isinstance(stride, bool) or int(stride) != stride or not 1 <= stride <= patch_radius:
         raise InputError(f"stride must be an integer from 1 to patch_radius ({patch_radius}), got {stride!r}")
     size = 2 * int(patch_radius) + 1
