@@ -237,13 +237,16 @@ def _stepper(timings: dict, log: Log):
 def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acquisition, *,
                     mask: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
                     log: Log = _quiet) -> QsmMaps:
-    """Brain mask -> unwrapping and multi-echo field fit -> R2* -> background removal -> inversion.
+    """Mask -> MP-PCA denoising of the magnitude -> unwrapping and multi-echo field fit ->
+    reliability (voxels whose field is unreliable are left out) -> R2* -> background removal -> inversion.
 
     Parameters
     ----------
     magnitude, phase : (x, y, z, echo) float arrays (phase in rad, chisep sign convention)
     acquisition : Acquisition
-    mask : (x, y, z) bool, optional; a given mask always wins over the automatic one
+    mask : (x, y, z) bool, optional
+        Replaces the automatic mask as the outer limit of the reconstruction (enclosed holes are
+        filled); voxels in it whose field is unreliable are still left out (see QsmMaps).
     settings : QsmSettings
     """
     from chisep import relax
