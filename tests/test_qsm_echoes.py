@@ -200,3 +200,29 @@ def test_whole_cycle_field_errors_are_corrected_from_the_phase_offset():
     tes_blind = np.array([0.006, 0.012, 0.018])
     f_same, _, n_blind = _correct_echo_wraps(f_est[mask], phi0_est[mask], mask, tes_blind)
     assert n_blind == 0 and np.array_equal(f_same, f_est[mask])
+
+
+def test_global_cycle_ambiguity_is_settled_by_the_median_field():
+    """f + k/dTE with phi0 - 2 pi k TE1/dTE fits equally spaced echoes exactly; the median picks k."""
+    from chisep.qsm.echoes import _centre_whole_cycles
+
+    tes = np.array([0.004, 0.010, 0.016, 0.022])
+    dte = 0.006
+    rng = np.random.default_rng(0)
+    f_true = rng.normal(5.0, 20.0, 500)
+    phi0_true = rng.uniform(-1, 1, 500)
+    measured = np.ones(500, bool)
+    for k in (-2, -1, 1, 3):
+        f_off = f_true + k / dte
+        phi0_off = phi0_true - 2 * np.pi * k * tes[0] / dte
+        f, phi0, shift = _centre_whole_cycles(f_off, phi0_off, tes, measured)
+        assert shift == -k
+        np.testing.assert_allclose(f, f_true, atol=1e-9)
+        # every echo's phase is unchanged modulo 2 pi
+        before = phi0_off[:, None] + 2 * np.pi * f_off[:, None] * tes
+        after = phi0[:, None] + 2 * np.pi * f[:, None] * tes
+        np.testing.assert_allclose(np.angle(np.exp(1j * (after - before))), 0.0, atol=1e-7)
+    # unequal spacing breaks the ambiguity: nothing is changed
+    uneven = np.array([0.004, 0.009, 0.016, 0.022])
+    f, phi0, shift = _centre_whole_cycles(f_true + 1 / dte, phi0_true, uneven, measured)
+    assert shift == 0 and np.allclose(f, f_true + 1 / dte)
