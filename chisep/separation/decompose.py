@@ -48,7 +48,7 @@ import numpy as np
 
 from chisep.acquisition import check_echo_times
 from chisep.errors import InputError, ModelFileError
-from chisep.fit import FitResult, VoxelModel, fit_voxelwise
+from chisep.fit import FitResult, VoxelModel, _effective_chunk, _pad_rows, fit_voxelwise
 from chisep.physics import centre_frequency_hz
 from chisep.separation.constants import load_model_file, require_number
 from chisep.separation.linear import check_chi_ppm
@@ -361,12 +361,12 @@ class DecomposeModel:
         dtype = np.float64 if jax.config.jax_enable_x64 else np.float32
         aux = self.aux(dtype)
         values, errors = np.zeros((theta.shape[0], 2)), np.zeros((theta.shape[0], 2))
-        for lo in range(0, theta.shape[0], chunk_size):
-            part = slice(lo, lo + chunk_size)
+        chunk = _effective_chunk(theta.shape[0], chunk_size)  # the engine's chunks: few compiled shapes
+        for lo in range(0, theta.shape[0], chunk):
+            part = slice(lo, lo + chunk)
             n = theta[part].shape[0]
-            size = 1 << max(6, int(n - 1).bit_length())  # few compiled shapes
-            pad = lambda x: np.pad(x, [(0, size - n)] + [(0, 0)] * (x.ndim - 1), mode="edge")  # noqa: E731
-            v, e = _components_with_errors(jnp.asarray(pad(theta[part]), dtype), aux, jnp.asarray(pad(s2[part]), dtype))
+            v, e = _components_with_errors(jnp.asarray(_pad_rows(theta[part], chunk), dtype), aux,
+                                           jnp.asarray(_pad_rows(s2[part], chunk), dtype))
             values[part], errors[part] = np.asarray(v)[:n], np.asarray(e)[:n]
         out_v = np.zeros(mask.shape + (2,), np.float32)
         out_e = np.zeros(mask.shape + (2,), np.float32)
