@@ -672,21 +672,11 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
                         extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
                                "outputs": writer.written, "notes": qsm.notes,
-                               "reliability": reliability_record(qsm),
+                               "reliability": qsm.reliability.record() if qsm.reliability else None,
                                "models": {m: r.info for m, r in results.items()}},
                         overwrite=overwrite)
     return RunOutput(out_dir=out, qsm=qsm, separations=results, timings=timings,
                      summary=_summary(out, timings, results))
-
-
-def reliability_record(qsm: QsmMaps) -> dict | None:
-    """What the reliability step did, for the provenance: volumes (mL), thresholds and factors."""
-    rel = qsm.reliability
-    if rel is None:
-        return None
-    return {"excluded_ml": round(rel.volume_ml(rel.excluded), 3), "enclosed_kept_ml": round(rel.volume_ml(rel.enclosed), 3),
-            "excluded_ml_by_criterion": {k: round(rel.volume_ml(v & rel.excluded), 3) for k, v in rel.flagged_by.items()},
-            **rel.info}
 
 
 @dataclass

@@ -83,13 +83,23 @@ class Reliability:
     def volume_ml(self, voxels: np.ndarray) -> float:
         return float(np.count_nonzero(voxels)) * self.voxel_volume_ml
 
+    def excluded_ml_by_criterion(self) -> dict[str, float]:
+        """mL of the excluded voxels that each criterion flagged (a voxel may count for several)."""
+        return {name: self.volume_ml(sel & self.excluded) for name, sel in self.flagged_by.items()}
+
+    def record(self) -> dict:
+        """What was done, for the provenance: volumes (mL), factors, thresholds, voxel counts."""
+        return {"excluded_ml": round(self.volume_ml(self.excluded), 3),
+                "enclosed_kept_ml": round(self.volume_ml(self.enclosed), 3),
+                "excluded_ml_by_criterion": {k: round(v, 3) for k, v in self.excluded_ml_by_criterion().items()},
+                **self.info}
+
     def summary(self) -> str:
         """One line for the log: the volume excluded and why."""
         if not (self.excluded.any() or self.enclosed.any()):
             return "reliability: every voxel of the mask has a usable field"
         excluded = self.excluded
-        parts = ", ".join(f"{name} {self.volume_ml(sel & excluded):.1f}" for name, sel in self.flagged_by.items()
-                          if (sel & excluded).any())
+        parts = ", ".join(f"{name} {ml:.1f}" for name, ml in self.excluded_ml_by_criterion().items() if ml > 0)
         mask_ml = self.volume_ml(self.region | excluded)
         return (f"reliability: excluded {self.volume_ml(excluded):.1f} mL of the {mask_ml:.0f} mL mask as "
                 f"unreliable (mL by criterion: {parts or 'none'}); kept {self.volume_ml(self.enclosed):.1f} mL of "
