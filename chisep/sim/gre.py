@@ -202,6 +202,11 @@ def _smooth_phase_offset(shape, seed: int) -> np.ndarray:
     return np.broadcast_to(phi0, shape).astype(np.float32)
 
 
+def _check_snr(snr) -> None:
+    if snr is not None and (isinstance(snr, bool) or not np.isfinite(snr) or snr <= 0):
+        raise InputError(f"snr must be a positive number (or None for noiseless data), got {snr!r}")
+
+
 def _validated_settings(phantom, field_strength, echo_times, repetition_time, flip_angle_deg,
                         snr, seed, phase_offset, pad_factor):
     if not isinstance(phantom, Phantom):
@@ -217,8 +222,7 @@ def _validated_settings(phantom, field_strength, echo_times, repetition_time, fl
         )
     if not (np.isfinite(flip_angle_deg) and 0 < flip_angle_deg <= 180):
         raise InputError(f"flip_angle_deg must be in (0, 180] degrees, got {flip_angle_deg!r}")
-    if snr is not None and (isinstance(snr, bool) or not np.isfinite(snr) or snr <= 0):
-        raise InputError(f"snr must be a positive number (or None for noiseless data), got {snr!r}")
+    _check_snr(snr)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     if phase_offset not in PHASE_OFFSETS:
@@ -503,8 +507,7 @@ def simulate_gre_partial_volume(phantom: Phantom, factor: int = 2, *, snr: float
         raise InputError(f"factor must be an integer >= 2 (fine voxels per coarse voxel and axis), got {factor!r}")
     if settings.get("integer_phase"):
         raise InputError("integer_phase is not supported with partial-volume simulation; store the phase yourself")
-    if snr is not None and (isinstance(snr, bool) or not np.isfinite(snr) or snr <= 0):
-        raise InputError(f"snr must be a positive number (or None for noiseless data), got {snr!r}")
+    _check_snr(snr)
     fine = simulate_gre(phantom, snr=None, seed=seed, **settings)
     sign = fine.acquisition.phase_sign
     n_echoes = fine.magnitude.shape[3]
