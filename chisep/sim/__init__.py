@@ -1,7 +1,12 @@
-"""Built-in head phantom and multi-echo GRE simulation.
+"""Built-in head phantoms and multi-echo GRE simulation.
 
->>> from chisep.sim import head_phantom, simulate_gre
->>> sim = simulate_gre(head_phantom(2.0, scenario="all"), snr=100, seed=0)
+``simulate_head`` is the realistic whole head (finer simulation grid, skull,
+scalp and fat, static-dephasing R2', coil bias, a holdout head "B"): measure
+on it. ``head_phantom`` + ``simulate_gre`` is the simple phantom simulated on
+the reconstruction grid (fast, for unit tests of mechanics).
+
+>>> from chisep.sim import simulate_head
+>>> sim = simulate_head(2.0, head="A", scenario="all", snr=100, seed=0)  # doctest: +SKIP
 """
 
 from chisep.sim.gre import (
@@ -15,6 +20,14 @@ from chisep.sim.gre import (
     simulate_gre_partial_volume,
     with_affine,
 )
+from chisep.sim.head import (
+    DEFAULT_HEAD_ECHO_TIMES,
+    HEADS,
+    R2PRIME_MODELS,
+    HeadModel,
+    head_model,
+    simulate_head,
+)
 from chisep.sim.phantom import (
     SCENARIOS,
     Phantom,
@@ -26,6 +39,12 @@ from chisep.sim.phantom import (
 
 __all__ = [
     "DEFAULT_ECHO_TIMES",
+    "DEFAULT_HEAD_ECHO_TIMES",
+    "HEADS",
+    "R2PRIME_MODELS",
+    "HeadModel",
+    "head_model",
+    "simulate_head",
     "SCENARIOS",
     "GreSimulation",
     "GroundTruth",

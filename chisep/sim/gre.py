@@ -84,12 +84,15 @@ class GreSimulation:
         simulated with ``integer_phase=True`` (phase = value * pi / 4096)
     acquisition : Acquisition (echo times, field strength, affine consistent with b0_direction)
     truth : GroundTruth
+    r2_measured : (x, y, z) float32, 1/s, or None: a noisy spin-echo R2 map, as users
+        measure it (:func:`chisep.sim.simulate_head` writes one)
     """
 
     magnitude: np.ndarray
     phase: np.ndarray
     acquisition: Acquisition
     truth: GroundTruth
+    r2_measured: np.ndarray | None = None
 
     @property
     def complex_signal(self) -> np.ndarray:
@@ -209,7 +212,7 @@ def _check_snr(snr) -> None:
 
 def _validated_settings(phantom, field_strength, echo_times, repetition_time, flip_angle_deg,
                         snr, seed, phase_offset, pad_factor):
-    if not isinstance(phantom, Phantom):
+    if phantom is not None and not isinstance(phantom, Phantom):
         raise InputError(f"phantom must be a chisep.sim.Phantom (see head_phantom()), got {type(phantom).__name__}")
     lo, hi = FIELD_STRENGTH_RANGE_T
     if isinstance(field_strength, bool) or not np.isfinite(field_strength) or not lo <= field_strength <= hi:

@@ -62,6 +62,7 @@ class Tissue:
     m0: float
     texture: float
     is_source_split: bool
+    fat_fraction: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,6 +133,8 @@ def load_tissue_table() -> dict[str, Tissue]:
                 raise InputError(f"{source}: tissue {name!r} {key} must be > 0, found {row[key]}")
         chi_para = float(row.get("chi_para", 0.0))
         chi_dia = float(row.get("chi_dia", 0.0))
+        if not 0.0 <= float(row.get("fat_fraction", 0.0)) <= 1.0:
+            raise InputError(f"{source}: tissue {name!r} fat_fraction must lie in [0, 1]")
         if chi_para < 0 or chi_dia < 0:
             raise InputError(f"{source}: tissue {name!r} chi_para and chi_dia are magnitudes (>= 0)")
         table[name] = Tissue(
@@ -146,6 +149,7 @@ def load_tissue_table() -> dict[str, Tissue]:
             m0=float(row["m0"]),
             texture=float(row.get("texture", 0.0)),
             is_source_split=split,
+            fat_fraction=float(row.get("fat_fraction", 0.0)),
         )
     values = [t.label for t in table.values()]
     if len(set(values)) != len(values):
