@@ -304,8 +304,70 @@ def refine_mask_by_phase_quality(
     return keep
 
 
+#: Radius (mm) of the opening that cuts the brain from scalp and muscle through the
+#: skull: wider than the bridges partial-volume bone leaves, narrower than the brainstem.
+BRAIN_OPENING_MM = 4.0
+#: Intracranial volumes (mL) outside this range are implausible for a human brain
+#: (adults 1.1-1.9 L; children from about 0.4 L): the log says so.
+PLAUSIBLE_BRAIN_ML = (350.0, 2300.0)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def brain_region(head, unreliable, *, voxel_size=(1.0, 1.0, 1.0), opening_mm: float = BRAIN_OPENING_MM) -> np.ndarray:
+    """The brain (intracranial volume) inside a head mask that also holds scalp, muscle and fat.
+
+    Cortical bone and the air of sinuses give no GRE signal, so their field is
+    unreliable (:mod:`chisep.qsm.reliability`): removing ``unreliable`` voxels
+    from the head leaves the brain and the scalp joined only by thin bridges
+    where partial volume made bone look like tissue. An opening cuts them:
+    erode by ``opening_mm``, keep the largest component (the brain), dilate it
+    back by the same radius within the reliable head, and fill enclosed holes
+    (ventricles, veins and bleeds stay in). When the erosion would leave
+    nothing (a small or skull-stripped volume), the largest reliable
+    component is returned.
+
+    Parameters
+    ----------
+    head : (x, y, z) bool, the head (e.g. :func:`brain_mask`)
+    unreliable : (x, y, z) bool, voxels whose field is unreliable (skull, air, noise)
+    voxel_size : 3 floats, mm
+    opening_mm : float, mm (> 0)
+
+    Returns
+    -------
+    (x, y, z) bool, a subset of ``head``
+    """
+    vs = _check_voxel_size(voxel_size)
+    head = np.asarray(head).astype(bool)
+    unreliable = np.asarray(unreliable).astype(bool)
+    if head.ndim != 3 or unreliable.shape != head.shape:
+        raise InputError(f"head {head.shape} and unreliable {unreliable.shape} must be 3D arrays of one shape")
+    if not (np.isfinite(opening_mm) and opening_mm > 0):
+        raise InputError(f"opening_mm must be a positive number of mm, got {opening_mm!r}")
+    candidates = head & ~unreliable
+    if not candidates.any():
+        raise InputError("no voxel of the head mask has a reliable field: check the phase data and the mask")
+    core = _largest_component(erode_mask(candidates, vs, opening_mm))
+    if not core.any():
+        return ndimage.binary_fill_holes(_largest_component(candidates)) & head
+    near_core = ndimage.distance_transform_edt(~core, sampling=vs) <= opening_mm + 1e-6
+    brain = _largest_component(near_core & candidates)
+    return ndimage.binary_fill_holes(brain) & head
+
+
 __all__ = [
+    "BRAIN_OPENING_MM",
+    "PLAUSIBLE_BRAIN_ML",
     "brain_mask",
+    "brain_region",
     "erode_mask",
     "otsu_threshold",
     "phase_quality",
