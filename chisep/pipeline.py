@@ -59,6 +59,7 @@ class QsmSettings:
     inversion: str = "medi"
     denoise: str = "mppca"
     mask_erode_mm: float = 0.0
+    gradient_correction: bool = True  # undo macroscopic-gradient dephasing before R2* (relax)
     reference: str = "mean"
     background_options: dict = field(default_factory=dict)
     inversion_options: dict = field(default_factory=dict)
@@ -342,7 +343,11 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             r2star = np.zeros(magnitude.shape[:3], np.float32)
             notes.append("single echo: no R2* map (zeros)")
         else:
-            r2star = relax.r2star_map(relax_magnitude, acquisition.echo_times, head, method=method)
+            decay = relax_magnitude
+            if settings.gradient_correction:
+                decay = relax.gradient_dephasing_correction(relax_magnitude, fit.field_hz,
+                                                            acquisition.echo_times, fit.mask)
+            r2star = relax.r2star_map(decay, acquisition.echo_times, head, method=method)
     with step("background"):
         local, eroded = _background.remove_background(
             fit.field_hz, region, method=settings.background, voxel_size=vs, b0_direction=b0,

@@ -205,6 +205,61 @@ def r2star_map(
     return out, info
 
 
+#: Echoes whose signal the voxel's own field gradient has dephased below this share are
+#: corrected only up to it: 1/sinc grows without bound near the sinc's zero.
+GRADIENT_CORRECTION_FLOOR = 0.3
+
+
+def gradient_dephasing_correction(magnitude, field_hz, echo_times, mask, *,
+                                  floor: float = GRADIENT_CORRECTION_FLOOR) -> np.ndarray:
+    """Magnitude with the signal loss from macroscopic field gradients across each voxel undone.
+
+    A field that varies linearly across a box voxel, by G_i Hz from one face to the
+    other along axis i, dephases its signal by prod_i sinc(G_i TE) (sinc(x) =
+    sin(pi x) / (pi x)). Next to sinuses and bone this loss, not tissue, dominates
+    R2* (measured on the realistic head at 2 mm: +4.5 1/s where |grad f| is 8-16
+    Hz per voxel, +15 1/s above), and R2' = R2* - R2 inherits it. Dividing by the
+    sinc (Fernandez-Seara & Wehrli, MRM 2000;44:358; Hernando et al., MRM
+    2012;67:638) removes it; the correction factor is capped at 1/``floor``.
+
+    Parameters
+    ----------
+    magnitude : (x, y, z, echo) array
+    field_hz : (x, y, z) array, total field in Hz (smooth, unwrapped), 0 outside the mask
+    echo_times : sequence of float, s
+    mask : (x, y, z) bool, voxels where the field is valid (gradients use neighbours inside it)
+    floor : float in (0, 1)
+
+    Returns
+    -------
+    (x, y, z, echo) float32
+    """
+    mag, msk = _check_multi_echo_magnitude(magnitude, mask)
+    tes = check_echo_times(echo_times)
+    field = np.asarray(field_hz, dtype=np.float64)
+    if field.shape != msk.shape:
+        raise InputError(f"field_hz {field.shape} must match the magnitude's spatial shape {msk.shape}")
+    if not 0 < floor < 1:
+        raise InputError(f"floor must lie in (0, 1), got {floor!r}")
+    factor = np.ones(msk.shape + (tes.size,), np.float64)
+    for axis in range(3):
+        # central difference inside the mask, one-sided at its edge, 0 where a voxel has no neighbour
+        fwd = np.roll(field, -1, axis) - field
+        bwd = field - np.roll(field, 1, axis)
+        has_fwd = msk & np.roll(msk, -1, axis)
+        has_bwd = msk & np.roll(msk, 1, axis)
+        edge = [slice(None)] * 3
+        edge[axis] = -1
+        has_fwd[tuple(edge)] = False
+        edge[axis] = 0
+        has_bwd[tuple(edge)] = False
+        both = has_fwd & has_bwd
+        gradient = np.where(both, 0.5 * (fwd + bwd), np.where(has_fwd, fwd, np.where(has_bwd, bwd, 0.0)))
+        factor *= np.abs(np.sinc(gradient[..., None] * tes))
+    corrected = mag / np.maximum(factor, floor)
+    return np.where(msk[..., None], corrected, mag).astype(np.float32)
+
+
 def r2prime_map(r2star, r2=None, *, nominal_r2: float = 13.0, mask=None):
     """R2' = max(R2* - R2, 0) in 1/s, with R2 measured (map) or nominal.
 

@@ -174,3 +174,27 @@ def test_brain_mask_on_head_phantom():
     sim = simulate_gre(head_phantom(4.0), snr=50.0, seed=2)
     mask = brain_mask(sim.magnitude, voxel_size=sim.acquisition.voxel_size)
     assert dice(mask, sim.truth.brain_mask) > 0.95
+
+
+def test_brain_region_cuts_scalp_joined_by_a_bridge_through_the_skull():
+    """Brain sphere, unreliable skull shell, scalp shell; a 2-voxel bridge of 'reliable' bone joins them."""
+    from chisep.qsm.mask import brain_region
+
+    x, y, z = np.meshgrid(*[np.arange(60) - 29.5] * 3, indexing="ij")
+    r = np.sqrt(x**2 + y**2 + z**2)
+    brain = r < 18
+    skull = (r >= 18) & (r < 21)
+    head = r < 26
+    bridge = skull & (np.abs(y) < 1.5) & (np.abs(z) < 1.5) & (x > 0)
+    unreliable = skull & ~bridge
+    out = brain_region(head, unreliable, voxel_size=(1.0, 1.0, 1.0), opening_mm=3.0)
+    assert dice(out, brain) > 0.98
+    assert not (out & (r > 21)).any()  # no scalp
+    # without the opening, the scalp comes along through the bridge
+    candidates = head & ~unreliable
+    assert dice(candidates, brain) < 0.7
+    # a volume too small for the opening: the largest reliable component is returned
+    tiny = brain_region(r < 2.5, np.zeros_like(brain), voxel_size=(1.0, 1.0, 1.0), opening_mm=4.0)
+    assert tiny.sum() == (r < 2.5).sum()
+    with pytest.raises(InputError, match="reliable"):
+        brain_region(head, head, voxel_size=(1.0, 1.0, 1.0))

@@ -1,0 +1,119 @@
+"""The realistic head simulator: no inverse crime, no model crime, a hostile head, a holdout."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from chisep import metrics, physics, pipeline
+from chisep.errors import InputError
+from chisep.qsm import mask as qsm_mask
+from chisep.sim import head_model, simulate_head
+from chisep.sim.head import coil_sensitivity, dephasing_decay, dephasing_functions
+
+
+def dice(a, b):
+    return 2.0 * np.sum(a & b) / (np.sum(a) + np.sum(b))
+
+
+@pytest.fixture(scope="module")
+def head_a():
+    return simulate_head(4.0, head="A", scenario="all", snr=100, seed=0)
+
+
+def _label(sim, name):
+    return [k for k, v in sim.truth.label_names.items() if v == name][0]
+
+
+def test_static_dephasing_functions_have_the_published_limits():
+    x, f_sphere, f_cyl = dephasing_functions()
+    small = (x > 0.05) & (x < 0.1)
+    np.testing.assert_allclose(f_sphere[small] / x[small] ** 2, 0.4, rtol=0.02)  # Yablonskiy & Haacke
+    np.testing.assert_allclose(f_cyl[small] / x[small] ** 2, 0.25, rtol=0.02)
+    slope_s = (f_sphere[-1] - f_sphere[-2001]) / (x[-1] - x[-2001])
+    slope_c = (f_cyl[-1] - f_cyl[-2001]) / (x[-1] - x[-2001])
+    assert slope_s == pytest.approx(2 * np.pi / (3 * np.sqrt(3)), rel=2e-3)
+    assert slope_c == pytest.approx(1.0, rel=2e-3)
+    # long-time limit at 3 T: 323.5 Hz per ppm of spheres (SCIENCE.md)
+    t = np.array([0.3, 0.4])
+    rate = np.diff(dephasing_decay(1.0, 1.0, t, 3.0, geometry="sphere"))[0] / 0.1
+    assert rate == pytest.approx(323.5, rel=0.01)
+
+
+def test_no_inverse_crime_the_local_field_is_not_the_output_grid_kernel(head_a):
+    """Simulated on a finer grid: the reconstruction's kernel on the output grid does not reproduce it."""
+    t, acq = head_a.truth, head_a.acquisition
+    same_grid = physics.forward_field_hz(t.chi, acq.field_strength, acq.voxel_size, acq.b0_direction)
+    inner = qsm_mask.erode_mask(t.brain_mask, acq.voxel_size, 8.0)
+    difference = metrics.nrmse(same_grid, t.field_local_hz, inner)
+    assert difference > 5.0  # an inverse crime gives ~0 (the same operator)
+    assert difference < 60.0  # but it is the same physics
+    with pytest.raises(InputError, match="oversampling"):
+        simulate_head(4.0, oversampling=1)
+
+
+def test_head_holds_hostile_non_brain_tissue(head_a):
+    t = head_a.truth
+    present = {t.label_names[k] for k in np.unique(t.labels)}
+    assert {"bone", "marrow", "muscle", "fat", "skin", "dura", "sinus_air"} <= present
+    first = head_a.magnitude[..., 0]
+    brain_level = np.median(first[t.brain_mask])
+    bone = t.labels == _label(head_a, "bone")
+    fat = t.labels == _label(head_a, "fat")
+    assert np.median(first[bone]) < 0.5 * brain_level  # cortical bone: no GRE signal
+    assert np.median(first[fat]) > 0.6 * brain_level  # bright scalp fat, as on a scanner
+    # the head (scalp included) is much larger than the brain: a threshold mask is not a brain mask
+    head = qsm_mask.brain_mask(head_a.magnitude, voxel_size=head_a.acquisition.voxel_size)
+    assert dice(head, t.brain_mask) < 0.85
+
+
+def test_static_dephasing_is_not_the_separation_models_linear_r2prime(head_a):
+    t = head_a.truth
+    linear = simulate_head(4.0, head="A", scenario="healthy", snr=None, seed=0, r2prime="linear")
+    inner = qsm_mask.erode_mask(linear.truth.brain_mask, (4, 4, 4), 4.0)
+    lt = linear.truth
+    np.testing.assert_allclose(lt.r2prime[inner], lt.dr_para * lt.chi_para[inner] + lt.dr_dia * lt.chi_dia[inner],
+                               rtol=0.02, atol=0.05)
+    wm = inner & (t.labels == _label(head_a, "white_matter"))
+    ratio = t.r2prime[wm] / (t.dr_para * t.chi_para[wm] + t.dr_dia * t.chi_dia[wm])
+    assert np.std(ratio) / np.mean(ratio) > 0.05  # fibre orientation and sub-voxel physics, not Dr * chi
+
+
+def test_holdout_head_differs_in_anatomy_and_tissue_values():
+    a, b = head_model(4.0, head="A"), head_model(4.0, head="B")
+    overlap = dice(a.phantom.brain_mask, b.phantom.brain_mask)
+    assert 0.7 < overlap < 0.97
+    assert a.phantom.tissues["globus_pallidus"].chi_para != b.phantom.tissues["globus_pallidus"].chi_para
+    with pytest.raises(InputError, match="head"):
+        head_model(4.0, head="C")
+
+
+def test_properties_have_independent_textures():
+    model = head_model(2.0, head="A")
+    ph = model.phantom
+    wm = ph.labels == ph.label_of("white_matter")
+    wm &= ndimage.binary_erosion(wm, iterations=2)
+    table = ph.tissues["white_matter"]
+    m0, r2, para = ph.m0[wm] / table.m0, ph.r2[wm] / table.r2, ph.chi_para[wm] / table.chi_para
+    assert np.std(r2) > 0.03 and np.std(para) > 0.03
+    assert abs(np.corrcoef(m0, r2)[0, 1]) < 0.3 and abs(np.corrcoef(r2, para)[0, 1]) < 0.3
+
+
+def test_measured_r2_is_noisy_and_coil_bias_is_smooth(head_a):
+    t = head_a.truth
+    inner = qsm_mask.erode_mask(t.brain_mask, (4, 4, 4), 4.0)
+    relative = head_a.r2_measured[inner] / t.r2[inner] - 1
+    assert 0.03 < np.std(relative) < 0.07  # r2_noise = 0.05
+    sens = coil_sensitivity((40, 48, 40), np.diag([5.0, 5.0, 5.0, 1.0]) + np.array(
+        [[0, 0, 0, -98], [0, 0, 0, -120], [0, 0, 0, -70], [0, 0, 0, 0]]))
+    assert sens.mean() == pytest.approx(1.0, rel=1e-4)
+    assert sens.max() / sens.min() > 1.5
+
+
+def test_automatic_brain_mask_cuts_scalp_on_the_realistic_head(head_a):
+    """Bright scalp, fat, bias field: the reconstruction's brain comes out, not the head."""
+    t = head_a.truth
+    qsm = pipeline.reconstruct_qsm(head_a.magnitude, head_a.phase, head_a.acquisition)
+    assert dice(qsm.reconstruction_mask, t.brain_mask) > 0.93
+    assert dice(qsm.head_mask, t.brain_mask) < 0.85
+    assert any("brain mask:" in note for note in qsm.notes)
+    assert metrics.nrmse(qsm.chi, t.chi, t.brain_mask) < 90.0
