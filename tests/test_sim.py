@@ -39,6 +39,8 @@ NAMES = {
     6: "globus_pallidus", 7: "thalamus", 8: "substantia_nigra", 9: "red_nucleus", 10: "dentate",
     11: "veins", 12: "bone", 13: "scalp", 14: "sinus_air", 15: "calcification", 16: "microbleed",
     17: "pallidal_calcification", 18: "white_matter_tracts",
+    # head layers of the realistic head (chisep.sim.head); the simple phantom's scalp is label 13
+    19: "dura", 20: "marrow", 21: "muscle", 22: "fat", 23: "skin", 24: "eye",
 }
 
 

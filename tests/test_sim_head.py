@@ -109,11 +109,15 @@ def test_measured_r2_is_noisy_and_coil_bias_is_smooth(head_a):
     assert sens.max() / sens.min() > 1.5
 
 
-def test_automatic_brain_mask_cuts_scalp_on_the_realistic_head(head_a):
-    """Bright scalp, fat, bias field: the reconstruction's brain comes out, not the head."""
-    t = head_a.truth
-    qsm = pipeline.reconstruct_qsm(head_a.magnitude, head_a.phase, head_a.acquisition)
-    assert dice(qsm.reconstruction_mask, t.brain_mask) > 0.93
-    assert dice(qsm.head_mask, t.brain_mask) < 0.85
+def test_automatic_brain_mask_cuts_scalp_on_the_realistic_head():
+    """Bright scalp and fat, a bias field, 2 mm: the brain comes out, not the head, and chi is usable."""
+    sim = simulate_head(2.0, head="A", scenario="healthy", snr=100, seed=1)
+    t = sim.truth
+    qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
+    assert dice(qsm.reconstruction_mask, t.brain_mask) > 0.95
+    assert dice(qsm.head_mask, t.brain_mask) < 0.8
     assert any("brain mask:" in note for note in qsm.notes)
-    assert metrics.nrmse(qsm.chi, t.chi, t.brain_mask) < 90.0
+    assert metrics.nrmse(qsm.chi, t.chi, t.brain_mask) < 70.0  # measured 61 % (healthy: no lesions to inflate the norm)
+    # macroscopic-gradient correction: R2* close to the sub-voxel truth in healthy tissue
+    inner = qsm.mask & qsm_mask.erode_mask(t.brain_mask, (2, 2, 2), 4.0)
+    assert metrics.nrmse(qsm.r2star, t.r2star, inner) < 35.0

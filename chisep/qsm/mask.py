@@ -328,7 +328,7 @@ def brain_region(head, unreliable, *, voxel_size=(1.0, 1.0, 1.0), opening_mm: fl
     unreliable (:mod:`chisep.qsm.reliability`): removing ``unreliable`` voxels
     from the head leaves the brain and the scalp joined only by thin bridges
     where partial volume made bone look like tissue. An opening cuts them:
-    erode by ``opening_mm``, keep the largest component (the brain), dilate it
+    erode by ``opening_mm`` (at least two voxels), keep the largest component (the brain), dilate it
     back by the same radius within the reliable head, and fill enclosed holes
     (ventricles, veins and bleeds stay in). When the erosion would leave
     nothing (a small or skull-stripped volume), the largest reliable
@@ -352,6 +352,8 @@ def brain_region(head, unreliable, *, voxel_size=(1.0, 1.0, 1.0), opening_mm: fl
         raise InputError(f"head {head.shape} and unreliable {unreliable.shape} must be 3D arrays of one shape")
     if not (np.isfinite(opening_mm) and opening_mm > 0):
         raise InputError(f"opening_mm must be a positive number of mm, got {opening_mm!r}")
+    # at coarse voxels a bridge two voxels wide must still be cut
+    opening_mm = max(float(opening_mm), 2.0 * float(vs.min()))
     candidates = head & ~unreliable
     if not candidates.any():
         raise InputError("no voxel of the head mask has a reliable field: check the phase data and the mask")
