@@ -6,7 +6,7 @@ skull, marrow, scalp fat, muscle, eyes, coil bias and static-dephasing R2'. The
 default pipeline runs with the automatic mask. Scores (qsm-ci style: NRMSE in %
 after demeaning, over the *true* brain mask, so voxels the output mask leaves out
 count as zero): brain-mask Dice (the reconstruction region and the output mask),
-chi, R2' (R2* minus the measured R2), chi-separation and the linear model with the
+chi (whole brain and healthy tissue), R2' under each R2 rule with its bias per region, chi-separation and the linear model with the
 measured spin-echo R2 (``--r2``) and in R2*-only mode (nominal R2), the thresholded
 QSM baseline, and deep-grey region means of chi against the truth.
 
@@ -23,12 +23,15 @@ import time
 import warnings
 
 import numpy as np
+from scipy import ndimage
 
 from chisep import metrics, pipeline
 from chisep.separation.baseline import thresholded_qsm
 from chisep.sim import simulate_head
 from chisep.sim.head import dephasing_decay, load_head_settings
 
+BIAS_REGIONS = ("white_matter", "grey_matter", "csf", "caudate", "putamen", "globus_pallidus", "thalamus",
+                "white_matter_tracts")
 DEEP_GREY = ("caudate", "putamen", "globus_pallidus", "thalamus", "substantia_nigra", "red_nucleus", "dentate")
 
 
@@ -50,26 +53,46 @@ def calibrate() -> None:
         print(f"{name}: dchi {dchi} ppm -> {np.polyfit(tes, decay, 1)[0]:.0f} Hz/ppm (5-29 ms, 3 T)")
 
 
+def healthy_tissue(truth):
+    """The brain without the lesions (bleeds, calcified lesion) and 3 voxels around them: their
+    ppm-scale values dominate any norm taken over the whole brain."""
+    lesions = np.isin(truth.labels, [k for k, v in truth.label_names.items() if v in ("microbleed", "calcification")])
+    return truth.brain_mask & ~ndimage.binary_dilation(lesions, iterations=3)
+
+
 def score(sim) -> dict:
     t = sim.truth
-    brain = t.brain_mask
+    brain, healthy = t.brain_mask, healthy_tissue(t)
     t0 = time.perf_counter()
     qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
     seconds = time.perf_counter() - t0
+    voxel_ml = float(np.prod(sim.acquisition.voxel_size) / 1000)
     out = {"dice_region": dice(qsm.reconstruction_mask, brain), "dice_output": dice(qsm.mask, brain),
-           "mask_ml": float(qsm.reconstruction_mask.sum() * np.prod(sim.acquisition.voxel_size) / 1000),
-           "true_ml": float(brain.sum() * np.prod(sim.acquisition.voxel_size) / 1000),
-           "chi": metrics.nrmse(qsm.chi, t.chi, brain), "seconds": seconds}
-    para, dia = thresholded_qsm(qsm.chi)
-    out["thresholded"] = (metrics.nrmse(para, t.chi_para, brain), metrics.nrmse(dia, t.chi_dia, brain))
-    r2prime = np.maximum(qsm.r2star - sim.r2_measured, 0)
-    out["r2prime"] = metrics.nrmse(r2prime, t.r2prime, qsm.mask)
-    for r2_name, r2 in (("measured R2", sim.r2_measured), ("nominal R2", None)):
-        sep = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), r2=r2,
-                                settings=pipeline.SeparationSettings(models=("chi-separation", "linear")))
+           "mask_ml": float(qsm.reconstruction_mask.sum() * voxel_ml), "true_ml": float(brain.sum() * voxel_ml),
+           "chi": (metrics.nrmse(qsm.chi, t.chi, brain), metrics.nrmse(qsm.chi, t.chi, healthy)),
+           "seconds": seconds}
+
+    def pair(para, dia):
+        return (metrics.nrmse(para, t.chi_para, brain), metrics.nrmse(dia, t.chi_dia, brain),
+                metrics.nrmse(para, t.chi_para, healthy), metrics.nrmse(dia, t.chi_dia, healthy))
+
+    out["thresholded QSM"] = pair(*thresholded_qsm(qsm.chi))
+    r2_rules = {"measured R2": (sim.r2_measured, pipeline.SeparationSettings()),
+                "R2*-only (R2' = 0.3 R2*, default)": (None, pipeline.SeparationSettings()),
+                "R2*-only (R2 = 13 1/s)": (None, pipeline.SeparationSettings(r2prime_fraction=None))}
+    inner = qsm.mask & healthy
+    out["r2prime"], out["r2prime_bias"] = {}, {}
+    for rule, (r2, settings) in r2_rules.items():
+        r2prime = np.maximum(qsm.r2star - settings.r2_map(qsm.r2star, r2)[0], 0)
+        out["r2prime"][rule] = metrics.nrmse(r2prime, t.r2prime, inner)
+        out["r2prime_bias"][rule] = {name: float((r2prime - t.r2prime)[inner & (t.labels == k)].mean())
+                                     for k, name in t.label_names.items() if name in BIAS_REGIONS
+                                     and (inner & (t.labels == k)).sum() >= 3}
+        sep = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), magnitude=qsm.magnitude, r2=r2,
+                                settings=pipeline.SeparationSettings(models=("chi-separation", "linear"),
+                                                                     r2prime_fraction=settings.r2prime_fraction))
         for model, result in sep.items():
-            out[f"{model}, {r2_name}"] = (metrics.nrmse(result.chi_para, t.chi_para, brain),
-                                          metrics.nrmse(result.chi_dia, t.chi_dia, brain))
+            out[f"{model}, {rule}"] = pair(result.chi_para, result.chi_dia)
     errors = []
     for name in DEEP_GREY:
         label = [k for k, v in t.label_names.items() if v == name][0]
@@ -104,15 +127,27 @@ def main(argv=None) -> None:
                             b0_direction=b0)
         simulated = time.perf_counter() - t0
         rows.append((head, simulated, score(sim)))
-    keys = [k for k in rows[0][2] if "," in k]
-    print("| head | Dice region / output | mask mL (true) | chi | R2' | thresholded para / dia | "
-          + " | ".join(keys) + " | deep grey worst % | simulate / reconstruct s |")
-    print("|---" * (8 + len(keys)) + "|")
+    print("| head | Dice region / output | mask mL (true) | chi all / healthy | deep grey worst % | "
+          "simulate / reconstruct s |")
+    print("|---|---|---|---|---|---|")
     for head, simulated, r in rows:
-        sep = " | ".join(f"{r[k][0]:.0f} / {r[k][1]:.0f}" for k in keys)
         print(f"| {head} | {r['dice_region']:.3f} / {r['dice_output']:.3f} | {r['mask_ml']:.0f} ({r['true_ml']:.0f}) | "
-              f"{r['chi']:.1f} | {r['r2prime']:.0f} | {r['thresholded'][0]:.0f} / {r['thresholded'][1]:.0f} | {sep} | "
-              f"{r['deep_grey_worst']:.0f} | {simulated:.0f} / {r['seconds']:.0f} |", flush=True)
+              f"{r['chi'][0]:.1f} / {r['chi'][1]:.1f} | {r['deep_grey_worst']:.0f} | {simulated:.0f} / {r['seconds']:.0f} |")
+    keys = [k for k in rows[0][2] if k == "thresholded QSM" or "," in k]
+    print("\nchi_para / chi_dia NRMSE %, whole brain; healthy tissue (lesions and 3 voxels around them left out)\n")
+    print("| model, R2 | " + " | ".join(f"head {h}: all | head {h}: healthy" for h, _, _ in rows) + " |")
+    print("|---" * (1 + 2 * len(rows)) + "|")
+    for k in keys:
+        cells = " | ".join(f"{r[k][0]:.0f} / {r[k][1]:.0f} | {r[k][2]:.0f} / {r[k][3]:.0f}" for _, _, r in rows)
+        print(f"| {k} | {cells} |")
+    print("\nR2' against the truth in healthy tissue of the output mask: NRMSE % and mean bias (1/s) per region\n")
+    regions = list(rows[0][2]["r2prime_bias"]["measured R2"])
+    print("| head | R2 rule | NRMSE | " + " | ".join(regions) + " |")
+    print("|---" * (3 + len(regions)) + "|")
+    for head, _, r in rows:
+        for rule, nrmse in r["r2prime"].items():
+            bias = " | ".join(f"{r['r2prime_bias'][rule].get(name, float('nan')):+.1f}" for name in regions)
+            print(f"| {head} | {rule} | {nrmse:.0f} | {bias} |")
 
 
 if __name__ == "__main__":

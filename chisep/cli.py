@@ -160,12 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     from chisep.sim.phantom import SCENARIOS
 
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--resolution", type=_resolution, default=1.0, metavar="MM",
-                   help="voxel size in mm: one value or three (e.g. 0.6,0.6,2)")
+    p.add_argument("--resolution", type=_resolution, default=2.0, metavar="MM",
+                   help="voxel size in mm: one value or three (e.g. 1,1,2); default 2")
+    _add_phantom_options(p)
     p.add_argument("--snr", type=_positive_float("--snr"), default=100.0)
     p.add_argument("--field-strength", type=_positive_float("--field-strength"), default=3.0, metavar="T")
     p.add_argument("--echo-times", type=parse_echo_times_ms, default=None, metavar="MS,MS,...",
-                   help="echo times in ms (default 6 echoes: 4,10,...,34)")
+                   help="echo times in ms (default: 5,11,17,23,29 for the head, 4,10,...,34 for the simple phantom)")
     p.add_argument("--b0-angle", type=float, default=0.0, metavar="DEG",
                    help="oblique acquisition: tilt of the slab against B0 in degrees")
     p.add_argument("--scenario", choices=SCENARIOS, default="healthy")
@@ -211,10 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="simulate the phantom, run everything, print accuracy")
     p.add_argument("--out", default="chisep-demo", metavar="DIR")
-    p.add_argument("--resolution", type=_resolution, default=1.5, metavar="MM")
+    p.add_argument("--resolution", type=_resolution, default=2.0, metavar="MM", help="voxel size in mm (default 2)")
+    _add_phantom_options(p)
     _add_common(p)
     _add_batch_parser(sub)
     return parser
+
+
+def _add_phantom_options(p) -> None:
+    p.add_argument("--phantom", choices=("head", "simple"), default="head",
+                   help="head (default): realistic whole head simulated on a twice finer grid (skull, scalp fat, "
+                        "coil bias, static-dephasing R2', a measured R2 map); simple: the label phantom on the "
+                        "output grid (fast, for coarse tests; flatters every method)")
+    p.add_argument("--head", choices=("A", "B"), default="A",
+                   help="which realistic head: A (default) or the holdout B (other anatomy and tissue values)")
 
 
 # ---------------------------------------------------------------------------
@@ -239,6 +250,8 @@ def cmd_simulate(args) -> int:
         seed=args.seed,
         subject=args.subject,
         integer_phase=args.integer_phase,
+        phantom=args.phantom,
+        head=args.head,
         overwrite=args.overwrite,
         log=lambda s: _say(args, s),
     )
@@ -310,7 +323,7 @@ def cmd_demo(args) -> int:
     from chisep import pipeline
 
     summary = pipeline.demo(args.out, resolution=args.resolution, overwrite=args.overwrite,
-                            log=lambda s: _say(args, s))
+                            phantom=args.phantom, head=args.head, log=lambda s: _say(args, s))
     _say(args, summary)
     return 0
 

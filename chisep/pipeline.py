@@ -90,6 +90,9 @@ class SeparationSettings:
 
     models: tuple[str, ...] = MODEL_NAMES
     nominal_r2: float = 13.0
+    #: R2*-only mode (no measured R2): R2' = fraction * R2* (Ji et al., NMR Biomed 2024), chosen over
+    #: R2* - nominal R2 on realistic head A (benchmarks/bench_head.py); None uses nominal_r2
+    r2prime_fraction: float | None = 0.3
     chi_separation: dict = field(default_factory=dict)
     linear: dict = field(default_factory=dict)
     decompose: dict = field(default_factory=dict)
@@ -104,6 +107,20 @@ class SeparationSettings:
         object.__setattr__(self, "models", models)
         if not self.nominal_r2 >= 0:
             raise InputError(f"nominal_r2 must be >= 0 1/s, got {self.nominal_r2}")
+        if self.r2prime_fraction in (0, False, "off", "none"):  # a TOML file cannot say None
+            object.__setattr__(self, "r2prime_fraction", None)
+        if self.r2prime_fraction is not None and not 0 < self.r2prime_fraction < 1:
+            raise InputError(f"r2prime_fraction is the share of R2* taken as R2' and must lie in (0, 1), "
+                             f"got {self.r2prime_fraction}; or None for R2* minus nominal_r2")
+
+    def r2_map(self, r2star: np.ndarray, r2: np.ndarray | None) -> tuple[np.ndarray, str]:
+        """The R2 (1/s) every model uses: the measured map, else from R2* by the R2*-only rule; and its source."""
+        if r2 is not None:
+            return np.asarray(r2, dtype=np.float32), "measured"
+        if self.r2prime_fraction is not None:
+            return ((1.0 - self.r2prime_fraction) * np.asarray(r2star, np.float32)).astype(np.float32), (
+                f"R2*-only: R2' = {self.r2prime_fraction:g} R2*")
+        return np.full(np.shape(r2star), self.nominal_r2, np.float32), f"R2*-only: R2 = {self.nominal_r2:g} 1/s"
 
 
 @dataclass(frozen=True)
@@ -442,12 +459,16 @@ def separate(acquisition: Acquisition, *, chi: np.ndarray, mask: np.ndarray,
         missing = [n for n in needs[model] if given[n] is None]
         if missing:
             raise InputError(f"model {model} needs {' and '.join(missing)} (e.g. --{missing[0].replace('_', '-')} FILE)")
+    r2_used = None
+    if r2star is not None:
+        r2_used, r2_source = settings.r2_map(r2star, r2)
+        log(f"  R2 for R2': {r2_source}")
     for model in settings.models:
         with step(f"separation:{model}"):
             if model == "chi-separation":
                 from chisep.separation.chi_separation import ChiSeparation
 
-                r2prime, _ = relax.r2prime_map(r2star, r2, nominal_r2=settings.nominal_r2)
+                r2prime, _ = relax.r2prime_map(r2star, r2_used)
                 results[model] = ChiSeparation(acquisition.field_strength, **settings.chi_separation).fit(
                     local_field, r2prime, mask, voxel_size=acquisition.voxel_size,
                     b0_direction=acquisition.b0_direction, chi_init=chi, field_noise_hz=field_noise,
@@ -456,7 +477,7 @@ def separate(acquisition: Acquisition, *, chi: np.ndarray, mask: np.ndarray,
                 from chisep.separation.linear import LinearModel
 
                 results[model] = LinearModel(acquisition.field_strength, **settings.linear).fit(
-                    r2star, chi, mask, r2=r2)
+                    r2star, chi, mask, r2=r2_used)
             else:
                 from chisep.separation.decompose import DecomposeModel
 
@@ -678,7 +699,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
                        progress_bars=progress_bars)
 
     writer = _Writer(out, acq.affine, data.header, overwrite, bids_prefix)
-    r2prime = relax.r2prime_map(qsm.r2star, r2, nominal_r2=settings.separation.nominal_r2)[0]
+    r2prime = relax.r2prime_map(qsm.r2star, settings.separation.r2_map(qsm.r2star, r2)[0])[0]
     write_qsm_maps(writer, qsm, r2prime * qsm.mask)
     quality = quality_map(qsm, results)
     writer.map("quality", quality, extra={"Flags": {str(k): v for k, v in QUALITY_FLAGS.items()}})
@@ -869,16 +890,37 @@ TRUTH_MAPS = {
 }
 
 
-def simulate(*, resolution=1.0, snr: float | None = 100.0, field_strength: float = 3.0,
+PHANTOMS = ("head", "simple")
+
+
+def simulate(*, resolution=2.0, snr: float | None = 100.0, field_strength: float = 3.0,
              echo_times: Sequence[float] | None = None, b0_angle_deg: float = 0.0,
-             scenario: str = "healthy", seed: int = 0, integer_phase: bool = False):
-    """Phantom + GRE simulation in memory (see :func:`chisep.sim.gre.simulate_gre`)."""
+             scenario: str = "healthy", seed: int = 0, integer_phase: bool = False,
+             phantom: str = "head", head: str = "A"):
+    """Simulated GRE data in memory.
+
+    ``phantom="head"`` (default): the realistic whole head of
+    :func:`chisep.sim.simulate_head` (simulated on a twice finer grid, with skull,
+    scalp fat, coil bias, static-dephasing R2' and a measured R2 map; ``head``
+    "A" or the holdout "B"). ``phantom="simple"``: the label phantom simulated on
+    the output grid (:func:`chisep.sim.gre.simulate_gre`), fast and coarse-friendly,
+    for tests of mechanics; it flatters every method (inverse crime).
+    """
+    b0 = physics.direction_from_angles(b0_angle_deg) if b0_angle_deg else None
+    if phantom == "head":
+        from chisep.sim.head import DEFAULT_HEAD_ECHO_TIMES, simulate_head
+
+        if integer_phase:
+            raise InputError("integer phase is only simulated with the simple phantom (--phantom simple)")
+        return simulate_head(resolution, head=head, scenario=scenario, snr=snr, seed=seed,
+                             field_strength=field_strength, b0_direction=b0,
+                             echo_times=tuple(echo_times or DEFAULT_HEAD_ECHO_TIMES))
+    if phantom != "simple":
+        raise InputError(f"phantom must be one of {PHANTOMS}, got {phantom!r}")
     from chisep.sim.gre import simulate_gre
     from chisep.sim.phantom import head_phantom
 
-    phantom = head_phantom(resolution, scenario=scenario, seed=seed)
-    b0 = physics.direction_from_angles(b0_angle_deg) if b0_angle_deg else None
-    return simulate_gre(phantom, field_strength=field_strength,
+    return simulate_gre(head_phantom(resolution, scenario=scenario, seed=seed), field_strength=field_strength,
                         echo_times=tuple(echo_times or DEFAULT_ECHO_TIMES), snr=snr, seed=seed,
                         b0_direction=b0, integer_phase=integer_phase)
 
@@ -901,6 +943,13 @@ def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite
     for stem, (attr, unit, description) in TRUTH_MAPS.items():
         io.save_map(truth_dir / f"{stem}.nii.gz", getattr(sim.truth, attr), affine=affine, unit=unit,
                     description=description, overwrite=overwrite)
+    r2_path = None
+    if sim.r2_measured is not None:
+        # what a user measures with a multi-echo spin echo: a noisy R2 map, an input like the GRE
+        r2_path = out / "derivatives" / "spinecho" / f"sub-{subject}_R2map.nii.gz"
+        io.save_map(r2_path, sim.r2_measured, affine=affine, unit="1/s",
+                    description="R2 measured by a simulated multi-echo spin echo (5 % noise); give it as --r2",
+                    overwrite=overwrite)
     names = "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in sorted(sim.truth.label_names.items()))
     io.write_bytes(truth_dir / "labels.tsv", names.encode(), overwrite=overwrite)
     signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
@@ -909,7 +958,7 @@ def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite
                         extra={"acquisition": sim.acquisition.to_dict(), "noise_sigma": sim.truth.noise_sigma,
                                "dr_para_hz_per_ppm": sim.truth.dr_para, "dr_dia_hz_per_ppm": sim.truth.dr_dia},
                         overwrite=overwrite)
-    return {"bids_root": out, "truth_dir": truth_dir, "run": run, "simulation": sim}
+    return {"bids_root": out, "truth_dir": truth_dir, "run": run, "simulation": sim, "r2_path": r2_path}
 
 
 def _jsonable_settings(settings: Mapping) -> dict:
@@ -919,8 +968,9 @@ def _jsonable_settings(settings: Mapping) -> dict:
 # ---------------------------------------------------------------------------
 # demo
 # ---------------------------------------------------------------------------
-def demo(out_dir: str | Path = "chisep-demo", *, resolution=1.5, scenario: str = "all", snr: float = 100.0,
-         models: Sequence[str] = MODEL_NAMES, overwrite: bool = False, log: Log = _quiet) -> str:
+def demo(out_dir: str | Path = "chisep-demo", *, resolution=2.0, scenario: str = "all", snr: float = 100.0,
+         models: Sequence[str] = MODEL_NAMES, overwrite: bool = False, log: Log = _quiet,
+         phantom: str = "head", head: str = "A") -> str:
     """Simulate the phantom, run the whole pipeline with every model, score it against the truth.
 
     Writes ``bids/`` (the simulated dataset and its truth), ``run/`` (the
@@ -934,14 +984,16 @@ def demo(out_dir: str | Path = "chisep-demo", *, resolution=1.5, scenario: str =
     for name in ("accuracy.md", "comparison.png"):
         if (out / name).exists() and not overwrite:
             raise OutputExistsError(f"{out / name} exists; pass --overwrite or choose another --out")
-    log(f"1/3 simulating the phantom at {resolution} mm (scenario {scenario!r}, SNR {snr:g})")
+    what = f"the realistic head {head}" if phantom == "head" else "the simple phantom"
+    log(f"1/3 simulating {what} at {resolution} mm (scenario {scenario!r}, SNR {snr:g})")
     sim = simulate_dataset(out / "bids", resolution=resolution, scenario=scenario, snr=snr,
-                           overwrite=overwrite)
+                           overwrite=overwrite, phantom=phantom, head=head)
     truth = sim["simulation"].truth
     log("2/3 running QSM and source separation")
     data = io.load_bids(out / "bids")
     run = run_files(data, out / "run", settings=PipelineSettings(separation=SeparationSettings(models=tuple(models))),
                     labels_path=sim["truth_dir"] / "labels.nii.gz", label_names=truth.label_names,
+                    r2_path=sim["r2_path"],
                     overwrite=overwrite, log=log, progress_bars=log is not _quiet)
     log("3/3 scoring against the ground truth")
     mask = run.qsm.mask & truth.brain_mask

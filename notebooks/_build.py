@@ -105,7 +105,7 @@ QUICKSTART = [
         in white matter). `sim.truth` holds every true map.
     """),
     ("code", """
-        sim = pipeline.simulate(resolution=3.0, scenario="healthy", snr=100.0, seed=0)
+        sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="healthy", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         print("magnitude / phase:", sim.magnitude.shape, sim.magnitude.dtype, "(x, y, z, echo)")
         print("echo times (s):", acq.echo_times)
@@ -263,7 +263,7 @@ IRON_VS_MYELIN = [
         %matplotlib inline
         t_start = time.perf_counter()
 
-        sim = pipeline.simulate(resolution=3.0, scenario="healthy", snr=100.0, seed=0)
+        sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="healthy", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, acq)
         results = pipeline.separate(acq, **qsm.separation_inputs(),
@@ -418,7 +418,7 @@ PARADOXICAL = [
         %matplotlib inline
         t_start = time.perf_counter()
 
-        sim = pipeline.simulate(resolution=3.0, scenario="all", snr=100.0, seed=0)
+        sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="all", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, acq)
         results = pipeline.separate(acq, **qsm.separation_inputs(),

@@ -37,7 +37,7 @@ def _corrupt(path: Path) -> None:
 def cohort(tmp_path_factory):
     """Simulate sub-01..03, truncate one phase file of sub-03, run the batch once."""
     root = tmp_path_factory.mktemp("cohort") / "bids"
-    batch.simulate_cohort(root, ("01", "02", "03"), resolution=8.0, snr=50.0)
+    batch.simulate_cohort(root, ("01", "02", "03"), resolution=8.0, snr=50.0, phantom="simple")
     bad = root / "sub-03" / "anat" / "sub-03_echo-2_part-phase_MEGRE.nii.gz"
     _corrupt(bad)
     log: list[str] = []

@@ -35,7 +35,7 @@ def test_echo_times_parser_refuses_with_hint(text, match):
 
 def test_echo_times_in_seconds_fail_with_exit_2_and_no_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["simulate", "--out", str(tmp_path / "s"), "--echo-times", "0.004,0.01"])
+        cli.main(["simulate", "--phantom", "simple", "--out", str(tmp_path / "s"), "--echo-times", "0.004,0.01"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "look like seconds" in err and "Traceback" not in err
@@ -51,7 +51,7 @@ def test_unknown_method_lists_valid_choices(capsys):
 
 def test_simulate_writes_bids_and_truth_that_load_back(tmp_path):
     out = tmp_path / "sim"
-    code = cli.main(["simulate", "--out", str(out), "--resolution", "4", "--echo-times", "4,10,16,22",
+    code = cli.main(["simulate", "--phantom", "simple", "--out", str(out), "--resolution", "4", "--echo-times", "4,10,16,22",
                      "--seed", "3", "--quiet"])
     assert code == 0
     runs = io.find_megre_runs(out)
@@ -79,7 +79,7 @@ def test_simulate_writes_bids_and_truth_that_load_back(tmp_path):
 
 def test_simulate_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "sim"
-    args = ["simulate", "--out", str(out), "--resolution", "6", "--quiet"]
+    args = ["simulate", "--phantom", "simple", "--out", str(out), "--resolution", "6", "--quiet"]
     assert cli.main(args) == 0
     assert cli.main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -88,7 +88,7 @@ def test_simulate_refuses_to_overwrite(tmp_path, capsys):
 
 def test_oblique_simulation_round_trips_b0_direction(tmp_path):
     out = tmp_path / "obl"
-    assert cli.main(["simulate", "--out", str(out), "--resolution", "6", "--b0-angle", "25", "--quiet"]) == 0
+    assert cli.main(["simulate", "--phantom", "simple", "--out", str(out), "--resolution", "6", "--b0-angle", "25", "--quiet"]) == 0
     data = io.load_bids(out)
     assert data.acquisition.b0_angle_deg == pytest.approx(25.0, abs=1e-3)
     assert physics.b0_direction_from_affine(data.affine) == pytest.approx(data.acquisition.b0_direction)
@@ -97,7 +97,7 @@ def test_oblique_simulation_round_trips_b0_direction(tmp_path):
 def test_out_path_that_is_a_file_is_refused(tmp_path, capsys):
     f = tmp_path / "afile"
     f.write_text("x")
-    assert cli.main(["simulate", "--out", str(f), "--resolution", "6", "--quiet"]) == 2
+    assert cli.main(["simulate", "--phantom", "simple", "--out", str(f), "--resolution", "6", "--quiet"]) == 2
     assert "expected a folder" in capsys.readouterr().err
 
 
@@ -109,7 +109,7 @@ def test_python_dash_m_and_console_script_entry_points():
 def test_warnings_reach_the_user_as_one_line(tmp_path, capsys):
     """A single-echo run warns; the user sees 'chisep: warning: ...', not a Python warning with source lines."""
     data = tmp_path / "single"
-    assert cli.main(["simulate", "--out", str(data), "--resolution", "6", "--echo-times", "20", "--quiet"]) == 0
+    assert cli.main(["simulate", "--phantom", "simple", "--out", str(data), "--resolution", "6", "--echo-times", "20", "--quiet"]) == 0
     capsys.readouterr()
     assert cli.main(["qsm", "--bids", str(data), "--out", str(tmp_path / "out"), "--quiet",
                      "--inversion", "tkd", "--background", "pdf"]) == 0

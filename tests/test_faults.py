@@ -29,7 +29,7 @@ FAST = ["--background", "pdf", "--inversion", "tikhonov", "--quiet"]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults") / "bids"
-    pipeline.simulate_dataset(root, resolution=8.0, seed=3, echo_times=(0.003, 0.006, 0.009, 0.012))
+    pipeline.simulate_dataset(root, resolution=8.0, seed=3, phantom="simple", echo_times=(0.003, 0.006, 0.009, 0.012))
     return root
 
 

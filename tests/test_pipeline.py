@@ -18,7 +18,7 @@ def _load(path):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim") / "bids"
-    pipeline.simulate_dataset(root, resolution=5.0, scenario="paradoxical-calcification", seed=1)
+    pipeline.simulate_dataset(root, resolution=5.0, phantom="simple", scenario="paradoxical-calcification", seed=1)
     return root
 
 
@@ -133,7 +133,7 @@ def test_config_file_sets_methods_and_rejects_unknown(tmp_path):
 
 def test_oblique_acquisition_end_to_end(tmp_path):
     root = tmp_path / "obl"
-    pipeline.simulate_dataset(root, resolution=5.0, b0_angle_deg=20.0)
+    pipeline.simulate_dataset(root, resolution=5.0, phantom="simple", b0_angle_deg=20.0)
     data = io.load_bids(root)
     assert data.acquisition.b0_angle_deg == pytest.approx(20.0, abs=1e-3)
     settings = pipeline.QsmSettings(background="resharp", inversion="medi")
