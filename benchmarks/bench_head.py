@@ -7,7 +7,7 @@ default pipeline runs with the automatic mask. Scores (qsm-ci style: NRMSE in %
 after demeaning, over the *true* brain mask, so voxels the output mask leaves out
 count as zero): brain-mask Dice (the reconstruction region and the output mask),
 chi (whole brain and healthy tissue), R2' under each R2 rule with its bias per region, chi-separation and the linear model with the
-measured spin-echo R2 (``--r2``) and in R2*-only mode (nominal R2), the thresholded
+measured spin-echo R2 (``--r2``) and in R2*-only mode (three rules for R2), the thresholded
 QSM baseline, and deep-grey region means of chi against the truth.
 
 Usage::
@@ -78,8 +78,9 @@ def score(sim) -> dict:
 
     out["thresholded QSM"] = pair(*thresholded_qsm(qsm.chi))
     r2_rules = {"measured R2": (sim.r2_measured, pipeline.SeparationSettings()),
-                "R2*-only (R2' = 0.3 R2*, default)": (None, pipeline.SeparationSettings()),
-                "R2*-only (R2 = 13 1/s)": (None, pipeline.SeparationSettings(r2prime_fraction=None))}
+                "R2*-only (R2 = min(13 1/s, 0.7 R2*), default)": (None, pipeline.SeparationSettings()),
+                "R2*-only (R2 = 13 1/s)": (None, pipeline.SeparationSettings(r2prime_fraction=None)),
+                "R2*-only (R2' = 0.3 R2*)": (0.7 * qsm.r2star, pipeline.SeparationSettings())}
     inner = qsm.mask & healthy
     out["r2prime"], out["r2prime_bias"] = {}, {}
     for rule, (r2, settings) in r2_rules.items():

@@ -342,13 +342,15 @@ IRON_VS_MYELIN = [
           myelin (`chi_dia`). In white matter the net value is slightly negative everywhere, and the small iron
           content is invisible in it.
         * **`chi_dia` follows myelin along the tracts.** The corpus callosum and internal capsules have clearly
-          higher `chi_dia` than the other white matter, in the truth and in both estimates, while their
-          `chi_para` barely changes.
+          higher `chi_dia` than the other white matter, in the truth and in both estimates. Their estimated
+          `chi_para` rises too, though the true one barely changes: see the limits.
         * **Limits.** The estimated white-matter `chi_para` is biased upward (roughly 0.01 ppm here): R2' of white
           matter is small and noisy, and a model that assumes one relaxometric constant per source cannot be
           exact. The corpus callosum is thin and lies between the lateral ventricles and the deep veins, so at
           3 mm its estimates mix with them (its `chi_para` is clearly overestimated); the internal capsules are
-          the cleaner tract regions. Cortical grey matter is thinner than a 3 mm voxel and lies at the edge of
+          the cleaner tract regions. The simulation includes the dephasing by field gradients across each
+          voxel; where it is strong (next to ventricles and veins) R2' and with it `chi_para` of the tracts
+          come out too high. Cortical grey matter is thinner than a 3 mm voxel and lies at the edge of
           the mask, where background removal errs, so both of its sources are underestimated: the
           thalamus-versus-cortex comparison holds in direction, not in size. Real white matter is also
           anisotropic (susceptibility and R2\\* depend on fibre orientation to B0), which this isotropic
@@ -368,7 +370,8 @@ IRON_VS_MYELIN = [
         for r in tract_regions:
             assert means["truth", "chi_dia"][r] > means["truth", "chi_dia"][wm]
             assert dia_tracts[r] > dia_wm, f"chi_dia in {r} ({dia_tracts[r]:.3f}) not above other WM ({dia_wm:.3f})"
-        assert dia_gain > 2 * abs(para_gain), "tracts should differ from other WM mainly in chi_dia"
+        true_dia_gain = np.mean([means["truth", "chi_dia"][r] for r in tract_regions]) - means["truth", "chi_dia"][wm]
+        assert dia_gain > 0.5 * true_dia_gain, f"tract chi_dia gain {dia_gain:.3f} of a true {true_dia_gain:.3f}"
         assert means["QSM", "chi"][wm] < 0, "white matter should be slightly diamagnetic on QSM"
         # same net chi, different composition: thalamus has more of both sources than cortical grey matter
         thal, gm = "thalamus", "cortical grey matter"
