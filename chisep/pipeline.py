@@ -317,6 +317,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             notes.append(f"denoise: MP-PCA on the magnitude, noise sigma {sigma:.3g} (median in the mask), "
                          f"{den.info['median_signal_components']:g} signal components of {acquisition.n_echoes}")
             log(f"  {notes[-1]}")
+    # noise floor for the reliability step's low_signal criterion: the local MP-PCA sigma, its median elsewhere
+    floor_sigma = None if sigma_map is None else np.where(sigma_map > 0, sigma_map, sigma).astype(np.float32)
     with step("field"):
         fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
                                           method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs,
@@ -324,7 +326,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
     with step("reliability"):
         rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
-                                             voxel_size=vs,
+                                             voxel_size=vs, noise_sigma=floor_sigma,
                                              factors=settings.reliability)
         notes.append(rel.summary())
         log(f"  {notes[-1]}")
@@ -335,7 +337,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                          "of background removal, inversion and outputs; check the mask")
             log(f"  warning: {notes[-1]}")
         if mask is None:
-            brain = _mask.brain_region(head, rel.excluded, voxel_size=vs)
+            brain = _mask.brain_region(head, rel.excluded, voxel_size=vs, magnitude=relax_magnitude[..., 0])
             if settings.mask_erode_mm > 0:
                 brain = _mask.erode_mask(brain, vs, settings.mask_erode_mm)
             # refit on the brain: unwrapping paths and echo-wrap checks through scalp fat (chemical
@@ -346,7 +348,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             # second pass on the brain alone: medians over scalp and fat are loose for the brain's edge
             rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, brain,
                                                  field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
-                                                 voxel_size=vs, factors=settings.reliability)
+                                                 voxel_size=vs, noise_sigma=floor_sigma,
+                                                 factors=settings.reliability)
             notes.append(f"brain mask: {rel.volume_ml(brain):.0f} mL of a {rel.volume_ml(head):.0f} mL head "
                          f"(scalp, muscle, bone and air cut off)")
             log(f"  {notes[-1]}")

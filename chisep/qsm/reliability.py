@@ -48,8 +48,12 @@ from scipy import ndimage
 
 from chisep.errors import InputError
 
-#: factor over the median in the mask above which a statistic marks a voxel unreliable
-DEFAULT_FACTORS = {"field_noise": 10.0, "echo_spread": 10.0, "decay_residual": 10.0}
+#: factor over the median in the mask above which a statistic marks a voxel unreliable; for
+#: ``low_signal`` the first-echo magnitude in units of the noise sigma below which a voxel is
+#: noise only (Rayleigh noise: 99 % of noise-only voxels lie below 3 sigma). Median-relative
+#: factors alone are SNR-dependent: at SNR 30 noise-only bone has only 12x the brain's echo
+#: spread, and most of it passed (benchmarks/bench_head.py --snr 30).
+DEFAULT_FACTORS = {"low_signal": 3.0, "field_noise": 10.0, "echo_spread": 10.0, "decay_residual": 10.0}
 CRITERIA = tuple(DEFAULT_FACTORS)
 
 
@@ -172,7 +176,8 @@ def check_factors(factors: dict | None) -> dict:
 
 
 def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, field_hz=None,
-                      voxel_size=(1.0, 1.0, 1.0), factors: dict | None = None) -> Reliability:
+                      voxel_size=(1.0, 1.0, 1.0), factors: dict | None = None,
+                      noise_sigma=None) -> Reliability:
     """Split a mask into voxels with a reliable field and the rest.
 
     Parameters
@@ -186,8 +191,11 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         The fitted total field (``FieldFit.field_hz``): the echo-pair frequencies are
         taken on its branch (needed when the phase wraps between echoes)
     voxel_size : 3 floats, mm (for volumes in mL)
+    noise_sigma : float or (x, y, z) array, optional
+        Per-channel noise SD of the magnitude (e.g. MP-PCA's); enables ``low_signal``:
+        a voxel whose first-echo magnitude is below ``factor`` sigma is noise only.
     factors : dict, optional
-        Per criterion (``field_noise``, ``echo_spread``, ``decay_residual``), the
+        Per criterion (``low_signal``, ``field_noise``, ``echo_spread``, ``decay_residual``), the
         factor over its median in the mask above which a voxel is unreliable;
         ``None``, ``"off"`` or ``inf`` switches a criterion off. Defaults: :data:`DEFAULT_FACTORS`.
 
@@ -216,18 +224,33 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         raise InputError("field_reliability: the mask is empty; pass the mask the field was fitted in")
     tes = np.asarray(echo_times, dtype=np.float64)
 
+    if noise_sigma is not None:
+        sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64), msk.shape)[msk]
+        snr = np.where(sigma > 0, mag[msk, 0] / np.where(sigma > 0, sigma, 1.0), np.inf)
+    else:
+        snr = np.full(int(msk.sum()), np.inf)
     values = {
+        "low_signal": snr,
         "field_noise": np.where(np.isfinite(noise[msk]), noise[msk], np.inf),
         "echo_spread": echo_spread_hz(mag[msk].astype(np.float64), ph[msk].astype(np.float64), tes, field[msk]),
         "decay_residual": decay_residual(mag[msk], tes),
     }
     flagged, statistics, thresholds = {}, {}, {}
     reference = np.ones(int(msk.sum()), bool)  # the voxels whose median sets the thresholds
-    for name, v in values.items():  # field_noise first: see below
+    for name, v in values.items():  # low_signal and field_noise first: see below
         stat = np.zeros(msk.shape, np.float32)
         stat[msk] = np.where(np.isfinite(v), v, np.finfo(np.float32).max)
         statistics[name] = stat
         factor = chosen[name]
+        if name == "low_signal":  # an absolute floor in noise units, not a multiple of the median
+            thresholds[name] = None if (factor is None or noise_sigma is None) else float(factor)
+            sel = np.zeros(v.shape, bool) if thresholds[name] is None else v < factor
+            flag = np.zeros(msk.shape, bool)
+            flag[msk] = sel
+            flagged[name] = flag
+            if not sel.all():
+                reference = ~sel
+            continue
         finite = v[np.isfinite(v) & reference]
         if factor is None or not np.isfinite(factor) or finite.size == 0 or not np.median(finite) > 0:
             # a statistic that is zero at the median (too few echoes, noiseless data) cannot rank voxels
@@ -239,10 +262,10 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         flag = np.zeros(msk.shape, bool)
         flag[msk] = sel
         flagged[name] = flag
-        if name == "field_noise" and not sel.all():
+        if name == "field_noise" and not (sel | ~reference).all():
             # A mask reaching far into noise-only skull or air would lift the medians of the
             # other statistics and loosen their thresholds: take them over the voxels with signal.
-            reference = ~sel
+            reference = reference & ~sel
     unreliable = np.logical_or.reduce(list(flagged.values())) & msk
     reliable = msk & ~unreliable
     if not reliable.any():
