@@ -174,3 +174,19 @@ def test_csf_reference_sets_the_ventricles_to_zero(dataset):
     with pytest.raises(InputError, match="reference"):
         pipeline.QsmSettings(reference="median")
 
+
+
+def test_one_r2_rule_reaches_every_model():
+    """Measured R2 wins; in R2*-only mode R2 = min(nominal, 0.7 R2*); None keeps the nominal R2 alone."""
+    r2star = np.array([[[10.0, 20.0, 47.0]]], np.float32)
+    settings = pipeline.SeparationSettings()
+    r2, source = settings.r2_map(r2star, None)
+    np.testing.assert_allclose(r2, [[[7.0, 13.0, 13.0]]])  # grey-matter-like R2* keeps R2' = 0.3 R2*
+    assert "min" in source
+    nominal, _ = pipeline.SeparationSettings(r2prime_fraction=None).r2_map(r2star, None)
+    np.testing.assert_allclose(nominal, 13.0)
+    measured = np.full(r2star.shape, 9.0, np.float32)
+    assert pipeline.SeparationSettings().r2_map(r2star, measured)[1] == "measured"
+    with pytest.raises(InputError, match="r2prime_fraction"):
+        pipeline.SeparationSettings(r2prime_fraction=1.5)
+    assert pipeline.SeparationSettings(r2prime_fraction="off").r2prime_fraction is None  # TOML has no None

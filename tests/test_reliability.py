@@ -311,3 +311,27 @@ def test_thresholded_qsm_baseline():
     np.testing.assert_allclose(para, [0.0, 0.0, 0.15])
     np.testing.assert_allclose(dia, [0.2, 0.0, 0.0])
     assert para.dtype == dia.dtype == np.float32 and np.allclose(para - dia, chi)
+
+
+def test_low_signal_criterion_marks_noise_only_voxels_in_noise_units():
+    """First-echo magnitude below 3 noise sigma is noise only, whatever the other statistics' medians."""
+    rng = np.random.default_rng(0)
+    shape, tes = (20, 20, 20), np.array([0.005, 0.011, 0.017, 0.023])
+    mask = np.ones(shape, bool)
+    sigma = 1.0
+    signal = np.full(shape, 30.0)
+    signal[:, :, :4] = 0.0  # a slab of pure noise (bone) at one face
+    decay = signal[..., None] * np.exp(-20.0 * tes)
+    noisy = decay + sigma * (rng.standard_normal(decay.shape) + 1j * rng.standard_normal(decay.shape))
+    magnitude, phase = np.abs(noisy), np.angle(noisy)
+    field_noise = np.full(shape, 0.5)
+    rel = reliability.field_reliability(magnitude, phase, tes, mask, field_noise_hz=field_noise, noise_sigma=sigma)
+    flagged = rel.flagged_by["low_signal"]
+    assert flagged[:, :, :4].mean() > 0.95 and flagged[:, :, 4:].mean() < 0.001
+    assert rel.thresholds["low_signal"] == 3.0
+    assert rel.excluded[:, :, :4].mean() > 0.95  # connected to the mask's outside: excluded
+    off = reliability.field_reliability(magnitude, phase, tes, mask, field_noise_hz=field_noise, noise_sigma=sigma,
+                            factors={"low_signal": "off"})
+    assert not off.flagged_by["low_signal"].any()
+    without = reliability.field_reliability(magnitude, phase, tes, mask, field_noise_hz=field_noise)
+    assert not without.flagged_by["low_signal"].any() and without.thresholds["low_signal"] is None
