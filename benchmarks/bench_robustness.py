@@ -9,7 +9,7 @@ at a chosen resolution and prints a markdown table.
 
 Usage::
 
-    python benchmarks/bench_robustness.py --resolution 2 [--cases standard,7T,...]
+    python benchmarks/bench_robustness.py --resolution 2 [--cases standard,7T,...] [--phantom head --head B]
 
 The module is also imported by the tests (case definitions live here only).
 """
@@ -105,19 +105,51 @@ def _lesion_phantom(ph, kind: str):
     return dataclasses.replace(ph, chi_para=chi_para, chi_dia=chi_dia, chi=chi), inside
 
 
-def prepare(case: Case, resolution: float, *, seed: int = 0, anisotropic=None, workdir: Path | None = None) -> Prepared:
-    """Simulate one case at ``resolution`` mm (isotropic, or ``anisotropic`` (a, b, c) mm)."""
+#: realistic-head scenarios standing in for the simple phantom's lesion spheres
+HEAD_SCENARIOS = {"haemorrhage": ("microbleeds", ("microbleed",)),
+                  "calcification": ("calcified-lesion", ("calcification",))}
+
+
+def _simulate_realistic(case: Case, res, seed: int, b0, head: str):
+    """The case on the realistic head (chisep.sim.simulate_head); integer phase quantised afterwards."""
+    from chisep.sim import simulate_head
+    from chisep.sim.gre import INTEGER_PHASE_MAX
+
+    scenario, lesion_labels = HEAD_SCENARIOS.get(case.lesion, ("healthy", ()))
+    sim = simulate_head(res, head=head, scenario=scenario, field_strength=case.field_strength,
+                        echo_times=case.echo_times, snr=case.snr, seed=seed, b0_direction=b0,
+                        phase_sign=case.phase_sign)
+    names = sim.truth.label_names
+    lesion = np.isin(sim.truth.labels, [k for k, v in names.items() if v in lesion_labels]) & sim.truth.brain_mask
+    phase = sim.phase
+    if case.integer_phase:
+        scaled = np.round(phase * (INTEGER_PHASE_MAX / np.pi)).astype(np.int32)
+        phase = np.where(scaled >= INTEGER_PHASE_MAX, scaled - 2 * INTEGER_PHASE_MAX, scaled).astype(np.int16)
+    return dataclasses.replace(sim, phase=phase), lesion
+
+
+def prepare(case: Case, resolution: float, *, seed: int = 0, anisotropic=None, workdir: Path | None = None,
+            phantom: str = "simple", head: str = "A") -> Prepared:
+    """Simulate one case at ``resolution`` mm (isotropic, or ``anisotropic`` (a, b, c) mm).
+
+    ``phantom="head"`` uses the realistic head (``head`` "A" or "B"); lesion cases
+    then use its microbleed and calcified-lesion scenarios.
+    """
     if case.anisotropic:
         res = tuple(anisotropic) if anisotropic is not None else (resolution, resolution, 1.5 * resolution)
     else:
         res = resolution
-    ph = head_phantom(res, scenario="healthy", seed=seed)
-    lesion = np.zeros(ph.shape, bool)
-    if case.lesion:
-        ph, lesion = _lesion_phantom(ph, case.lesion)
     b0 = physics.direction_from_angles(case.b0_tilt_deg) if case.b0_tilt_deg else None
-    sim = simulate_gre(ph, field_strength=case.field_strength, echo_times=case.echo_times, snr=case.snr,
-                       seed=seed, b0_direction=b0, integer_phase=case.integer_phase, phase_sign=case.phase_sign)
+    if phantom == "head":
+        sim, lesion = _simulate_realistic(case, res, seed, b0, head)
+    else:
+        ph = head_phantom(res, scenario="healthy", seed=seed)
+        lesion = np.zeros(ph.shape, bool)
+        if case.lesion:
+            ph, lesion = _lesion_phantom(ph, case.lesion)
+        sim = simulate_gre(ph, field_strength=case.field_strength, echo_times=case.echo_times, snr=case.snr,
+                           seed=seed, b0_direction=b0, integer_phase=case.integer_phase,
+                           phase_sign=case.phase_sign)
     truth = {"chi": sim.truth.chi, "field_total": sim.truth.field_total_hz, "r2star": sim.truth.r2star,
              "brain_mask": sim.truth.brain_mask, "lesion": lesion}
     mag, pha, acq = sim.magnitude, sim.phase, sim.acquisition
@@ -209,6 +241,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASE_NAMES))
     parser.add_argument("--background", default="pdf")
     parser.add_argument("--inversion", default="tv")
+    parser.add_argument("--phantom", choices=("simple", "head"), default="simple",
+                        help="simple: label phantom on the output grid (as the tests); head: the realistic head")
+    parser.add_argument("--head", choices=("A", "B"), default="A")
     args = parser.parse_args(argv)
     chosen = [c for c in CASES if c.name in args.cases.split(",")]
     settings = pipeline.QsmSettings(background=args.background, inversion=args.inversion)
@@ -216,7 +251,7 @@ def main(argv=None) -> int:
     rows = []
     for case in chosen:
         t0 = time.perf_counter()
-        prep = prepare(case, args.resolution, anisotropic=aniso)
+        prep = prepare(case, args.resolution, anisotropic=aniso, phantom=args.phantom, head=args.head)
         row = run_case(prep, settings)
         row.pop("qsm"), row.pop("maps")
         rows.append(row)
@@ -224,7 +259,8 @@ def main(argv=None) -> int:
         print(f"{case.name} ({time.perf_counter() - t0:.0f} s): {markdown_table([row]).splitlines()[-1]}",
               file=sys.stderr, flush=True)
     print(f"\nResolution {args.resolution} mm (anisotropic case {args.anisotropic} mm), background "
-          f"{args.background}, inversion {args.inversion}; masks: pipeline mask & phantom brain.\n")
+          f"{args.background}, inversion {args.inversion}, phantom {args.phantom}"
+          f"{' ' + args.head if args.phantom == 'head' else ''}; masks: pipeline mask & true brain.\n")
     print(markdown_table(rows))
     return 0
 

@@ -370,8 +370,9 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         else:
             decay = relax_magnitude
             if settings.gradient_correction:
+                # gradients from reliable neighbours only: a skull voxel's field would bend the brain edge's
                 decay = relax.gradient_dephasing_correction(relax_magnitude, fit.field_hz,
-                                                            acquisition.echo_times, fit.mask)
+                                                            acquisition.echo_times, region)
             r2star = relax.r2star_map(decay, acquisition.echo_times, head, method=method)
     with step("background"):
         local, eroded = _background.remove_background(
