@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -319,7 +320,11 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             log(f"  {notes[-1]}")
     # noise floor for the reliability step's low_signal criterion: the local MP-PCA sigma, its median elsewhere
     floor_sigma = None if sigma_map is None else np.where(sigma_map > 0, sigma_map, sigma).astype(np.float32)
-    with step("field"):
+    with step("field"), warnings.catch_warnings():
+        if mask is None:
+            # fitted over the whole head only to find the skull; scalp fat's chemical shift wraps between
+            # echoes by design: the brain's refit below is the one whose warnings count
+            warnings.simplefilter("ignore")
         fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
                                           method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs,
                                           noise_sigma=sigma)
