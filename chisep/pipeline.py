@@ -262,7 +262,9 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                     mask: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
                     log: Log = _quiet) -> QsmMaps:
     """Mask -> MP-PCA denoising of the magnitude -> unwrapping and multi-echo field fit ->
-    reliability (voxels whose field is unreliable are left out) -> R2* -> background removal -> inversion.
+    reliability (voxels whose field is unreliable are left out) -> for an automatic mask, the brain cut
+    from the head (:func:`chisep.qsm.mask.brain_region`) and field fit and reliability redone on it ->
+    R2* (macroscopic-gradient dephasing undone) -> background removal -> inversion.
 
     Parameters
     ----------
