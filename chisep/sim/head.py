@@ -632,6 +632,8 @@ def simulate_head(
                                      model.dia_spheres)]
     te_mean = float(np.mean(tes))
     stt = float(np.sum((np.asarray(tes) - te_mean) ** 2))
+    # effective R2' = slope of the sub-voxel attenuation over the echoes (a single echo: its mean rate)
+    weights = [(te - te_mean) / stt for te in tes] if len(tes) > 1 else [1.0 / tes[0]]
     coarse_shape = tuple(s // oversampling for s in ph.shape)
     signal = np.empty(coarse_shape + (len(tes),), np.complex64)
     r2p_fine = jnp.zeros(ph.shape, jnp.float32)
@@ -643,7 +645,7 @@ def simulate_head(
                                      jnp.float32(phase_sign), consts, tables, factor=int(oversampling),
                                      linear=r2prime == "linear")
         signal[..., e] = np.asarray(coarse)
-        r2p_fine = r2p_fine + decay * np.float32((te - te_mean) / stt)
+        r2p_fine = r2p_fine + decay * np.float32(weights[e])
     r2p_fine = np.asarray(r2p_fine)
     del args, rest
 
