@@ -232,7 +232,14 @@ class QsmMaps:
 
     @property
     def excluded_mask(self) -> np.ndarray:
-        """Voxels of ``head_mask`` left out of reconstruction because their field is unreliable."""
+        """Voxels left out of reconstruction because their field is unreliable.
+
+        Those of the mask the reliability step judged: the given mask, or for an automatic
+        mask the brain (scalp, muscle and skull outside it were cut by the brain step, not
+        judged unreliable).
+        """
+        if self.reliability is not None:
+            return np.asarray(self.reliability.excluded, bool)
         return np.asarray(self.head_mask, bool) & ~np.asarray(self.reconstruction_mask, bool)
 
     def separation_inputs(self) -> dict:
