@@ -342,7 +342,9 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
                                              voxel_size=vs, noise_sigma=floor_sigma,
                                              factors=settings.reliability)
-        notes.append(rel.summary())
+        summary = rel.summary()
+        notes.append(summary.replace("reliability:", "reliability over the head (to find the skull):", 1)
+                     if mask is None else summary)
         log(f"  {notes[-1]}")
         share = rel.excluded.sum() / head.sum()
         if mask is not None and share > USER_MASK_UNRELIABLE_SHARE:
@@ -366,6 +368,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                                                  factors=settings.reliability)
             notes.append(f"brain mask: {rel.volume_ml(brain):.0f} mL of a {rel.volume_ml(head):.0f} mL head "
                          f"(scalp, muscle, bone and air cut off)")
+            log(f"  {notes[-1]}")
+            notes.append(rel.summary().replace("reliability:", "reliability over the brain:", 1))
             log(f"  {notes[-1]}")
         region = rel.region
         low, high = _mask.PLAUSIBLE_BRAIN_ML
