@@ -110,6 +110,16 @@ def _threshold_log(mag: np.ndarray, threshold: float | None) -> np.ndarray:
     return log_mag > otsu_threshold(log_mag)
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a mask (the mask itself when it has at most one)."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
 def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.ndarray:
     """Erode a mask with a sphere of ``radius_mm`` (an ellipsoid in voxels for anisotropic grids).
 
@@ -202,11 +212,7 @@ def brain_mask(
         mag = _bias_corrected(mag, vs)
     mask = _threshold_log(mag, threshold)
     if largest_component and mask.any():
-        labels, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(labels.ravel())
-            sizes[0] = 0
-            mask = labels == int(np.argmax(sizes))
+        mask = _largest_component(mask)
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     if erode_mm > 0:
@@ -293,15 +299,11 @@ def refine_mask_by_phase_quality(
         if mag.shape != m.shape:
             raise InputError(f"magnitude shape {mag.shape} does not match the mask {m.shape}")
         keep &= mag >= 0.05 * float(np.median(mag[m]))
-    labels, n = ndimage.label(keep)
-    if n == 0:
+    if not keep.any():
         raise InputError(
             f"no voxel of the mask has phase quality >= {threshold}; lower the threshold"
         )
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    keep = ndimage.binary_fill_holes(labels == int(np.argmax(sizes))) & m
-    return keep
+    return ndimage.binary_fill_holes(_largest_component(keep)) & m
 
 
 #: Radius (mm) of the opening that cuts the brain from scalp and muscle through the
@@ -310,15 +312,6 @@ BRAIN_OPENING_MM = 4.0
 #: Intracranial volumes (mL) outside this range are implausible for a human brain
 #: (adults 1.1-1.9 L; children from about 0.4 L): the log says so.
 PLAUSIBLE_BRAIN_ML = (350.0, 2300.0)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 #: Share of the brain's (bias-corrected, first-echo) magnitude below which a voxel at the

@@ -137,6 +137,14 @@ def dephasing_functions():
     return tuple(out)
 
 
+_SPHERE_SLOPE = 2 * np.pi / (3 * np.sqrt(3))  # long-time slope of F_sphere; F_cylinder's is 1
+
+
+def _lookup(table_x, table, x, slope, xp=np):
+    """F(x) from its table, continued linearly (its asymptote) beyond the table's end; ``xp``: np or jnp."""
+    return xp.interp(x, table_x, table) + slope * xp.maximum(x - table_x[-1], 0.0)
+
+
 def dephasing_decay(chi_ppm, dchi_ppm, time_s, field_strength, *, geometry: str, sin2_theta=1.0):
     """-log of the signal attenuation by sub-voxel sources (static dephasing), numpy.
 
@@ -147,11 +155,10 @@ def dephasing_decay(chi_ppm, dchi_ppm, time_s, field_strength, *, geometry: str,
     x_table, f_sphere, f_cyl = dephasing_functions()
     d_omega = 2 * np.pi * physics.ppm_to_hz(np.asarray(dchi_ppm, np.float64), field_strength)
     if geometry == "sphere":
-        x, table, slope = d_omega * time_s / 3.0, f_sphere, 2 * np.pi / (3 * np.sqrt(3))
+        x, table, slope = d_omega * time_s / 3.0, f_sphere, _SPHERE_SLOPE
     else:
         x, table, slope = d_omega * np.asarray(sin2_theta) * time_s / 2.0, f_cyl, 1.0
-    f = np.interp(x, x_table, table) + slope * np.maximum(x - _X_MAX, 0.0)
-    return np.asarray(chi_ppm) / np.asarray(dchi_ppm) * f
+    return np.asarray(chi_ppm) / np.asarray(dchi_ppm) * _lookup(x_table, table, x, slope)
 
 
 # ---------------------------------------------------------------------------
@@ -209,7 +216,7 @@ class _Transform:
 
 def _grid_points(shape, affine, z_slice) -> np.ndarray:
     """World coordinates (n, 3) of the voxel centres of an axis-aligned grid, z range ``z_slice``."""
-    axes = [affine[a, a] * np.arange(n) + affine[a, 3] for a, n in enumerate(shape)]
+    axes = _phantom._axis_coordinates(shape, affine)
     axes[2] = axes[2][z_slice]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     return np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)
@@ -245,8 +252,7 @@ def _thickness_fields(work_shape, work_affine, settings, rng) -> dict[str, np.nd
         out[name] = np.maximum(mean * (1 + amplitude * noise[: work_shape[0], : work_shape[1], : work_shape[2]]),
                                0.3 * mean).astype(np.float32)
     # temporalis: over the temporal squama (lateral, between the ear and the vertex)
-    x, y, z = np.meshgrid(*[work_affine[a, a] * np.arange(n) + work_affine[a, 3] for a, n in enumerate(work_shape)],
-                          indexing="ij", sparse=True)
+    x, y, z = np.meshgrid(*_phantom._axis_coordinates(work_shape, work_affine), indexing="ij", sparse=True)
     lateral = np.clip((np.abs(x) - 35.0) / 20.0, 0, 1)
     height = np.exp(-(((z - 5.0) / 28.0) ** 2)) * np.exp(-(((y + 15.0) / 40.0) ** 2))
     out["galea"] = (out["galea"] + geo["temporalis_mm"] * lateral * height).astype(np.float32)
@@ -304,7 +310,6 @@ def head_model(resolution, *, head: str = "A", scenario: str = "healthy") -> Hea
     settings = load_head_settings()
     geo = settings["geometry"]
     table = _template_tissues(head, settings)
-    by_label = {t.label: t for t in table.values()}
     label = {name: t.label for name, t in table.items()}
     rng = np.random.default_rng([_HEAD_SEEDS[head], 1])
     transform = _Transform(head, settings)
@@ -322,7 +327,7 @@ def head_model(resolution, *, head: str = "A", scenario: str = "healthy") -> Hea
     thick = _thickness_fields(work_shape, work_affine, settings, rng)
     bounds = np.cumsum([thick[k] for k in ("dura", "inner_table", "diploe", "outer_table", "galea")], axis=0)
     skin_fat = thick["skin"] + thick["fat"]
-    z_world = work_affine[2, 2] * np.arange(work_shape[2]) + work_affine[2, 3]
+    z_world = _phantom._axis_coordinates(work_shape, work_affine)[2]
     face = (work_labels > 0) & (z_world < geo["neck_level_mm"])[None, None, :]
     eye_c, eye_r, orbit_r = np.asarray(geo["eye_centre_mm"]), geo["eye_radius_mm"], geo["orbit_radius_mm"]
     points = _grid_points(work_shape, work_affine, slice(None)).reshape(work_shape + (3,))
@@ -334,7 +339,9 @@ def head_model(resolution, *, head: str = "A", scenario: str = "healthy") -> Hea
                 | ndimage.binary_dilation(sinus, iterations=3))
     envelope = ndimage.binary_fill_holes(envelope)
     d_skin = ndimage.distance_transform_edt(envelope, sampling=_WORK_MM).astype(np.float32)
-    sinus_wall = ndimage.binary_dilation(sinus, iterations=2) & ~sinus
+    # as uint8 once: the slabs below sample them with map_coordinates
+    sinus_wall = (ndimage.binary_dilation(sinus, iterations=2) & ~sinus).astype(np.uint8)
+    sinus_u8 = sinus.astype(np.uint8)
 
     # --- fine grid labels
     ear_c, ear_r, ear_depth = (np.asarray(geo["ear_canal_centre_mm"]), geo["ear_canal_radius_mm"],
@@ -356,7 +363,7 @@ def head_model(resolution, *, head: str = "A", scenario: str = "healthy") -> Hea
         lab[do <= b[2]] = label["marrow"]
         lab[do <= b[1]] = label["bone"]
         lab[do <= b[0]] = label["dura"]
-        lab[_sample(sinus_wall.astype(np.uint8), work_affine, q, 0) > 0] = label["bone"]
+        lab[_sample(sinus_wall, work_affine, q, 0) > 0] = label["bone"]
         lab[ds <= sf] = label["fat"]
         lab[ds <= skin] = label["skin"]
         for side in (1.0, -1.0):
@@ -367,14 +374,14 @@ def head_model(resolution, *, head: str = "A", scenario: str = "healthy") -> Hea
                 side * q[:, 0] > 0) & (do > 1.0)
             # the canal runs from the skin inwards for ear_depth mm (ds: depth below the skin)
             lab[canal & (ds <= ear_depth)] = label["sinus_air"]
-        lab[_sample(sinus.astype(np.uint8), work_affine, q, 0) > 0] = label["sinus_air"]
+        lab[_sample(sinus_u8, work_affine, q, 0) > 0] = label["sinus_air"]
         lab[ds <= 0.0] = 0
         out[rest] = lab
         return out
 
     labels = _by_slab(shape, affine, labels_at, np.uint8)
     labels = _phantom._apply_scenario(labels, affine, scenario, table)
-    return _properties(labels, affine, res, table, by_label, settings, head, scenario, rng)
+    return _properties(labels, affine, res, table, settings, head, scenario, rng)
 
 
 def _fft_smooth_noise(shape, spacing, sigma_mm, rng) -> np.ndarray:
@@ -392,7 +399,7 @@ def _fft_smooth_noise(shape, spacing, sigma_mm, rng) -> np.ndarray:
     return np.clip(smooth, -_TEXTURE_CLIP, _TEXTURE_CLIP)
 
 
-def _properties(labels, affine, res, table, by_label, settings, head, scenario, rng) -> HeadModel:
+def _properties(labels, affine, res, table, settings, head, scenario, rng) -> HeadModel:
     """Tissue maps with independent textures, fat fraction, fibre field."""
     n = 256
     keys = ("chi_para", "chi_dia", "chi", "r2", "t1", "m0", "fat_fraction")
@@ -428,7 +435,7 @@ def _properties(labels, affine, res, table, by_label, settings, head, scenario, 
     fibre = np.stack([_fft_smooth_noise(labels.shape, res, 6.0, rng) for _ in range(3)], axis=-1)
     tracts = labels == table["white_matter_tracts"].label
     if tracts.any():
-        x_world = affine[0, 0] * np.arange(labels.shape[0]) + affine[0, 3]
+        x_world = _phantom._axis_coordinates(labels.shape, affine)[0]
         callosal = tracts & (np.abs(x_world) < 12.0)[:, None, None]
         fibre[callosal] = (1.0, 0.0, 0.0)  # corpus callosum runs left-right
         fibre[tracts & ~callosal] = (0.0, 0.0, 1.0)  # internal capsule runs head-foot
@@ -449,14 +456,16 @@ def _properties(labels, affine, res, table, by_label, settings, head, scenario, 
 def _shimmed(total: np.ndarray, brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Field minus its least-squares fit over the brain by the harmonics of order <= 2 (a scanner shim)."""
     index = np.argwhere(brain)[:: max(1, int(brain.sum() // 200_000))]
+
     def basis(points):
         x, y, z = (points * np.diag(affine)[:3] / 100.0).T  # decimetres: well-conditioned
         return np.stack([np.ones_like(x), x, y, z, x * y, x * z, y * z, x**2 - y**2, 2 * z**2 - x**2 - y**2], 1)
     coef, *_ = np.linalg.lstsq(basis(index.astype(np.float64)), total[tuple(index.T)].astype(np.float64), rcond=None)
     out = np.empty_like(total)
+    i, j = np.meshgrid(np.arange(total.shape[0]), np.arange(total.shape[1]), indexing="ij")
+    points = np.stack([i.ravel(), j.ravel(), np.zeros(i.size)], 1).astype(np.float64)
     for k in range(total.shape[2]):  # slab by slab: the basis of a whole 0.5 mm grid is gigabytes
-        i, j = np.meshgrid(np.arange(total.shape[0]), np.arange(total.shape[1]), indexing="ij")
-        points = np.stack([i.ravel(), j.ravel(), np.full(i.size, k)], 1).astype(np.float64)
+        points[:, 2] = k
         out[:, :, k] = total[:, :, k] - (basis(points) @ coef).reshape(i.shape).astype(np.float32)
     return out
 
@@ -482,7 +491,7 @@ def _coarse_echo(water, fat_amp, r2, r2_fat, field_hz, phi0, fat_phasor, chi_par
                  te, sign, consts, tables, factor, linear):
     """Complex signal of one echo on the fine grid, box-averaged to the output grid; and -log of
     the water attenuation by sub-voxel sources (for the effective R2')."""
-    dr_p, dr_d, w_s, w_c, dchi_s, dchi_c, zmax, share = consts
+    dr_p, dr_d, omega, dchi_s, dchi_c, zmax, share = consts
     x_table, f_sphere, f_cyl = tables
     if linear:
         decay = (dr_p * chi_para + dr_d * chi_dia) * te
@@ -491,14 +500,12 @@ def _coarse_echo(water, fat_amp, r2, r2_fat, field_hz, phi0, fat_phasor, chi_par
         ds_p = jnp.maximum(dchi_s, chi_para / zmax)
         ds_ds = jnp.maximum(dchi_s, chi_dia / zmax)  # diamagnetic spheres (calcium; part of myelin)
         ds_dc = jnp.maximum(dchi_c, chi_dia / zmax)  # diamagnetic cylinders (myelinated axons)
-        slope_s = 2 * jnp.pi / (3 * jnp.sqrt(3.0))
+        def sphere(x):
+            return _lookup(x_table, f_sphere, x, _SPHERE_SLOPE, jnp)
 
-        def f(table, x, slope):
-            return jnp.interp(x, x_table, table) + slope * jnp.maximum(x - x_table[-1], 0.0)
-
-        para = chi_para / ds_p * f(f_sphere, w_s * ds_p * te / 3.0, slope_s)
-        dia_spheres = chi_dia / ds_ds * f(f_sphere, w_s * ds_ds * te / 3.0, slope_s)
-        dia_cylinders = chi_dia / ds_dc * f(f_cyl, w_c * ds_dc * sin2 * te / 2.0, 1.0)
+        para = chi_para / ds_p * sphere(omega * ds_p * te / 3.0)
+        dia_spheres = chi_dia / ds_ds * sphere(omega * ds_ds * te / 3.0)
+        dia_cylinders = chi_dia / ds_dc * _lookup(x_table, f_cyl, omega * ds_dc * sin2 * te / 2.0, 1.0, jnp)
         decay = para + jnp.where(dia_sphere, dia_spheres, share * dia_cylinders + (1 - share) * dia_spheres)
     angle = sign * (phi0 + 2 * jnp.pi * field_hz * te)
     fat_term = fat_amp * jnp.exp(-r2_fat * te) * fat_phasor
@@ -622,7 +629,7 @@ def simulate_head(
     sd = settings["static_dephasing"]
     omega_per_ppm = 2 * np.pi * physics.ppm_to_hz(1.0, field_strength)
     dchi_scale = settings["holdout"]["source_dchi_scale"] if head == "B" else 1.0
-    consts = jnp.asarray([dr_p, dr_d, omega_per_ppm, omega_per_ppm, sd["sphere_dchi_ppm"] * dchi_scale,
+    consts = jnp.asarray([dr_p, dr_d, omega_per_ppm, sd["sphere_dchi_ppm"] * dchi_scale,
                           sd["cylinder_dchi_ppm"] * dchi_scale, sd["max_volume_fraction"], sd["cylinder_share"]],
                          jnp.float32)
     tables = tuple(jnp.asarray(t) for t in dephasing_functions())
