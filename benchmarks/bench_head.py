@@ -36,10 +36,6 @@ BIAS_REGIONS = ("white_matter", "grey_matter", "csf", "caudate", "putamen", "glo
 DEEP_GREY = ("caudate", "putamen", "globus_pallidus", "thalamus", "substantia_nigra", "red_nucleus", "dentate")
 
 
-def dice(a, b) -> float:
-    return float(2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
-
-
 def calibrate() -> None:
     """Mono-exponential rate (Hz per ppm) of the sub-voxel sources over the default echo times."""
     tes = np.array([5, 11, 17, 23, 29]) / 1000
@@ -68,7 +64,7 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings()) -> d
     qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition, settings=qsm_settings)
     seconds = time.perf_counter() - t0
     voxel_ml = float(np.prod(sim.acquisition.voxel_size) / 1000)
-    out = {"dice_region": dice(qsm.reconstruction_mask, brain), "dice_output": dice(qsm.mask, brain),
+    out = {"dice_region": metrics.dice(qsm.reconstruction_mask, brain), "dice_output": metrics.dice(qsm.mask, brain),
            "mask_ml": float(qsm.reconstruction_mask.sum() * voxel_ml), "true_ml": float(brain.sum() * voxel_ml),
            "chi": (metrics.nrmse(qsm.chi, t.chi, brain), metrics.nrmse(qsm.chi, t.chi, healthy)),
            "seconds": seconds}

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from chisep.errors import InputError
 
-__all__ = ["nrmse", "detrended_nrmse", "hfen", "xsim", "roi_means", "linear_fit_slope"]
+__all__ = ["nrmse", "detrended_nrmse", "hfen", "xsim", "roi_means", "linear_fit_slope", "dice"]
 
 
 def _inputs(estimate, truth, mask):
@@ -155,3 +155,12 @@ def linear_fit_slope(estimate_values, truth_values) -> tuple[float, float]:
         raise InputError("need at least two finite pairs with distinct truth values to fit a line")
     slope, intercept = np.polyfit(t[ok], e[ok], 1)
     return float(slope), float(intercept)
+
+
+def dice(mask_a, mask_b) -> float:
+    """Dice overlap 2 |A & B| / (|A| + |B|) of two masks of one shape (0 when both are empty)."""
+    a, b = np.asarray(mask_a).astype(bool), np.asarray(mask_b).astype(bool)
+    if a.shape != b.shape:
+        raise InputError(f"masks of shapes {a.shape} and {b.shape} cannot be compared; resample one first")
+    total = np.count_nonzero(a) + np.count_nonzero(b)
+    return 2.0 * np.count_nonzero(a & b) / total if total else 0.0

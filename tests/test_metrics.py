@@ -90,3 +90,15 @@ def test_invalid_inputs(maps):
         metrics.linear_fit_slope([1.0], [1.0])
     with pytest.raises(InputError, match="labels shape"):
         metrics.roi_means(truth, np.zeros((2, 2, 2), int), {"a": 1})
+
+
+def test_dice_is_the_overlap_of_two_masks():
+    a = np.zeros((4, 4, 4), bool)
+    b = np.zeros((4, 4, 4), bool)
+    a[:2] = True  # 32 voxels
+    b[1:3] = True  # 32 voxels, 16 shared
+    assert metrics.dice(a, b) == pytest.approx(0.5)
+    assert metrics.dice(a, a) == 1.0
+    assert metrics.dice(np.zeros_like(a), np.zeros_like(a)) == 0.0
+    with pytest.raises(InputError, match="shapes"):
+        metrics.dice(a, a[:2])

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from chisep import metrics
 from chisep.errors import InputError
 from chisep.qsm.mask import brain_mask, erode_mask, otsu_threshold, refine_mask_by_phase_quality
 
@@ -36,10 +37,6 @@ def synthetic_head(*, bias_strength=0.6, noise=0.03, n_echoes=None, seed=0):
     return noisy.astype(np.float32), brain
 
 
-def dice(a, b):
-    return 2.0 * np.sum(a & b) / (np.sum(a) + np.sum(b))
-
-
 def test_bias_field_is_strong():
     mag, brain = synthetic_head()
     inner = mag[brain & (mag > 0.5)]
@@ -51,17 +48,17 @@ def test_brain_mask_dice_on_head_with_bias(bias_correct):
     mag, brain = synthetic_head()
     mask = brain_mask(mag, voxel_size=VOXEL, bias_correct=bias_correct)
     assert mask.dtype == bool and mask.shape == brain.shape
-    assert dice(mask, brain) > 0.95
+    assert metrics.dice(mask, brain) > 0.95
 
 
 def test_brain_mask_multi_echo_uses_all_echoes():
     mag, brain = synthetic_head(n_echoes=4, noise=0.05)
-    assert dice(brain_mask(mag, voxel_size=VOXEL), brain) > 0.95
+    assert metrics.dice(brain_mask(mag, voxel_size=VOXEL), brain) > 0.95
 
 
 def test_brain_mask_noise_free_background_of_zeros():
     mag, brain = synthetic_head(noise=0.0)
-    assert dice(brain_mask(mag, voxel_size=VOXEL), brain) > 0.97
+    assert metrics.dice(brain_mask(mag, voxel_size=VOXEL), brain) > 0.97
 
 
 def test_brain_mask_fills_cavity_and_explicit_threshold():
@@ -69,7 +66,7 @@ def test_brain_mask_fills_cavity_and_explicit_threshold():
     x, y, z = _coords()
     mag[x**2 + y**2 + z**2 < 8**2] = 0.0  # dark enclosed cavity (haemorrhage)
     filled = brain_mask(mag, voxel_size=VOXEL, threshold=0.2)
-    assert dice(filled, brain) > 0.97
+    assert metrics.dice(filled, brain) > 0.97
     holes = brain_mask(mag, voxel_size=VOXEL, threshold=0.2, fill_holes=False)
     assert not holes[32, 36, 30] and filled[32, 36, 30]
 
@@ -158,8 +155,8 @@ def test_refine_mask_removes_noisy_rim_and_keeps_interior():
     refined = refine_mask_by_phase_quality(loose, phase, threshold=0.75)
     assert np.all(loose[refined])
     assert refined[vein].all(), "enclosed low-quality voxels stay (holes are filled)"
-    assert dice(refined, brain) > 0.93
-    assert dice(loose, brain) < 0.7
+    assert metrics.dice(refined, brain) > 0.93
+    assert metrics.dice(loose, brain) < 0.7
     with pytest.raises(InputError, match="spatial shape"):
         refine_mask_by_phase_quality(loose, phase[:-1], threshold=0.75)
     with pytest.raises(InputError, match="threshold"):
@@ -173,7 +170,7 @@ def test_brain_mask_on_head_phantom():
 
     sim = simulate_gre(head_phantom(4.0), snr=50.0, seed=2)
     mask = brain_mask(sim.magnitude, voxel_size=sim.acquisition.voxel_size)
-    assert dice(mask, sim.truth.brain_mask) > 0.95
+    assert metrics.dice(mask, sim.truth.brain_mask) > 0.95
 
 
 def test_brain_region_cuts_scalp_joined_by_a_bridge_through_the_skull():
@@ -188,11 +185,11 @@ def test_brain_region_cuts_scalp_joined_by_a_bridge_through_the_skull():
     bridge = skull & (np.abs(y) < 1.5) & (np.abs(z) < 1.5) & (x > 0)
     unreliable = skull & ~bridge
     out = brain_region(head, unreliable, voxel_size=(1.0, 1.0, 1.0), opening_mm=3.0)
-    assert dice(out, brain) > 0.98
+    assert metrics.dice(out, brain) > 0.98
     assert not (out & (r > 21)).any()  # no scalp
     # without the opening, the scalp comes along through the bridge
     candidates = head & ~unreliable
-    assert dice(candidates, brain) < 0.7
+    assert metrics.dice(candidates, brain) < 0.7
     # a volume too small for the opening: the largest reliable component is returned
     tiny = brain_region(r < 2.5, np.zeros_like(brain), voxel_size=(1.0, 1.0, 1.0), opening_mm=4.0)
     assert tiny.sum() == (r < 2.5).sum()

@@ -11,10 +11,6 @@ from chisep.sim import head_model, simulate_head
 from chisep.sim.head import coil_sensitivity, dephasing_decay, dephasing_functions
 
 
-def dice(a, b):
-    return 2.0 * np.sum(a & b) / (np.sum(a) + np.sum(b))
-
-
 @pytest.fixture(scope="module")
 def head_a():
     return simulate_head(4.0, head="A", scenario="all", snr=100, seed=0)
@@ -63,7 +59,7 @@ def test_head_holds_hostile_non_brain_tissue(head_a):
     assert np.median(first[fat]) > 0.6 * brain_level  # bright scalp fat, as on a scanner
     # the head (scalp included) is much larger than the brain: a threshold mask is not a brain mask
     head = qsm_mask.brain_mask(head_a.magnitude, voxel_size=head_a.acquisition.voxel_size)
-    assert dice(head, t.brain_mask) < 0.85
+    assert metrics.dice(head, t.brain_mask) < 0.85
 
 
 def test_static_dephasing_is_not_the_separation_models_linear_r2prime(head_a):
@@ -80,7 +76,7 @@ def test_static_dephasing_is_not_the_separation_models_linear_r2prime(head_a):
 
 def test_holdout_head_differs_in_anatomy_and_tissue_values():
     a, b = head_model(4.0, head="A"), head_model(4.0, head="B")
-    overlap = dice(a.phantom.brain_mask, b.phantom.brain_mask)
+    overlap = metrics.dice(a.phantom.brain_mask, b.phantom.brain_mask)
     assert 0.7 < overlap < 0.97
     assert a.phantom.tissues["globus_pallidus"].chi_para != b.phantom.tissues["globus_pallidus"].chi_para
     with pytest.raises(InputError, match="head"):
@@ -114,8 +110,8 @@ def test_automatic_brain_mask_cuts_scalp_on_the_realistic_head():
     sim = simulate_head(2.0, head="A", scenario="healthy", snr=100, seed=1)
     t = sim.truth
     qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
-    assert dice(qsm.reconstruction_mask, t.brain_mask) > 0.95
-    assert dice(qsm.head_mask, t.brain_mask) < 0.8
+    assert metrics.dice(qsm.reconstruction_mask, t.brain_mask) > 0.95
+    assert metrics.dice(qsm.head_mask, t.brain_mask) < 0.8
     assert any("brain mask:" in note for note in qsm.notes)
     assert metrics.nrmse(qsm.chi, t.chi, t.brain_mask) < 70.0  # measured 61 % (healthy: no lesions to inflate the norm)
     # macroscopic-gradient correction: R2* close to the sub-voxel truth in healthy tissue
