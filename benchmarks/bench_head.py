@@ -34,6 +34,7 @@ from chisep.sim.head import dephasing_decay, load_head_settings
 BIAS_REGIONS = ("white_matter", "grey_matter", "csf", "caudate", "putamen", "globus_pallidus", "thalamus",
                 "white_matter_tracts")
 DEEP_GREY = ("caudate", "putamen", "globus_pallidus", "thalamus", "substantia_nigra", "red_nucleus", "dentate")
+SLOPE_REGIONS = DEEP_GREY + ("white_matter", "white_matter_tracts")
 
 
 def calibrate() -> None:
@@ -57,7 +58,21 @@ def healthy_tissue(truth):
     return truth.brain_mask & ~ndimage.binary_dilation(lesions, iterations=3)
 
 
-def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings()) -> dict:
+def region_fit(estimate, truth_map, truth, mask, names) -> tuple[float, float]:
+    """Slope and correlation of region means (estimate against truth) over the named regions."""
+    est, true = [], []
+    for name in names:
+        label = [k for k, v in truth.label_names.items() if v == name]
+        region = (truth.labels == label[0]) & mask if label else np.zeros_like(mask)
+        if region.sum() >= 3:
+            est.append(float(estimate[region].mean()))
+            true.append(float(truth_map[region].mean()))
+    if len(est) < 3 or np.ptp(true) == 0:
+        return float("nan"), float("nan")
+    return float(np.polyfit(true, est, 1)[0]), float(np.corrcoef(true, est)[0, 1])
+
+
+def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), decompose: bool = False) -> dict:
     t = sim.truth
     brain, healthy = t.brain_mask, healthy_tissue(t)
     t0 = time.perf_counter()
@@ -73,7 +88,15 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings()) -> d
         return (metrics.nrmse(para, t.chi_para, brain), metrics.nrmse(dia, t.chi_dia, brain),
                 metrics.nrmse(para, t.chi_para, healthy), metrics.nrmse(dia, t.chi_dia, healthy))
 
+    inside = qsm.mask & healthy
+
+    def slopes(para, dia):
+        """Slope and correlation of the region means of chi_para and of chi_dia against the truth."""
+        return (*region_fit(para, t.chi_para, t, inside, SLOPE_REGIONS),
+                *region_fit(dia, t.chi_dia, t, inside, SLOPE_REGIONS))
+
     out["thresholded QSM"] = pair(*thresholded_qsm(qsm.chi))
+    out["slopes"] = {"thresholded QSM": slopes(*thresholded_qsm(qsm.chi))}
     r2_rules = {"measured R2": (sim.r2_measured, pipeline.SeparationSettings()),
                 "R2*-only (R2 = min(13 1/s, 0.7 R2*), default)": (None, pipeline.SeparationSettings()),
                 "R2*-only (R2 = 13 1/s)": (None, pipeline.SeparationSettings(r2prime_fraction=None)),
@@ -91,6 +114,14 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings()) -> d
                                                                      r2prime_fraction=settings.r2prime_fraction))
         for model, result in sep.items():
             out[f"{model}, {rule}"] = pair(result.chi_para, result.chi_dia)
+            out["slopes"][f"{model}, {rule}"] = slopes(result.chi_para, result.chi_dia)
+    if decompose:  # needs no R2: its three pools model R2' themselves
+        t1 = time.perf_counter()
+        result = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), magnitude=qsm.magnitude,
+                                   settings=pipeline.SeparationSettings(models=("decompose",)))["decompose"]
+        out["decompose_seconds"] = time.perf_counter() - t1
+        out["decompose, (no R2)"] = pair(result.chi_para, result.chi_dia)
+        out["slopes"]["decompose, (no R2)"] = slopes(result.chi_para, result.chi_dia)
     errors = []
     for name in DEEP_GREY:
         label = [k for k, v in t.label_names.items() if v == name][0]
@@ -112,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calibrate", action="store_true", help="print the sources' effective Dr and stop")
     parser.add_argument("--background", default=None, help="background method (default: chisep's)")
     parser.add_argument("--inversion", default=None, help="inversion method (default: chisep's)")
+    parser.add_argument("--decompose", action="store_true", help="also run DECOMPOSE-QSM (experimental)")
     args = parser.parse_args(argv)
     if args.calibrate:
         calibrate()
@@ -128,7 +160,7 @@ def main(argv=None) -> None:
                             b0_direction=b0)
         simulated = time.perf_counter() - t0
         methods = {k: v for k, v in (("background", args.background), ("inversion", args.inversion)) if v}
-        rows.append((head, simulated, score(sim, pipeline.QsmSettings(**methods))))
+        rows.append((head, simulated, score(sim, pipeline.QsmSettings(**methods), decompose=args.decompose)))
     print("| head | Dice region / output | mask mL (true) | chi all / healthy | deep grey worst % | "
           "simulate / reconstruct s |")
     print("|---|---|---|---|---|---|")
@@ -142,6 +174,16 @@ def main(argv=None) -> None:
     for k in keys:
         cells = " | ".join(f"{r[k][0]:.0f} / {r[k][1]:.0f} | {r[k][2]:.0f} / {r[k][3]:.0f}" for _, _, r in rows)
         print(f"| {k} | {cells} |")
+    print("\nRegion means against the truth (healthy tissue of the output mask): slope / correlation of "
+          "chi_para and chi_dia region means over " + ", ".join(SLOPE_REGIONS) + "\n")
+    print("| model, R2 | " + " | ".join(f"head {h}: chi_para | head {h}: chi_dia" for h, _, _ in rows) + " |")
+    print("|---" * (1 + 2 * len(rows)) + "|")
+    for k in rows[0][2]["slopes"]:
+        cells = " | ".join(f"{r['slopes'][k][0]:.2f} / {r['slopes'][k][1]:.2f} | {r['slopes'][k][2]:.2f} / "
+                           f"{r['slopes'][k][3]:.2f}" for _, _, r in rows)
+        print(f"| {k} | {cells} |")
+    if args.decompose:
+        print("\nDECOMPOSE seconds: " + ", ".join(f"head {h} {r['decompose_seconds']:.0f}" for h, _, r in rows))
     print("\nR2' against the truth in healthy tissue of the output mask: NRMSE % and mean bias (1/s) per region\n")
     regions = list(rows[0][2]["r2prime_bias"]["measured R2"])
     print("| head | R2 rule | NRMSE | " + " | ".join(regions) + " |")

@@ -14,7 +14,6 @@ import signal
 import sys
 import textwrap
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 from chisep import __version__, signals
@@ -90,7 +89,7 @@ def _resolution(text: str):
 
 
 def _model_list(text: str) -> tuple[str, ...]:
-    from chisep.pipeline import MODEL_NAMES
+    from chisep.settings import MODEL_NAMES
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     bad = [n for n in names if n not in MODEL_NAMES]
@@ -123,18 +122,23 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _add_qsm_options(p: argparse.ArgumentParser) -> None:
-    from chisep import pipeline
+    from chisep import settings as pipeline  # the settings alone: no JAX for --help
 
     g = p.add_argument_group("QSM reconstruction")
     d = pipeline.QsmSettings()
-    g.add_argument("--unwrap", choices=pipeline.UNWRAP_METHODS, default=d.unwrap)
-    g.add_argument("--field-fit", choices=pipeline.FIELD_FIT_METHODS, default=d.field_fit)
-    g.add_argument("--r2star-method", choices=pipeline.R2STAR_METHODS, default=d.r2star)
-    g.add_argument("--background", choices=pipeline.BACKGROUND_METHODS, default=d.background)
-    g.add_argument("--inversion", choices=pipeline.INVERSION_METHODS, default=d.inversion)
+    g.add_argument("--unwrap", choices=pipeline.UNWRAP_METHODS, default=d.unwrap,
+                   help="phase unwrapping: romeo (quality-guided region growing) or laplacian")
+    g.add_argument("--field-fit", choices=pipeline.FIELD_FIT_METHODS, default=d.field_fit,
+                   help="multi-echo field estimate: nonlinear complex fit, weighted linear fit or echo average")
+    g.add_argument("--r2star-method", choices=pipeline.R2STAR_METHODS, default=d.r2star,
+                   help="R2* fit (auto: arlo with 3+ equally spaced echoes, else log-linear)")
+    g.add_argument("--background", choices=pipeline.BACKGROUND_METHODS, default=d.background,
+                   help="background field removal")
+    g.add_argument("--inversion", choices=pipeline.INVERSION_METHODS, default=d.inversion,
+                   help="dipole inversion (medi: morphology-enabled, edges from the magnitude)")
     g.add_argument("--denoise", choices=pipeline.DENOISE_METHODS, default=d.denoise,
-                   help=f"denoise the multi-echo magnitude before R2* and separation (MP-PCA, Veraart et al. "
-                        f"2016; the phase is not touched); default {d.denoise}")
+                   help="denoise the multi-echo magnitude before R2* and separation (MP-PCA, Veraart et al. "
+                        "2016; the phase is not touched)")
     g.add_argument("--mask-erode", type=float, default=d.mask_erode_mm, metavar="MM",
                    help="erode the automatic brain mask by this many mm")
     g.add_argument("--reference", choices=("mean", "csf"), default=d.reference,
@@ -147,9 +151,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends every option's default to its help text (unless the text already names it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and not action.required and default is not None and default is not False
+                and default != argparse.SUPPRESS
+                and "default" not in text):
+            shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+            text += f" (default: {str(shown).replace('%', '%%')})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chisep",
+        prog="chisep", formatter_class=_HelpFormatter,
         description="QSM and susceptibility source separation (iron vs myelin/calcium).",
         epilog="Units: echo times on the command line in ms; maps in ppm (chi), Hz (fields), 1/s (R2*).",
     )
@@ -159,19 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="simulate the built-in head phantom as a BIDS dataset")
     from chisep.sim.phantom import SCENARIOS
 
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="BIDS folder to write (sub-LABEL/anat/ inside)")
     p.add_argument("--resolution", type=_resolution, default=2.0, metavar="MM",
-                   help="voxel size in mm: one value or three (e.g. 1,1,2); default 2")
+                   help="voxel size in mm: one value or three (e.g. 1,1,2)")
     _add_phantom_options(p)
-    p.add_argument("--snr", type=_positive_float("--snr"), default=100.0)
-    p.add_argument("--field-strength", type=_positive_float("--field-strength"), default=3.0, metavar="T")
+    p.add_argument("--snr", type=_positive_float("--snr"), default=100.0,
+                   help="first-echo signal-to-noise ratio in brain tissue (clinical 1 mm scans: about 30)")
+    p.add_argument("--field-strength", type=_positive_float("--field-strength"), default=3.0, metavar="T",
+                   help="B0 in tesla")
     p.add_argument("--echo-times", type=parse_echo_times_ms, default=None, metavar="MS,MS,...",
                    help="echo times in ms (default: 5,11,17,23,29 for the head, 4,10,...,34 for the simple phantom)")
     p.add_argument("--b0-angle", type=float, default=0.0, metavar="DEG",
                    help="oblique acquisition: tilt of the slab against B0 in degrees")
-    p.add_argument("--scenario", choices=SCENARIOS, default="healthy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--subject", default="phantom", metavar="LABEL")
+    p.add_argument("--scenario", choices=SCENARIOS, default="healthy",
+                   help="pathology added to the healthy head (all: every one of them)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of noise and textures")
+    p.add_argument("--subject", default="phantom", metavar="LABEL", help="BIDS subject label")
     p.add_argument("--integer-phase", action="store_true",
                    help="store phase as integers -4096..4095 (as many scanners do)")
     _add_common(p)
@@ -188,34 +209,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r2star", metavar="FILE", help="R2* map (1/s); required for linear and chi-separation")
     p.add_argument("--r2", metavar="FILE", help="measured R2 map (1/s); else a nominal R2 is used")
     p.add_argument("--field-noise", metavar="FILE", help="field noise map (Hz), used as data weights")
-    p.add_argument("--mask", metavar="FILE")
-    p.add_argument("--field-strength", type=_positive_float("--field-strength"), required=True, metavar="T")
+    p.add_argument("--mask", metavar="FILE", help="brain mask NIfTI (default: the voxels where --chi is non-zero)")
+    p.add_argument("--field-strength", type=_positive_float("--field-strength"), required=True, metavar="T",
+                   help="B0 in tesla")
     p.add_argument("--magnitude", nargs="+", metavar="FILE", help="multi-echo magnitude (DECOMPOSE)")
     p.add_argument("--phase", nargs="+", metavar="FILE", help="multi-echo phase (optional for DECOMPOSE)")
-    p.add_argument("--echo-times", type=parse_echo_times_ms, metavar="MS,MS,...")
+    p.add_argument("--echo-times", type=parse_echo_times_ms, metavar="MS,MS,...",
+                   help="echo times in ms of --magnitude (DECOMPOSE)")
     p.add_argument("--model", type=_model_list, required=True, metavar="NAME[,NAME]",
                    help="linear, chi-separation or decompose (comma-separated for several)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     _add_common(p)
 
     p = sub.add_parser("run", help="files -> QSM -> source separation, with report")
     _add_inputs(p)
     _add_qsm_options(p)
     p.add_argument("--models", type=_model_list, default=None, metavar="NAME[,NAME]",
-                   help="separation models, first one gives chi_para/chi_dia (default: all)")
+                   help="separation models, the first gives chi_para/chi_dia "
+                        "(default: chi-separation,linear; decompose is experimental)")
     p.add_argument("--config", metavar="FILE", help="TOML settings ([qsm], [separation] tables)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default=None, help="JAX device")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="JAX device (default: JAX's choice, the GPU when one is installed)")
     p.add_argument("--r2", metavar="FILE", help="measured R2 map (1/s) for R2' (else a nominal R2)")
     p.add_argument("--labels", metavar="FILE", help="label image for roi_stats.csv (else the whole mask)")
     p.add_argument("--out", metavar="DIR", help="output folder (BIDS input: default derivatives/chisep/)")
     _add_common(p)
 
     p = sub.add_parser("demo", help="simulate the phantom, run everything, print accuracy")
-    p.add_argument("--out", default="chisep-demo", metavar="DIR")
-    p.add_argument("--resolution", type=_resolution, default=2.0, metavar="MM", help="voxel size in mm (default 2)")
+    p.add_argument("--out", default="chisep-demo", metavar="DIR", help="output folder (about 100 MB)")
+    p.add_argument("--resolution", type=_resolution, default=2.0, metavar="MM", help="voxel size in mm")
     _add_phantom_options(p)
     _add_common(p)
     _add_batch_parser(sub)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
     return parser
 
 
@@ -345,7 +372,8 @@ def _add_batch_parser(sub) -> None:
                         "{prefix} (e.g. derivatives/labels/sub-{subject}/anat/{prefix}_dseg.nii.gz)")
     _add_qsm_options(p)
     p.add_argument("--models", type=_model_list, default=None, metavar="NAME[,NAME]",
-                   help="separation models, first one gives chi_para/chi_dia (default: all)")
+                   help="separation models, the first gives chi_para/chi_dia "
+                        "(default: chi-separation,linear; decompose is experimental)")
     p.add_argument("--config", metavar="FILE", help="TOML settings ([qsm], [separation] tables)")
     p.add_argument("--compile-cache", metavar="DIR",
                    help="JAX compilation cache shared by the workers (default BIDS_ROOT/derivatives/chisep/"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 #: Proton gyromagnetic ratio over 2 pi, Hz/T (CODATA 2018: 42.577 478 518 MHz/T).
@@ -241,6 +240,8 @@ def forward_field_ppm(
     periodic FFT convolution does not wrap the field of one side onto the
     other. Returns a JAX float array of the input's shape.
     """
+    import jax.numpy as jnp  # here, not at the top: the CLI imports this module and must start fast
+
     chi = jnp.asarray(chi_ppm)
     if chi.ndim != 3:
         raise ValueError(f"chi_ppm must be a 3D array, got shape {chi.shape}")

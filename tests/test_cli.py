@@ -116,3 +116,27 @@ def test_warnings_reach_the_user_as_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "chisep: warning: single echo" in err
     assert "UserWarning" not in err and ".py:" not in err
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps sub-commands only here
+    for name, command in commands.items():
+        formatter = command._get_formatter()
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"chisep {name} {action.option_strings[0]} has no help text"
+            shown = formatter._get_help_string(action)
+            if action.default is not None and action.default is not False and not action.required:
+                assert "default" in shown, f"chisep {name} {action.option_strings[0]} does not show its default"
+    assert "(default: medi)" in " ".join(commands["run"].format_help().split())
+
+
+def test_help_answers_without_loading_jax():
+    # --help must be instant: the parser may import settings, never the numerical stages
+    code = ("import sys; from chisep import cli\n"
+            "try:\n    cli.main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

@@ -190,3 +190,17 @@ def test_one_r2_rule_reaches_every_model():
     with pytest.raises(InputError, match="r2prime_fraction"):
         pipeline.SeparationSettings(r2prime_fraction=1.5)
     assert pipeline.SeparationSettings(r2prime_fraction="off").r2prime_fraction is None  # TOML has no None
+
+
+def test_setting_names_match_the_stage_registries():
+    # chisep.settings spells the names out (so the CLI starts without JAX); they must stay the stages' keys
+    from chisep import denoise, settings
+    from chisep.qsm import background, inversion, unwrap
+
+    assert set(settings.BACKGROUND_METHODS) == set(background.BACKGROUND_METHODS)
+    assert set(settings.INVERSION_METHODS) == set(inversion.INVERSION_METHODS)
+    assert set(settings.REFERENCE_METHODS) == set(inversion.REFERENCE_METHODS)
+    assert set(settings.UNWRAP_METHODS) == set(unwrap.UNWRAP_METHODS)
+    assert set(settings.DENOISE_METHODS) == set(denoise.DENOISE_METHODS)
+    assert set(settings.DEFAULT_MODELS) < set(settings.MODEL_NAMES)
+    assert "decompose" not in settings.DEFAULT_MODELS and "decompose" in settings.EXPERIMENTAL_MODELS

@@ -9,33 +9,32 @@ the reconstruction grid (fast, for unit tests of mechanics).
 >>> sim = simulate_head(2.0, head="A", scenario="all", snr=100, seed=0)  # doctest: +SKIP
 """
 
-from chisep.sim.gre import (
-    DEFAULT_ECHO_TIMES,
-    GreSimulation,
-    GroundTruth,
-    oblique_affine,
-    relaxometric_constants,
-    simulate_fields,
-    simulate_gre,
-    simulate_gre_partial_volume,
-    with_affine,
-)
-from chisep.sim.head import (
-    DEFAULT_HEAD_ECHO_TIMES,
-    HEADS,
-    R2PRIME_MODELS,
-    HeadModel,
-    head_model,
-    simulate_head,
-)
-from chisep.sim.phantom import (
-    SCENARIOS,
-    Phantom,
-    Tissue,
-    head_phantom,
-    load_tissue_table,
-    resample_labels,
-)
+from importlib import import_module
+
+#: public name -> submodule. Imported on first use, so that ``chisep --help`` and
+#: ``from chisep.sim.phantom import SCENARIOS`` do not load JAX.
+_SOURCES = {
+    **dict.fromkeys(("DEFAULT_ECHO_TIMES", "GreSimulation", "GroundTruth", "oblique_affine",
+                     "relaxometric_constants", "simulate_fields", "simulate_gre", "simulate_gre_partial_volume",
+                     "with_affine"), "gre"),
+    **dict.fromkeys(("DEFAULT_HEAD_ECHO_TIMES", "HEADS", "R2PRIME_MODELS", "HeadModel", "head_model",
+                     "simulate_head"), "head"),
+    **dict.fromkeys(("SCENARIOS", "Phantom", "Tissue", "head_phantom", "load_tissue_table", "resample_labels"),
+                    "phantom"),
+}
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        value = getattr(import_module(f"chisep.sim.{_SOURCES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'chisep.sim' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SOURCES))
+
 
 __all__ = [
     "DEFAULT_ECHO_TIMES",
