@@ -734,8 +734,12 @@ def _run_jobs(client, jobs: Sequence[Job], settings: dict, retries: int, poll_s:
 # cohort outputs
 # ---------------------------------------------------------------------------
 def _roi_rows(job: Job) -> list[dict]:
-    rows = io.read_csv_rows(job.out_dir / f"{job.prefix}_roistats.csv")
-    return [{"subject": job.subject, "session": job.session or "", "prefix": job.prefix, **row} for row in rows]
+    from chisep.pipeline import ROI_TABLE_SUFFIX
+
+    rows = io.read_csv_rows(job.out_dir / f"{job.prefix}_{ROI_TABLE_SUFFIX}.tsv")
+    # the per-run TSV writes missing values as BIDS's n/a; the cohort CSV keeps nan (it reads back as float)
+    return [{"subject": job.subject, "session": job.session or "", "prefix": job.prefix,
+             **{k: "nan" if v == "n/a" else v for k, v in row.items()}} for row in rows]
 
 
 def cohort_table(jobs: Sequence[Job]) -> list[dict]:
@@ -822,12 +826,10 @@ def cohort_figure(rows: Sequence[Mapping], *, failed: Sequence[str] = ()):
 def _write_cohort(root: Path, jobs, complete, rows, settings, *, wall_s, dashboard, workers, progress):
     from chisep import __version__, report
 
+    from chisep.pipeline import write_derivatives_description
+
     out = root / DERIVATIVES
-    description = out / "dataset_description.json"
-    if not description.exists():
-        io.write_json(description, {"Name": "chisep derivatives", "BIDSVersion": "1.9.0",
-                                    "DatasetType": "derivative",
-                                    "GeneratedBy": [{"Name": "chisep", "Version": __version__}]})
+    write_derivatives_description(out)
     table = cohort_table(complete)
     table_path = io.write_bytes(out / COHORT_TABLE, _csv_text(table).encode(), overwrite=True)
     failed = [r["prefix"] for r in rows if r["status"] == "failed"]

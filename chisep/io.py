@@ -1151,11 +1151,11 @@ def read_json_or_none(path: PathLike) -> dict | None:
 
 
 def read_csv_rows(path: PathLike) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header (e.g. roi_stats.csv) as dicts of strings."""
+    """Rows of a CSV or (``.tsv``) TSV file with a header (e.g. roi_stats.csv) as dicts of strings."""
     import csv
 
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return list(csv.DictReader(f, delimiter="\t" if str(path).endswith(".tsv") else ","))
 
 
 def image_shape(path: PathLike, role: str = "image") -> tuple[int, ...]:
@@ -1229,7 +1229,7 @@ def save_map(
     header : nibabel header, optional
         Template header (e.g. ``GreData.header``); shape and dtype are updated.
     unit, description, convention : str
-        Written to the sidecar as ``Unit``, ``Description``, ``Convention``.
+        Written to the sidecar as ``Units`` (the BIDS key), ``Description``, ``Convention``.
     overwrite : bool
         Replace an existing map (and sidecar).
     extra : mapping, optional
@@ -1265,7 +1265,7 @@ def save_map(
         raise InputError(f"map {path}: expected a finite 4x4 affine, found shape {affine.shape}")
     if header is not None and not isinstance(header, nib.Nifti1Header):
         raise InputError(f"map {path}: expected a NIfTI header, found {type(header).__name__}")
-    meta = {"Unit": unit, "Description": description}
+    meta = {"Units": unit, "Description": description}
     if convention is not None:
         meta["Convention"] = convention
     meta["ChisepVersion"] = chisep.__version__

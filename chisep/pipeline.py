@@ -400,7 +400,8 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
                                  "(skull, air, noise); background removal worked here", None),
     "field_total": ("Hz", "total field offset from the multi-echo fit", "positive = higher frequency"),
     "field_noise": ("Hz", "standard error of the total field estimate", None),
-    "noise_sigma": ("magnitude units", "noise standard deviation per channel estimated by MP-PCA denoising", None),
+    "noise_sigma": ("arbitrary", "noise standard deviation per channel estimated by MP-PCA denoising, in the "
+                                 "units of the input magnitude", None),
     "field_local": ("Hz", "local (tissue) field after background removal", "positive = higher frequency"),
     "r2star": ("1/s", "effective transverse relaxation rate R2*", None),
     "r2prime": ("1/s", "reversible relaxation rate R2' = max(R2* - R2, 0)", None),
@@ -415,7 +416,20 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
     "pool_chi_dia_std": ("ppm", "standard error of pool_chi_dia", None),
     "chi_para_std": ("ppm", "standard deviation (uncertainty) of chi_para", None),
     "chi_dia_std": ("ppm", "standard deviation (uncertainty) of chi_dia", None),
-    "residual": ("model units (see sidecar)", "per-voxel model residual", None),
+    "residual_field_hz": ("Hz", "chi-separation: field misfit of the fit", None),
+    "residual_r2prime": ("1/s", "chi-separation: R2' misfit of the fit", None),
+    "r2star_fit": ("1/s", "linear model: R2* predicted from the fitted components", None),
+    "chi_fit": ("ppm", "linear model: chi predicted from the fitted components", CHI_CONVENTION),
+    "c_para": ("arbitrary", "DECOMPOSE: amplitude of the paramagnetic pool (magnitude units of the input)", None),
+    "c_dia": ("arbitrary", "DECOMPOSE: amplitude of the diamagnetic pool (magnitude units of the input)", None),
+    "c_0": ("arbitrary", "DECOMPOSE: amplitude of the neutral pool (magnitude units of the input)", None),
+    "c_para_std": ("arbitrary", "standard error of c_para", None),
+    "c_dia_std": ("arbitrary", "standard error of c_dia", None),
+    "c_0_std": ("arbitrary", "standard error of c_0", None),
+    "r2star0": ("1/s", "DECOMPOSE: R2* of the pools without their sources", None),
+    "r2star0_std": ("1/s", "standard error of r2star0", None),
+    "converged": ("1", "voxelwise fit converged (1) or not (0)", None),
+    "steps": ("1", "Levenberg-Marquardt steps of the voxelwise fit", None),
     "quality": ("bit flags", "per-voxel quality flags (0 = no problem found); see QUALITY_FLAGS", None),
 }
 
@@ -463,40 +477,80 @@ def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationResult] | No
     return flags * head
 
 
-#: flat name -> BIDS-derivatives suffix (with desc- entity where BIDS has no suffix of its own)
-BIDS_NAMES = {
-    "mask": "desc-brain_mask",
-    "head_mask": "desc-head_mask",
-    "reconstruction_mask": "desc-reconstruction_mask",
-    "field_total": "desc-total_fieldmap",
-    "field_noise": "desc-noise_fieldmap",
-    "noise_sigma": "desc-noiseSigma_map",
-    "field_local": "desc-local_fieldmap",
-    "r2star": "R2starmap",
-    "r2prime": "desc-prime_R2starmap",
-    "chi": "Chimap",
-    "chi_para": "desc-paramagnetic_Chimap",
-    "chi_dia": "desc-diamagnetic_Chimap",
-    "chi_para_std": "desc-paramagneticStd_Chimap",
-    "chi_dia_std": "desc-diamagneticStd_Chimap",
+#: flat name -> (desc label, BIDS suffix) of BIDS-derivatives names. Suffixes are BIDS's own where one
+#: exists: qMRI maps (Chimap, R2starmap), fmap (fieldmap, Hz), derivatives (mask, dseg). R2' has none;
+#: it gets R2primemap on the qMRI pattern, never R2starmap (R2' is not R2*). Any other map is a
+#: processed version of the input and keeps the input's suffix, MEGRE, with a desc label.
+BIDS_NAMES: dict[str, tuple[str | None, str]] = {
+    "mask": ("brain", "mask"),
+    "head_mask": ("head", "mask"),
+    "reconstruction_mask": ("reconstruction", "mask"),
+    "field_total": ("total", "fieldmap"),
+    "field_noise": ("noise", "fieldmap"),
+    "field_local": ("local", "fieldmap"),
+    "residual_field_hz": ("residual", "fieldmap"),
+    "noise_sigma": ("noiseSigma", "MEGRE"),
+    "r2star": (None, "R2starmap"),
+    "r2star_fit": ("fit", "R2starmap"),
+    "r2star0": ("r2star0", "R2starmap"),
+    "r2star0_std": ("r2star0Std", "R2starmap"),
+    "r2prime": (None, "R2primemap"),
+    "residual_r2prime": ("residual", "R2primemap"),
+    "chi": (None, "Chimap"),
+    "chi_fit": ("fit", "Chimap"),
+    "chi_para": ("paramagnetic", "Chimap"),
+    "chi_dia": ("diamagnetic", "Chimap"),
+    "chi_para_std": ("paramagneticStd", "Chimap"),
+    "chi_dia_std": ("diamagneticStd", "Chimap"),
+    "pool_chi_para": ("poolParamagnetic", "Chimap"),
+    "pool_chi_dia": ("poolDiamagnetic", "Chimap"),
+    "pool_chi_para_std": ("poolParamagneticStd", "Chimap"),
+    "pool_chi_dia_std": ("poolDiamagneticStd", "Chimap"),
+    "converged": ("converged", "mask"),
+    "quality": ("quality", "dseg"),
 }
+#: the ROI table of a BIDS run: <prefix>_roistats.tsv with a JSON sidecar
+ROI_TABLE_SUFFIX = "roistats"
+
+
+def _camel(words: str) -> str:
+    """BIDS labels are alphanumeric: "chi-separation" -> "chiSeparation", "pool_chi_para" -> "poolChiPara"."""
+    parts = [w for w in words.replace("-", "_").split("_") if w]
+    return "".join(w if i == 0 else w[:1].upper() + w[1:] for i, w in enumerate(parts))
 
 
 def output_name(name: str, bids_prefix: str | None = None) -> str:
-    """File stem of an output: the flat name, or ``<prefix>_<BIDS suffix>`` for BIDS input.
+    """File stem of an output: the flat name, or a BIDS-derivatives name for BIDS input.
 
-    Model subfolders keep their folder (``chi-separation/``); maps without a
-    BIDS suffix become ``<prefix>_desc-<name>_map``.
+    Flat names: ``chi``, ``chi-separation/chi_para``, ... With ``bids_prefix``
+    (e.g. ``"sub-01_ses-2"``) every map lands in one folder as
+    ``<prefix>_desc-<label>_<suffix>`` (:data:`BIDS_NAMES`); a model's maps carry
+    the model in the desc label (``desc-chiSeparationParamagnetic_Chimap``).
     """
     if bids_prefix is None:
         return name
-    folder, _, stem = name.rpartition("/")
-    suffix = BIDS_NAMES.get(stem, f"desc-{''.join(w.capitalize() if i else w for i, w in enumerate(stem.split('_')))}_map")
-    return (folder + "/" if folder else "") + f"{bids_prefix}_{suffix}"
+    model, _, stem = name.rpartition("/")
+    desc, suffix = BIDS_NAMES.get(stem, (_camel(stem), "MEGRE"))
+    if model:
+        desc = _camel(model) + (desc[:1].upper() + desc[1:] if desc else "")
+    return f"{bids_prefix}_" + (f"desc-{desc}_" if desc else "") + suffix
 
 
-def _spec(name: str) -> tuple[str, str, str | None]:
-    return MAP_SPECS.get(name, ("see description", name.replace("_", " "), None))
+#: unit of each model's residual map (the models weigh their misfits differently)
+RESIDUAL_UNITS = {"chi-separation": ("ppm", "chi-separation: residual of the joint fit, sqrt((field misfit / "
+                                             "(CF 1e-6))^2 + (R2' misfit / mean Dr)^2)"),
+                  "linear": ("1", "linear model: weighted residual norm, in noise standard deviations"),
+                  "decompose": ("arbitrary", "DECOMPOSE: RMS misfit of the complex signal over echoes "
+                                             "(magnitude units of the input)")}
+
+
+def _spec(name: str, model: str | None = None) -> tuple[str, str, str | None]:
+    """(unit, description, convention) of an output map; every map has a real unit."""
+    if name == "residual" and model in RESIDUAL_UNITS:
+        return (*RESIDUAL_UNITS[model], None)
+    if name not in MAP_SPECS:
+        raise KeyError(f"output map {name!r} has no unit in MAP_SPECS; add it there")
+    return MAP_SPECS[name]
 
 
 class _Writer:
@@ -508,7 +562,8 @@ class _Writer:
         self.written: list[str] = []
 
     def map(self, rel_name: str, array, *, spec_name: str | None = None, extra: Mapping | None = None):
-        unit, description, convention = _spec(spec_name or Path(rel_name).name)
+        model = rel_name.rpartition("/")[0] or None
+        unit, description, convention = _spec(spec_name or Path(rel_name).name, model)
         array = np.asarray(array)
         if array.dtype == bool:
             array = array.astype(np.uint8)
@@ -530,7 +585,7 @@ class _Writer:
         for name in ("chi_para_std", "chi_dia_std", "residual"):
             value = getattr(result, name)
             if value is not None:
-                self.map(prefix + name, value, extra={"Model": subdir, "Units": result.info.get(f"{name}_unit")})
+                self.map(prefix + name, value, extra={"Model": subdir})
         for name, value in result.extra.items():
             self.map(prefix + name, value, extra={"Model": subdir})
 
@@ -595,6 +650,8 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
                        progress_bars=progress_bars)
 
     writer = _Writer(out, acq.affine, data.header, overwrite, bids_prefix)
+    if bids_prefix:
+        write_derivatives_description(out)
     r2prime = relax.r2prime_map(qsm.r2star, settings.separation.r2_map(qsm.r2star, r2)[0])[0]
     write_qsm_maps(writer, qsm, r2prime * qsm.mask)
     quality = quality_map(qsm, results)
@@ -645,12 +702,19 @@ def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, vo
     """
     from chisep import report
 
-    csv_name, png_name = ((f"{bids_prefix}_roistats.csv", f"{bids_prefix}_report.png") if bids_prefix
-                          else ("roi_stats.csv", "report.png"))
+    table_name, png_name = ((f"{bids_prefix}_{ROI_TABLE_SUFFIX}.tsv", f"{bids_prefix}_report.png") if bids_prefix
+                            else ("roi_stats.csv", "report.png"))
     if labels is None:
         labels, label_names = report.regions_from_mask(mask)
     rows = report.roi_statistics(maps, labels, label_names, voxel_size=voxel_size, mask=mask)
-    io.write_bytes(out / csv_name, report.roi_table_csv(rows).encode(), overwrite=overwrite)
+    written = [table_name]
+    if bids_prefix:
+        io.write_bytes(out / table_name, report.roi_table_csv(rows, delimiter="\t").encode(), overwrite=overwrite)
+        io.write_json(out / f"{bids_prefix}_{ROI_TABLE_SUFFIX}.json", report.ROI_COLUMN_DESCRIPTIONS,
+                      overwrite=overwrite)
+        written.append(f"{bids_prefix}_{ROI_TABLE_SUFFIX}.json")
+    else:
+        io.write_bytes(out / table_name, report.roi_table_csv(rows).encode(), overwrite=overwrite)
     shown = {k: maps[k] for k in ("magnitude", "chi", "r2star") if k in maps}
     if first_model is not None:
         shown["chi_para"] = maps[f"{first_model}:chi_para"]
@@ -663,7 +727,7 @@ def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, vo
     figure = report.montage_figure(shown, mask=mask, voxel_size=voxel_size, title=title, highlight=excluded,
                                    highlight_label="excluded (unreliable field)")
     io.write_bytes(out / png_name, report.figure_png_bytes(figure), overwrite=overwrite)
-    return [csv_name, png_name]
+    return written + [png_name]
 
 
 def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir, local_field=None,
@@ -753,6 +817,25 @@ def bids_output_dir(sources: Mapping, out_dir: str | Path | None) -> tuple[Path,
     if bids.get("session"):
         sub = sub / f"ses-{bids['session']}"
     return sub / "anat", bids["prefix"]
+
+
+def write_derivatives_description(out: Path) -> Path | None:
+    """dataset_description.json of the derivatives folder holding ``out`` (BIDS runs), unless one exists.
+
+    The derivatives root is ``out`` without its trailing ``sub-*/ses-*/anat`` folders
+    (``derivatives/chisep/`` by default; ``--out DIR`` itself otherwise).
+    """
+    from chisep import __version__
+
+    root = Path(out)
+    while root.name.startswith(("sub-", "ses-")) or root.name == "anat":
+        root = root.parent
+    path = root / "dataset_description.json"
+    if path.exists():  # never replace a description, ours from an earlier run or another tool's
+        return None
+    return io.write_json(path, {"Name": "chisep derivatives: QSM and susceptibility source separation",
+                                "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                                "GeneratedBy": [{"Name": "chisep", "Version": __version__}]})
 
 
 def _sources_summary(sources: Mapping) -> dict:

@@ -353,20 +353,37 @@ def roi_statistics(
     return rows
 
 
-def roi_table_csv(rows: Sequence[Mapping]) -> str:
-    """CSV text of :func:`roi_statistics` rows (header :data:`ROI_COLUMNS`).
+#: BIDS sidecar of the ROI table (one entry per column, as BIDS asks of a TSV's JSON)
+ROI_COLUMN_DESCRIPTIONS = {
+    "label": {"Description": "label value in the label image (1 = the whole mask without --labels)"},
+    "name": {"Description": "region name"},
+    "map": {"Description": "map the statistics are taken of; its unit is in that map's sidecar "
+                           "(chi, chi_para, chi_dia: ppm; r2star, r2prime: 1/s)"},
+    "mean": {"Description": "mean of the map over the region", "Units": "unit of the map"},
+    "median": {"Description": "median of the map over the region", "Units": "unit of the map"},
+    "std": {"Description": "standard deviation of the map over the region", "Units": "unit of the map"},
+    "n_voxels": {"Description": "voxels of the region inside the brain mask"},
+    "volume_ml": {"Description": "volume of the region inside the brain mask", "Units": "mL"},
+}
 
-    Floats are written with full precision (``repr``), NaN as ``nan``, so the
-    table reads back exactly with :mod:`csv` and ``float``.
+
+def roi_table_csv(rows: Sequence[Mapping], *, delimiter: str = ",") -> str:
+    """CSV text (TSV with ``delimiter="\\t"``) of :func:`roi_statistics` rows (header :data:`ROI_COLUMNS`).
+
+    Floats are written with full precision (``repr``), NaN as ``nan`` (``n/a`` in TSV, as
+    BIDS writes missing values), so the table reads back exactly with :mod:`csv` and ``float``.
     """
     buffer = _io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\n", delimiter=delimiter)
     writer.writerow(ROI_COLUMNS)
     for i, row in enumerate(rows):
         missing = [c for c in ROI_COLUMNS if c not in row]
         if missing:
             raise InputError(f"ROI row {i} lacks column(s) {', '.join(missing)}; rows come from roi_statistics()")
-        writer.writerow([repr(float(row[c])) if isinstance(row[c], float) else row[c] for c in ROI_COLUMNS])
+        cells = [repr(float(row[c])) if isinstance(row[c], float) else row[c] for c in ROI_COLUMNS]
+        if delimiter == "\t":
+            cells = ["n/a" if c == "nan" else c for c in cells]
+        writer.writerow(cells)
     return buffer.getvalue()
 
 

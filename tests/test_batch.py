@@ -86,8 +86,8 @@ def test_cohort_table_figure_and_summary(cohort):
     assert {r["subject"] for r in table} == {"01", "02"}  # the failed subject is left out
     # the cohort table is exactly the concatenation of the subjects' ROI tables
     for s in ("01", "02"):
-        with open(root / "derivatives" / "chisep" / f"sub-{s}" / "anat" / f"sub-{s}_roistats.csv", newline="") as f:
-            own = list(csv.DictReader(f))
+        with open(root / "derivatives" / "chisep" / f"sub-{s}" / "anat" / f"sub-{s}_roistats.tsv", newline="") as f:
+            own = [{k: "nan" if v == "n/a" else v for k, v in r.items()} for r in csv.DictReader(f, delimiter="\t")]
         mine = [{k: v for k, v in r.items() if k not in batch.COHORT_KEYS} for r in table if r["subject"] == s]
         assert mine == own
     # ROIs come from the phantom labels; physics sanity: the iron-rich globus pallidus is

@@ -70,7 +70,7 @@ def test_simulate_writes_bids_and_truth_that_load_back(tmp_path):
     para = np.asarray(nib.load(truth / "chi_para.nii.gz").dataobj)
     dia = np.asarray(nib.load(truth / "chi_dia.nii.gz").dataobj)
     np.testing.assert_allclose(chi[mask], (para - dia)[mask], atol=1e-6)
-    assert json.loads((truth / "chi.json").read_text())["Unit"] == "ppm"
+    assert json.loads((truth / "chi.json").read_text())["Units"] == "ppm"
     assert "globus_pallidus" in (truth / "labels.tsv").read_text()
     # the phase of echo 1 is the wrapped total field + offset: positive chi -> positive field
     local = np.asarray(nib.load(truth / "field_local.nii.gz").dataobj)

@@ -736,7 +736,7 @@ def test_save_and_load_map_round_trip(tmp_path):
     np.testing.assert_allclose(affine, AFFINE, atol=1e-6)
     assert header.get_data_dtype() == np.float32
     side = json.loads((tmp_path / "out" / "chi.json").read_text())
-    assert side == {"Unit": "ppm", "Description": "QSM", "Convention": "positive = paramagnetic",
+    assert side == {"Units": "ppm", "Description": "QSM", "Convention": "positive = paramagnetic",
                     "ChisepVersion": io.chisep.__version__, "Method": "tkd"}
 
 

@@ -1,6 +1,7 @@
 """End to end on the simulator: files -> QSM -> separation -> files, compared with ground truth."""
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -76,13 +77,52 @@ def test_run_refuses_existing_output_then_overwrites(dataset, tmp_path, capsys):
     assert (out / "sub-phantom_Chimap.nii.gz").read_bytes() == before
 
 
+#: a BIDS-derivatives file name: entities in BIDS order, an alphanumeric desc label last, a known suffix
+BIDS_DERIVATIVE_NAME = re.compile(
+    r"^sub-[a-zA-Z0-9]+(_ses-[a-zA-Z0-9]+)?(_acq-[a-zA-Z0-9]+)?(_rec-[a-zA-Z0-9]+)?(_run-[0-9]+)?"
+    r"(_desc-[a-zA-Z0-9]+)?_(mask|fieldmap|MEGRE|R2starmap|R2primemap|Chimap|dseg|roistats|report)"
+    r"\.(nii\.gz|json|tsv|png)$")
+#: the units a sidecar may state (BIDS "Units": SI-style symbols; "1" dimensionless)
+KNOWN_UNITS = {"ppm", "Hz", "1/s", "1", "rad", "arbitrary", "bit flags", "mL"}
+
+
 def test_bids_run_writes_derivatives(dataset):
-    assert cli.main(["qsm", "--bids", str(dataset), "--quiet", "--inversion", "tikhonov"]) == 0
-    anat = dataset / "derivatives/chisep/sub-phantom/anat"
-    for suffix in ["Chimap", "R2starmap", "desc-local_fieldmap", "desc-brain_mask"]:
+    assert cli.main(["run", "--bids", str(dataset), "--quiet", "--inversion", "tikhonov",
+                     "--models", "linear,chi-separation"]) == 0
+    root = dataset / "derivatives/chisep"
+    anat = root / "sub-phantom/anat"
+    for suffix in ["Chimap", "R2starmap", "R2primemap", "desc-local_fieldmap", "desc-brain_mask",
+                   "desc-paramagnetic_Chimap", "desc-chiSeparationDiamagneticStd_Chimap", "desc-quality_dseg",
+                   "desc-linearParamagnetic_Chimap"]:
         assert (anat / f"sub-phantom_{suffix}.nii.gz").exists(), suffix
+    assert not (anat / "sub-phantom_desc-prime_R2starmap.nii.gz").exists()  # R2' is not R2*
     side = json.loads((anat / "sub-phantom_Chimap.json").read_text())
-    assert side["Unit"] == "ppm" and "paramagnetic" in side["Convention"]
+    assert side["Units"] == "ppm" and "paramagnetic" in side["Convention"]
+    description = json.loads((root / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "chisep"
+    files = sorted(p.name for p in anat.iterdir())
+    assert not [p for p in anat.iterdir() if p.is_dir()], "model outputs belong in the anat folder, not subfolders"
+    for name in files:
+        if name == "provenance.json":
+            continue
+        assert BIDS_DERIVATIVE_NAME.match(name), f"not a BIDS-derivatives name: {name}"
+        if name.endswith(".json") and not name.endswith("_roistats.json"):
+            assert json.loads((anat / name).read_text()).get("Units") in KNOWN_UNITS, name
+    table = io.read_csv_rows(anat / "sub-phantom_roistats.tsv")
+    assert table and set(table[0]) == set(json.loads((anat / "sub-phantom_roistats.json").read_text()))
+    assert float(table[0]["mean"]) == float(table[0]["mean"])  # a number, tab-separated
+
+
+def test_every_output_has_a_unit_and_a_bids_name():
+    for stem in pipeline.MAP_SPECS:
+        assert pipeline.MAP_SPECS[stem][0] in KNOWN_UNITS, stem
+        for model in ("", "chi-separation/", "linear/", "decompose/"):
+            name = pipeline.output_name(model + stem, "sub-01_ses-2")
+            assert BIDS_DERIVATIVE_NAME.match(name + ".nii.gz"), name
+    for model, (unit, _) in pipeline.RESIDUAL_UNITS.items():
+        assert unit in KNOWN_UNITS, model
+    with pytest.raises(KeyError, match="no unit"):
+        pipeline._spec("made_up_map")
 
 
 def test_separate_from_qsm_outputs(dataset, tmp_path):
@@ -152,7 +192,9 @@ def test_oblique_acquisition_end_to_end(tmp_path):
 def test_output_name_mapping():
     assert pipeline.output_name("chi") == "chi"
     assert pipeline.output_name("chi", "sub-01") == "sub-01_Chimap"
-    assert pipeline.output_name("decompose/chi_para", "sub-01_ses-2") == "decompose/sub-01_ses-2_desc-paramagnetic_Chimap"
+    assert pipeline.output_name("decompose/chi_para", "sub-01_ses-2") == "sub-01_ses-2_desc-decomposeParamagnetic_Chimap"
+    assert pipeline.output_name("r2prime", "sub-01") == "sub-01_R2primemap"
+    assert pipeline.output_name("chi-separation/residual", "sub-01") == "sub-01_desc-chiSeparationResidual_MEGRE"
 
 
 def test_prepare_output_refuses_finished_run(tmp_path):
