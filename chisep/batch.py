@@ -19,6 +19,7 @@ Outputs (under ``<bids_root>/derivatives/chisep/``)
     ``cohort_roi_stats.csv``     every complete run's ROI table with ``subject, session, prefix`` columns
     ``cohort_summary.png``       ROI means of chi, chi_para and chi_dia per subject
     ``batch_summary.json``       status, attempts, error, time and memory of every run
+    ``index.html``               links to every run's report.html, thumbnails, values that stand out
 
 A failed or interrupted run never looks complete: its folder has no
 ``provenance.json`` (a stale one is removed before a run starts), so the next
@@ -46,8 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from chisep import io
-from chisep.errors import InputError
+from chisep.errors import ChisepError, InputError
 
 PathLike = "str | os.PathLike[str]"
 Progress = Callable[[str], None]
@@ -57,6 +60,10 @@ DERIVATIVES = Path("derivatives") / "chisep"
 COHORT_TABLE = "cohort_roi_stats.csv"
 COHORT_FIGURE = "cohort_summary.png"
 BATCH_SUMMARY = "batch_summary.json"
+COHORT_INDEX = "index.html"
+#: a region mean stands out when it lies this many robust standard deviations (1.4826 MAD) from the
+#: cohort median of the same region and map (Iglewicz & Hoaglin's modified z-score cut-off)
+OUTLIER_ROBUST_Z = 3.5
 FAILED_MARKER = "FAILED.json"
 #: Columns added in front of :data:`chisep.report.ROI_COLUMNS` in the cohort table.
 COHORT_KEYS = ("subject", "session", "prefix")
@@ -825,7 +832,6 @@ def cohort_figure(rows: Sequence[Mapping], *, failed: Sequence[str] = ()):
 
 def _write_cohort(root: Path, jobs, complete, rows, settings, *, wall_s, dashboard, workers, progress):
     from chisep import __version__, report
-
     from chisep.pipeline import write_derivatives_description
 
     out = root / DERIVATIVES
@@ -851,10 +857,71 @@ def _write_cohort(root: Path, jobs, complete, rows, settings, *, wall_s, dashboa
         "figure": COHORT_FIGURE,
     }
     summary_path = io.write_json(out / BATCH_SUMMARY, doc, overwrite=True)
+    io.write_bytes(out / COHORT_INDEX, cohort_index_html(out, complete, table, failed, figure_path).encode("utf-8"),
+                   overwrite=True)
     summary = BatchSummary(rows=rows, cohort_table=table_path, figure=figure_path, summary_path=summary_path,
                            wall_s=wall_s, dashboard=dashboard, workers=workers)
     progress(summary.text())
     return summary
+
+
+def cohort_outliers(table: Sequence[Mapping], threshold: float = OUTLIER_ROBUST_Z) -> list[dict]:
+    """Region means that stand out from the cohort: robust z = (mean - median) / (1.4826 MAD) per
+    (region, map), over at least 4 runs; |z| > ``threshold`` is returned, largest first."""
+    groups: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for row in table:
+        value = float(row["mean"])
+        if math.isfinite(value):
+            groups.setdefault((row["name"], row["map"]), []).append((row["prefix"], value))
+    found = []
+    for (region, name), values in groups.items():
+        if len(values) < 4:
+            continue
+        means = [v for _, v in values]
+        median = float(np.median(means))
+        spread = 1.4826 * float(np.median(np.abs(np.asarray(means) - median)))
+        if spread <= 0:
+            continue
+        for prefix, value in values:
+            z = (value - median) / spread
+            if abs(z) > threshold:
+                found.append({"run": prefix, "region": region, "map": name, "mean": value,
+                              "cohort_median": median, "robust_z": round(z, 1)})
+    return sorted(found, key=lambda r: -abs(r["robust_z"]))
+
+
+def _thumbnail(job: Job) -> bytes | None:
+    """Axial chi slice of a run through the brain's centre, as a small PNG (None if unreadable)."""
+    from chisep import report
+
+    try:
+        chi, _, _ = io.load_map(job.out_dir / f"{job.prefix}_Chimap.nii.gz", name="chi")
+        mask, _, _ = io.load_map(job.out_dir / f"{job.prefix}_desc-brain_mask.nii.gz", name="mask")
+    except (OSError, ValueError, ChisepError):
+        return None
+    z = report.report_slices(mask > 0.5, (1.0, 1.0, 1.0))[2]
+    fig = report._new_figure(2.4, 2.4)
+    ax = fig.add_subplot()
+    report._show(ax, np.where(mask[..., z] > 0.5, chi[..., z], np.nan).T, None, report.WINDOWS["chi"], "gray")
+    return report.figure_png_bytes(fig, dpi=80)
+
+
+def cohort_index_html(out: Path, complete: Sequence[Job], table: Sequence[Mapping], failed: Sequence[str],
+                      figure_path: Path | None) -> str:
+    """index.html of the cohort: a link to each run's report, a chi thumbnail, brain means, outliers."""
+    from chisep import __version__, html_report
+
+    runs = []
+    for job in complete:
+        means = {r["map"]: float(r["mean"]) for r in table
+                 if r["prefix"] == job.prefix and r["map"] in ("chi", "r2star") and r["name"] == "brain"}
+        runs.append({"prefix": job.prefix, "report": (job.out_dir / f"{job.prefix}_report.html").relative_to(out)
+                     .as_posix(), "thumbnail": _thumbnail(job), "values": means})
+    cohort_png = figure_path.read_bytes() if figure_path is not None and figure_path.exists() else None
+    return html_report.cohort_index(title="chisep cohort", subtitle=f"chisep {__version__}, "
+                                    f"{time.strftime('%Y-%m-%d %H:%M')}, {len(complete)} complete runs",
+                                    runs=runs, outliers=cohort_outliers(table), failed=failed,
+                                    cohort_png=cohort_png)
 
 
 # ---------------------------------------------------------------------------

@@ -618,7 +618,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     ``"sub-01_ses-1"``) maps get BIDS-derivatives names (see :func:`output_name`).
     Returns the maps and a short summary.
     """
-    from chisep import relax
+    from chisep import references, relax
 
     t_start = time.perf_counter()
     out = io.prepare_output_dir(out_dir, overwrite=overwrite)
@@ -666,15 +666,23 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
             maps[f"{model}:chi_para"], maps[f"{model}:chi_dia"] = result.chi_para, result.chi_dia
         if results:  # the number every model has to beat, in the same table
             maps[f"{THRESHOLDED_QSM}:chi_para"], maps[f"{THRESHOLDED_QSM}:chi_dia"] = thresholded_qsm(qsm.chi)
-        writer.written += write_report(out, maps, qsm.mask, acq.voxel_size, labels=labels,
-                                       label_names=label_names, overwrite=overwrite,
-                                       first_model=next(iter(results), None), bids_prefix=bids_prefix,
-                                       excluded=qsm.excluded_mask)
+        report_files, roi_rows = write_report(out, maps, qsm.mask, acq.voxel_size, labels=labels,
+                                              label_names=label_names, overwrite=overwrite,
+                                              first_model=next(iter(results), None), bids_prefix=bids_prefix,
+                                              excluded=qsm.excluded_mask, affine=acq.affine,
+                                              subject=_subject_name(data.sources, bids_prefix))
+        writer.written += report_files
     timings["total"] = round(time.perf_counter() - t_start, 3)
+    with _stepper(timings, log)("report.html"):
+        writer.written.append(write_html_report(
+            out, data=data, qsm=qsm, results=results, r2prime=r2prime, quality=quality, roi_rows=roi_rows,
+            timings=timings, settings=settings, bids_prefix=bids_prefix, overwrite=overwrite))
     signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
     io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
                         extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
                                "outputs": writer.written, "notes": qsm.notes,
+                               "references": references.references_for(settings.to_dict()["qsm"],
+                                                                       tuple(results)),
                                "reliability": qsm.reliability.record() if qsm.reliability else None,
                                "models": {m: r.info for m, r in results.items()}},
                         overwrite=overwrite)
@@ -694,11 +702,14 @@ class RunOutput:
 def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, voxel_size, *,
                  labels: np.ndarray | None = None, label_names: Mapping[int, str] | None = None,
                  first_model: str | None = None, overwrite: bool = False,
-                 bids_prefix: str | None = None, excluded: np.ndarray | None = None) -> list[str]:
+                 bids_prefix: str | None = None, excluded: np.ndarray | None = None,
+                 affine: np.ndarray | None = None, subject: str | None = None) -> tuple[list[str], list[dict]]:
     """roi_stats.csv (every map, every label) and report.png (montage of the main maps).
 
     ``excluded``: voxels left out as unreliable; the figure shows them in red
-    in a last row and its title gives their volume.
+    in a last row and its title gives their volume. ``affine`` orients the
+    figure (L/R marks) and places its cuts through the basal ganglia
+    (:func:`chisep.report.report_slices`). Returns the files written and the ROI rows.
     """
     from chisep import report
 
@@ -720,14 +731,94 @@ def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, vo
         shown["chi_para"] = maps[f"{first_model}:chi_para"]
         shown["chi_dia"] = maps[f"{first_model}:chi_dia"]
     mask_ml = float(np.count_nonzero(mask) * np.prod(voxel_size)) / 1000.0
-    title = f"chisep {first_model or 'QSM'}; brain mask {mask_ml:.0f} mL"
+    title = (f"{subject}: " if subject else "") + f"chisep {first_model or 'QSM'}; brain mask {mask_ml:.0f} mL"
     if excluded is not None:
         excluded_ml = float(np.count_nonzero(excluded) * np.prod(voxel_size)) / 1000.0
         title += f"; excluded as unreliable field: {excluded_ml:.1f} mL"
+    axcodes = report.orientation_codes(affine)
     figure = report.montage_figure(shown, mask=mask, voxel_size=voxel_size, title=title, highlight=excluded,
-                                   highlight_label="excluded (unreliable field)")
+                                   highlight_label="excluded (unreliable field)", axcodes=axcodes,
+                                   slices=report.report_slices(mask, voxel_size, axcodes))
     io.write_bytes(out / png_name, report.figure_png_bytes(figure), overwrite=overwrite)
-    return written + [png_name]
+    return written + [png_name], rows
+
+
+def _subject_name(sources: Mapping, bids_prefix: str | None) -> str:
+    """What the report calls the data: the BIDS prefix, else the first magnitude file's name."""
+    if bids_prefix:
+        return bids_prefix
+    files = sources.get("magnitude_files") or []
+    return Path(files[0]).name.replace(".nii.gz", "").replace(".nii", "") if files else "data"
+
+
+def write_html_report(out: Path, *, data, qsm: QsmMaps, results: Mapping[str, SeparationResult], r2prime,
+                      quality, roi_rows, timings, settings: PipelineSettings, bids_prefix: str | None = None,
+                      overwrite: bool = False) -> str:
+    """report.html: one self-contained page with summary, mask check, maps, quality, ROI table,
+    timings, settings and references (:mod:`chisep.html_report`). Returns its file name."""
+    from chisep import __version__, html_report, references, report
+
+    acq = data.acquisition
+    vox = acq.voxel_size
+    axcodes = report.orientation_codes(acq.affine)
+    cuts = report.report_slices(qsm.mask, vox, axcodes)
+    magnitude = data.magnitude[..., 0]
+    subject = _subject_name(data.sources, bids_prefix)
+    voxel_ml = float(np.prod(vox)) / 1000.0
+
+    def png(figure) -> bytes:
+        return report.figure_png_bytes(figure, dpi=100)
+
+    def montage(maps):
+        return png(report.montage_figure(maps, mask=qsm.mask, voxel_size=vox, slices=cuts, axcodes=axcodes))
+
+    volumes = {name: float(np.count_nonzero(m)) * voxel_ml for name, m in
+               (("brain", qsm.mask), ("head", qsm.head_mask), ("excluded", qsm.excluded_mask))}
+    mask_png = png(report.mask_figure(magnitude, qsm.mask, voxel_size=vox, head_mask=qsm.head_mask,
+                                      excluded=qsm.excluded_mask, slices=cuts, axcodes=axcodes))
+    mask_caption = (f"brain mask {volumes['brain']:.0f} mL (a human brain holds about 1000-1700 mL), head mask "
+                    f"{volumes['head']:.0f} mL, excluded as unreliable field {volumes['excluded']:.1f} mL. "
+                    "The yellow outline must follow the brain's surface, not the scalp or skull.")
+    figures = [("Total and local field", montage({"field_total": qsm.field_total, "field_local": qsm.field_local}),
+                "Hz; the local field after background removal, windowed +-5 Hz"),
+               ("R2* and R2'", montage({"r2star": qsm.r2star, "r2prime": r2prime}),
+                "1/s; R2' = R2* - R2 (measured R2, or the R2*-only rule in the settings)"),
+               ("QSM", montage({"chi": qsm.chi}), "ppm, positive = paramagnetic, windowed +-0.15 ppm")]
+    for model, result in results.items():
+        caption = "ppm, both >= 0; chi = chi_para - chi_dia"
+        if model in EXPERIMENTAL_MODELS:
+            caption += f". {EXPERIMENTAL_MODELS[model]}"
+        figures.append((f"{model}: chi_para and chi_dia",
+                        montage({"chi_para": result.chi_para, "chi_dia": result.chi_dia}), caption))
+    quality_png = png(report.quality_figure(magnitude, quality, flags=QUALITY_FLAGS, voxel_size=vox,
+                                            mask=qsm.mask, slices=cuts, axcodes=axcodes))
+    summary = {
+        "data": subject,
+        "magnitude": ", ".join(Path(f).name for f in data.sources.get("magnitude_files", [])),
+        "phase": ", ".join(Path(f).name for f in data.sources.get("phase_files", [])),
+        "phase scaling": data.sources.get("phase_scaling", ""),
+        "grid": f"{' x '.join(map(str, data.shape[:3]))} voxels of "
+                f"{' x '.join(f'{v:.3g}' for v in vox)} mm, orientation {''.join(axcodes or ('?',))}",
+        "echoes": f"{acq.n_echoes}: " + ", ".join(f"{1000 * t:.3g}" for t in acq.echo_times) + " ms",
+        "field strength": f"{acq.field_strength:g} T",
+        "B0 direction": f"{acq.b0_angle_deg:.1f} degrees from the slice axis z",
+        "brain mask": f"{volumes['brain']:.0f} mL",
+        "models": ", ".join(results) or "none (QSM only)",
+        "versions": ", ".join(f"{k} {v}" for k, v in io._versions().items() if k in
+                              ("chisep", "python", "numpy", "scipy", "nibabel", "jax", "jax_backend")),
+    }
+    text = html_report.run_report(
+        title=f"chisep report: {subject}", subtitle=f"chisep {__version__}, {time.strftime('%Y-%m-%d %H:%M')}",
+        summary=summary, warnings=list(qsm.notes) + [EXPERIMENTAL_MODELS[m] for m in results
+                                                      if m in EXPERIMENTAL_MODELS],
+        mask_png=mask_png, mask_caption=mask_caption, map_figures=figures, quality_png=quality_png,
+        quality_flags=[{"bit": bit, "meaning": meaning, "colour": report.QUALITY_COLOURS[bit],
+                        "voxels": int(np.count_nonzero(np.asarray(quality).astype(np.int64) & bit))}
+                       for bit, meaning in QUALITY_FLAGS.items()], roi_rows=roi_rows, timings=timings, settings=settings.to_dict(),
+        references=references.references_for(settings.to_dict()["qsm"], tuple(results)))
+    name = f"{bids_prefix}_report.html" if bids_prefix else "report.html"
+    io.write_bytes(out / name, text.encode("utf-8"), overwrite=overwrite)
+    return name
 
 
 def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir, local_field=None,

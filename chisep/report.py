@@ -15,7 +15,9 @@ Tables
     :func:`format_table` prints any list of rows as an aligned Markdown table.
 Figures
     :func:`montage_figure`: orthogonal slices of every map with a colorbar in
-    its unit. :func:`comparison_figure`: truth, estimate and error per
+    its unit; :func:`mask_figure`: the brain mask's outline over the magnitude;
+    :func:`quality_figure`: the quality flags over the magnitude. The cuts
+    (:func:`report_slices`) pass through the basal ganglia. :func:`comparison_figure`: truth, estimate and error per
     separation model on one axial slice.
 
 Display conventions: arrays are in (x, y, z) voxel order as stored. A slice is
@@ -54,8 +56,12 @@ __all__ = [
     "accuracy_table",
     "format_table",
     "montage_figure",
+    "mask_figure",
+    "quality_figure",
     "comparison_figure",
     "figure_png_bytes",
+    "orientation_codes",
+    "report_slices",
 ]
 
 #: Fixed display windows ``(low, high)`` per map name, in the map's unit.
@@ -552,7 +558,7 @@ def format_table(rows: Sequence[Mapping], *, columns: Sequence[str] | None = Non
 def display_window(name: str, array, mask=None) -> tuple[float, float]:
     """Display range ``(low, high)`` of a map: fixed from :data:`WINDOWS`, else robust.
 
-    Magnitude: 0 to the 99th percentile inside the mask. Other maps without a
+    Magnitude: 0 to the 99.5th percentile inside the mask. Other maps without a
     fixed window: 1st to 99th percentile inside the mask (symmetric about 0
     for field maps). Non-finite voxels are ignored.
     """
@@ -564,8 +570,8 @@ def display_window(name: str, array, mask=None) -> tuple[float, float]:
     values = values[np.isfinite(values)]
     if values.size == 0:
         return (0.0, 1.0)
-    if name == "magnitude":
-        low, high = 0.0, float(np.percentile(values, 99.0))
+    if name == "magnitude":  # 99.5th: bright vessels and fat may saturate, brain tissue must not
+        low, high = 0.0, float(np.percentile(values, 99.5))
     elif name.startswith("field"):
         half = float(np.percentile(np.abs(values), 99.0))
         low, high = -half, half
@@ -642,6 +648,63 @@ def _colorbar(fig, image, axes, label: str) -> None:
     bar.ax.tick_params(labelsize=7)
 
 
+#: offsets (mm) of the report's cuts from the brain's centre of mass, towards (right, anterior, superior):
+#: the centre of mass lies near the thalamus' top; these cuts pass through the basal ganglia (putamen,
+#: globus pallidus, caudate head) and the internal capsule, instead of the midline's falx and sinus
+REPORT_CUT_OFFSETS_MM = (22.0, 10.0, -10.0)
+_TOWARDS = ("R", "A", "S")
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def orientation_codes(affine) -> tuple[str, str, str] | None:
+    """Anatomical direction (``R/L``, ``A/P``, ``S/I``) each array axis increases towards, or None.
+
+    None when the affine is missing or not invertible.
+    """
+    if affine is None:
+        return None
+    try:
+        import nibabel as nib
+
+        return tuple(nib.aff2axcodes(np.asarray(affine, dtype=np.float64)))
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+
+
+def report_slices(mask, voxel_size, axcodes=None) -> tuple[int, int, int]:
+    """Voxel indices (x, y, z) of the report's sagittal, coronal and axial cuts.
+
+    The brain's centre of mass moved by :data:`REPORT_CUT_OFFSETS_MM`, when the
+    array axes run along left-right, anterior-posterior and inferior-superior (in
+    any sign; ``axcodes`` from :func:`orientation_codes`); otherwise the centre of
+    mass. Each cut stays inside the mask's extent.
+    """
+    msk = np.asarray(mask, dtype=bool)
+    vox = _voxel_size(voxel_size)
+    centre = list(_default_centre(msk, msk.shape))
+    if axcodes is None or not msk.any():
+        return tuple(centre)
+    for axis, (code, towards, offset) in enumerate(zip(axcodes, _TOWARDS, REPORT_CUT_OFFSETS_MM)):
+        if code not in (towards, _OPPOSITE[towards]):
+            return tuple(_default_centre(msk, msk.shape))  # axes not along the anatomical ones
+        sign = 1.0 if code == towards else -1.0
+        present = np.flatnonzero(msk.any(axis=tuple(a for a in range(3) if a != axis)))
+        moved = int(round(centre[axis] + sign * offset / vox[axis]))
+        centre[axis] = int(np.clip(moved, present.min(), present.max()))
+    return tuple(centre)
+
+
+def _mark_orientation(ax, axcodes, shown) -> None:
+    """Letters at the panel edges: where the horizontal and vertical axes point (e.g. L ... R)."""
+    if axcodes is None:
+        return
+    h, v = shown
+    style = dict(color="yellow", fontsize=7, fontweight="bold", transform=ax.transAxes)
+    ax.text(0.02, 0.5, _OPPOSITE[axcodes[h]], ha="left", va="center", **style)
+    ax.text(0.98, 0.5, axcodes[h], ha="right", va="center", **style)
+    ax.text(0.5, 0.98, axcodes[v], ha="center", va="top", **style)
+
+
 def montage_figure(
     maps: Mapping[str, np.ndarray],
     *,
@@ -651,6 +714,7 @@ def montage_figure(
     title: str | None = None,
     highlight=None,
     highlight_label: str = "highlighted voxels",
+    axcodes: Sequence[str] | None = None,
 ) -> Figure:
     """Orthogonal-slice montage: one row per map, axial / coronal / sagittal columns.
 
@@ -675,6 +739,9 @@ def montage_figure(
         them; no row when it is empty.
     highlight_label : str
         Row label of the highlight row.
+    axcodes : 3 letters, optional
+        Direction each array axis points to (:func:`orientation_codes`); marks
+        the panel edges (L/R, A/P, S/I).
 
     Returns
     -------
@@ -702,6 +769,7 @@ def montage_figure(
         window = display_window(name, arrays[name], msk)
         for col, (view, axis, shown) in enumerate(_VIEWS):
             im = _show(axes[row, col], _view(data, axis, centre[axis]), _extent(shape, vox, shown), window, "gray")
+            _mark_orientation(axes[row, col], axcodes, shown)
             if row == 0:
                 axes[row, col].set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=9)
         _colorbar(fig, im, list(axes[row]), _label_text(name))
@@ -731,6 +799,84 @@ def _highlight_row(fig, row_axes, background, name, marked, mask, vox, label) ->
         ax.imshow(overlay, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
         ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
     _colorbar(fig, im, list(row_axes), f"{_label_text(name)}; red: {label}")
+
+
+def _panels(shape, vox, n_rows: int, extra_width: float = 0.4, extra_height: float = 0.5):
+    """Figure and (n_rows, 3) axes with panels in physical proportions (axial, coronal, sagittal)."""
+    widths = [shape[h] * vox[h] for _, _, (h, _) in _VIEWS]
+    heights = [shape[v] * vox[v] for _, _, (_, v) in _VIEWS]
+    scale = 2.6 / max(max(widths), max(heights))
+    fig = _new_figure(sum(w * scale for w in widths) + extra_width, n_rows * max(heights) * scale + extra_height)
+    return fig, fig.subplots(n_rows, 3, squeeze=False, width_ratios=widths)
+
+
+def mask_figure(magnitude, mask, *, voxel_size=(1.0, 1.0, 1.0), head_mask=None, excluded=None, slices=None,
+                axcodes=None, title: str | None = None) -> Figure:
+    """Brain-mask check: the mask's outline (yellow) over the magnitude in three planes.
+
+    ``head_mask`` (cyan outline): the wider mask the field was fitted in;
+    ``excluded`` (red): voxels left out as unreliable. The magnitude is shown
+    everywhere, so scalp or brain on the wrong side of the outline is visible.
+    """
+    mag = _as_map("magnitude", magnitude)
+    shape, vox = mag.shape, _voxel_size(voxel_size)
+    brain = _mask(mask, shape, allow_empty=True)
+    head = None if head_mask is None else _mask(head_mask, shape, allow_empty=True)
+    marked = None if excluded is None else _mask(excluded, shape, allow_empty=True)
+    centre = report_slices(brain, vox, axcodes) if slices is None else _slices_arg(slices, shape)
+    window = display_window("magnitude", mag, head if head is not None and head.any() else None)
+    fig, axes = _panels(shape, vox, 1, extra_height=0.6 + 0.3 * bool(title))
+    for col, (view, axis, shown) in enumerate(_VIEWS):
+        ax, extent = axes[0, col], _extent(shape, vox, shown)
+        _show(ax, _view(mag.astype(np.float32), axis, centre[axis]), extent, window, "gray")
+        if marked is not None and marked.any():
+            overlay = np.zeros(_view(marked, axis, centre[axis]).shape + (4,), np.float32)
+            overlay[_view(marked, axis, centre[axis])] = (1.0, 0.1, 0.1, 0.8)
+            ax.imshow(overlay, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
+        for outline, colour in ((head, "cyan"), (brain, "yellow")):
+            if outline is not None and _view(outline, axis, centre[axis]).any():
+                ax.contour(_view(outline, axis, centre[axis]).astype(np.float32), levels=[0.5], colors=colour,
+                           linewidths=0.8, origin="lower", extent=extent)
+        _mark_orientation(ax, axcodes, shown)
+        ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
+    fig.text(0.01, 0.01, "yellow: brain mask" + ("; cyan: head mask" if head is not None else "")
+             + ("; red: excluded (unreliable field)" if marked is not None and marked.any() else ""), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+#: colours of the quality flags' overlay (RGBA), by bit
+QUALITY_COLOURS = {1: (1.0, 0.1, 0.1, 0.85), 2: (1.0, 0.8, 0.0, 0.85), 4: (0.2, 0.6, 1.0, 0.85),
+                   8: (1.0, 0.0, 1.0, 0.85), 16: (0.2, 1.0, 0.3, 0.85)}
+
+
+def quality_figure(magnitude, quality, *, flags: Mapping[int, str], voxel_size=(1.0, 1.0, 1.0), mask=None,
+                   slices=None, axcodes=None) -> Figure:
+    """The quality map's flags as colours (:data:`QUALITY_COLOURS`) over the magnitude.
+
+    The lowest set bit wins a voxel's colour; the legend is the caller's (the HTML report lists
+    every flag with its colour and voxel count).
+    """
+    mag = _as_map("magnitude", magnitude)
+    q = np.asarray(quality).astype(np.int64)
+    shape, vox = mag.shape, _voxel_size(voxel_size)
+    msk = None if mask is None else _mask(mask, shape, allow_empty=True)
+    centre = (report_slices(msk, vox, axcodes) if msk is not None else _default_centre(None, shape)) \
+        if slices is None else _slices_arg(slices, shape)
+    window = display_window("magnitude", mag, msk if msk is not None and msk.any() else None)
+    fig, axes = _panels(shape, vox, 1)
+    for col, (view, axis, shown) in enumerate(_VIEWS):
+        ax, extent = axes[0, col], _extent(shape, vox, shown)
+        _show(ax, _view(mag.astype(np.float32), axis, centre[axis]), extent, window, "gray")
+        cut = _view(q, axis, centre[axis])
+        overlay = np.zeros(cut.shape + (4,), np.float32)
+        for bit in sorted(flags, reverse=True):  # the lowest bit is painted last
+            overlay[(cut & bit) != 0] = QUALITY_COLOURS.get(bit, (1.0, 1.0, 1.0, 0.85))
+        ax.imshow(overlay, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
+        _mark_orientation(ax, axcodes, shown)
+        ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
+    return fig
 
 
 def _default_axial_slice(mask, labels, label_names, shape) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,22 @@ def test_cohort_table_figure_and_summary(cohort):
     assert doc["settings"]["separation"]["models"] == ["linear"]
     assert [r["status"] for r in doc["runs"]] == ["done", "done", "failed"]
     assert (root / "derivatives" / "chisep" / "dataset_description.json").is_file()
+    # the cohort's index links every complete run's report (links resolve) and lists the failed one
+    index = (root / "derivatives" / "chisep" / batch.COHORT_INDEX).read_text()
+    links = re.findall(r'href="([^"#]+)"', index)
+    assert len(links) == 2 and all((root / "derivatives" / "chisep" / link).is_file() for link in links)
+    assert index.count('class="thumb"') == 2 and "sub-03" in index
+
+
+def test_cohort_outliers_flag_the_run_that_stands_out():
+    rows = [{"prefix": f"sub-{i:02d}", "name": "globus_pallidus", "map": "chi", "mean": str(v)}
+            for i, v in enumerate([0.12, 0.13, 0.125, 0.118, 0.131, 0.45])]
+    rows += [{"prefix": f"sub-{i:02d}", "name": "white_matter", "map": "chi", "mean": str(-0.03 + 0.001 * i)}
+             for i in range(6)]
+    found = batch.cohort_outliers(rows)
+    assert [(r["run"], r["region"]) for r in found] == [("sub-05", "globus_pallidus")]
+    assert found[0]["robust_z"] > 3.5
+    assert batch.cohort_outliers(rows[:3]) == []  # too few runs to say what stands out
 
 
 def test_second_invocation_skips_complete_runs(cohort):
