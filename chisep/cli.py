@@ -151,6 +151,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as two short lines (what is wrong, where the help is), not the whole usage block first."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n(see: {self.prog} --help)\n")
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends every option's default to its help text (unless the text already names it)."""
 
@@ -166,7 +173,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="chisep", formatter_class=_HelpFormatter,
         description="QSM and susceptibility source separation (iron vs myelin/calcium).",
         epilog="Units: echo times on the command line in ms; maps in ppm (chi), Hz (fields), 1/s (R2*).",

@@ -384,7 +384,9 @@ def _check_echo_times(tes: list[float], n_echoes: int, where: str, files: Sequen
                     "one 3D file per echo.")
         raise InputError(
             f"echo times ({where}) do not match the data ({_names(files)}): expected {n_echoes} "
-            f"echo time(s), one per echo, found {len(tes)}: {', '.join(f'{1000 * t:g}' for t in tes)} ms.{hint}"
+            f"echo time(s), one per echo, found {len(tes)}: {', '.join(f'{1000 * t:g}' for t in tes)} ms. "
+            f"Fix: give {n_echoes} echo times (ms on the command line), or check that every echo's file "
+            f"is listed.{hint}"
         )
     if not all(math.isfinite(t) and t > 0 for t in tes):
         raise InputError(
@@ -427,7 +429,7 @@ def _side_echo_times(files: Sequence[Path], sidecars, n_echoes: int):
 def _resolve_echo_times(echo_times, mag_files, pha_files, mag_sidecars, pha_sidecars, n_echoes):
     if echo_times is not None:
         tes = _number_list(echo_times, "echo_times", "argument")
-        _check_echo_times(tes, n_echoes, "echo_times argument, seconds", mag_files)
+        _check_echo_times(tes, n_echoes, "--echo-times / echo_times argument", mag_files)
         return tes, "argument"
     mag_tes, mag_where = _side_echo_times(mag_files, mag_sidecars, n_echoes)
     pha_tes, pha_where = _side_echo_times(pha_files, pha_sidecars, n_echoes)

@@ -39,6 +39,9 @@ def test_echo_times_in_seconds_fail_with_exit_2_and_no_traceback(tmp_path, capsy
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "look like seconds" in err and "Traceback" not in err
+    # the message comes first and short, not after the whole usage block
+    assert err.splitlines()[0].startswith("chisep simulate: error:") and "usage:" not in err
+    assert len(err.splitlines()) <= 3
     assert not (tmp_path / "s").exists()
 
 
