@@ -246,3 +246,19 @@ def test_setting_names_match_the_stage_registries():
     assert set(settings.DENOISE_METHODS) == set(denoise.DENOISE_METHODS)
     assert set(settings.DEFAULT_MODELS) < set(settings.MODEL_NAMES)
     assert "decompose" not in settings.DEFAULT_MODELS and "decompose" in settings.EXPERIMENTAL_MODELS
+
+
+def test_long_stages_say_they_are_alive_and_how_long_they_took(monkeypatch):
+    import time
+
+    monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.05)
+    lines, timings = [], {}
+    with pipeline._stepper(timings, lines.append)("slow stage"):
+        time.sleep(1.1)
+    assert lines[0] == "  slow stage ..."
+    assert sum("still running" in line for line in lines) >= 5
+    assert lines[-1].startswith("  slow stage: 1.") and timings["slow stage"] >= 1.1
+    quiet = {}
+    with pipeline._stepper(quiet, pipeline._quiet)("quiet stage"):  # no thread when nothing is shown
+        time.sleep(0.06)
+    assert quiet["quiet stage"] >= 0.06
