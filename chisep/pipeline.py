@@ -433,6 +433,12 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
     "pool_chi_dia": ("ppm", "DECOMPOSE: fitted susceptibility of the diamagnetic pool, magnitude (undetermined "
                             "where the pool is empty; chi_dia is the component susceptibility DCS)", None),
     "pool_chi_para_std": ("ppm", "standard error of pool_chi_para", None),
+    "pcs": ("ppm", "DECOMPOSE: paramagnetic component susceptibility PCS as published (chi_para is PCS lifted "
+                   "to max(chi, 0))", None),
+    "dcs": ("ppm", "DECOMPOSE: diamagnetic component susceptibility DCS as published, magnitude (chi_dia is DCS "
+                   "lifted to max(-chi, 0))", None),
+    "bound_active": ("1", "DECOMPOSE: where the QSM bound lifted a component: 0 none, 1 chi_para, 2 chi_dia, "
+                          "3 both", None),
     "pool_chi_dia_std": ("ppm", "standard error of pool_chi_dia", None),
     "chi_para_std": ("ppm", "standard deviation (uncertainty) of chi_para", None),
     "chi_dia_std": ("ppm", "standard deviation (uncertainty) of chi_dia", None),
@@ -527,6 +533,9 @@ BIDS_NAMES: dict[str, tuple[str | None, str]] = {
     "pool_chi_para_std": ("poolParamagneticStd", "Chimap"),
     "pool_chi_dia_std": ("poolDiamagneticStd", "Chimap"),
     "converged": ("converged", "mask"),
+    "pcs": ("pcs", "Chimap"),
+    "dcs": ("dcs", "Chimap"),
+    "bound_active": ("boundActive", "dseg"),
     "quality": ("quality", "dseg"),
 }
 #: the ROI table of a BIDS run: <prefix>_roistats.tsv with a JSON sidecar
@@ -777,6 +786,7 @@ def write_html_report(out: Path, *, data, qsm: QsmMaps, results: Mapping[str, Se
     """report.html: one self-contained page with summary, mask check, maps, quality, ROI table,
     timings, settings and references (:mod:`chisep.html_report`). Returns its file name."""
     from chisep import __version__, html_report, references, report
+    from chisep.qsm.mask import PLAUSIBLE_BRAIN_ML
 
     acq = data.acquisition
     vox = acq.voxel_size
@@ -796,7 +806,8 @@ def write_html_report(out: Path, *, data, qsm: QsmMaps, results: Mapping[str, Se
                (("brain", qsm.mask), ("head", qsm.head_mask), ("excluded", qsm.excluded_mask))}
     mask_png = png(report.mask_figure(magnitude, qsm.mask, voxel_size=vox, head_mask=qsm.head_mask,
                                       excluded=qsm.excluded_mask, slices=cuts, axcodes=axcodes))
-    mask_caption = (f"brain mask {volumes['brain']:.0f} mL (a human brain holds about 1000-1700 mL), head mask "
+    low, high = PLAUSIBLE_BRAIN_ML
+    mask_caption = (f"brain mask {volumes['brain']:.0f} mL (chisep warns outside {low:.0f}-{high:.0f} mL), head mask "
                     f"{volumes['head']:.0f} mL, excluded as unreliable field {volumes['excluded']:.1f} mL. "
                     "The yellow outline must follow the brain's surface, not the scalp or skull.")
     figures = [("Total and local field", montage({"field_total": qsm.field_total, "field_local": qsm.field_local}),

@@ -21,8 +21,8 @@ MODEL_NAMES = ("chi-separation", "linear", "decompose")
 #: Models run when none are named. DECOMPOSE stays out until it beats the thresholded QSM on the
 #: realistic heads (benchmarks/RESULTS.md); ``--models decompose`` still runs it, flagged experimental.
 DEFAULT_MODELS = ("chi-separation", "linear")
-EXPERIMENTAL_MODELS = {"decompose": "DECOMPOSE is experimental: on the realistic heads its PCS/DCS do not yet beat "
-                                    "the thresholded QSM (benchmarks/RESULTS.md); read its maps with care"}
+EXPERIMENTAL_MODELS = {"decompose": "DECOMPOSE is experimental: on the realistic heads its chi_dia (DCS) does not "
+                                    "yet beat the thresholded QSM (benchmarks/RESULTS.md); read its maps with care"}
 UNWRAP_METHODS = ("romeo", "laplacian")
 FIELD_FIT_METHODS = ("nonlinear", "weighted-linear", "echo-average")
 R2STAR_METHODS = ("auto", "arlo", "loglinear", "nonlinear")

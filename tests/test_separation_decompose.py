@@ -184,3 +184,20 @@ def test_bad_inputs(tmp_path):
         DecomposeModel(3.0, TE, constants_file=path)
     path.write_text(text.replace("frequency_factor", "dephasing_factor = 0.403\nfrequency_factor"))
     assert DecomposeModel(3.0, TE, constants_file=path).constants["n_starts"] == 1
+
+
+def test_components_are_lifted_to_the_bounds_qsm_sets():
+    # chi = chi_para - chi_dia with both >= 0 forces chi_para >= chi and chi_dia >= -chi
+    from chisep.separation.decompose import bound_by_qsm
+    from chisep.separation.result import SeparationResult
+
+    pcs = np.array([[0.05, 0.02, 0.00, 0.10]], np.float32)
+    dcs = np.array([[0.01, 0.03, 0.20, 0.00]], np.float32)
+    chi = np.array([[0.02, 0.08, -3.0, -0.05]], np.float32)  # a -3 ppm calcification in the third voxel
+    mask = np.array([[True, True, True, False]])
+    res = bound_by_qsm(SeparationResult(chi_para=pcs * mask, chi_dia=dcs * mask), chi, mask)
+    np.testing.assert_allclose(res.chi_para, [[0.05, 0.08, 0.0, 0.0]])
+    np.testing.assert_allclose(res.chi_dia, [[0.01, 0.03, 3.0, 0.0]])
+    np.testing.assert_array_equal(res.extra["bound_active"], [[0, 1, 2, 0]])
+    np.testing.assert_allclose(res.extra["pcs"], pcs * mask)  # the published values are kept
+    assert np.all(res.chi_para >= np.maximum(chi, 0) * mask) and np.all(res.chi_dia >= np.maximum(-chi, 0) * mask)
