@@ -104,7 +104,7 @@ def test_disk_full_mid_run_leaves_no_partial_file_and_rerun_completes(dataset, t
     assert cli.main(_args(dataset, out, "--overwrite")) == 0
     assert (out / "provenance.json").exists() and _temp_files(out) == []
     assert (out / "sub-phantom_Chimap.nii.gz").exists()
-    assert (out / "linear" / "sub-phantom_desc-paramagnetic_Chimap.nii.gz").exists()
+    assert (out / "sub-phantom_desc-linearParamagnetic_Chimap.nii.gz").exists()
 
 
 def test_interrupt_during_a_step_exits_130_and_leaves_nothing_partial(dataset, tmp_path, monkeypatch, capsys):
@@ -198,8 +198,8 @@ def test_same_inputs_give_bit_identical_maps_and_provenance_reproduces_the_run(d
     assert cli.main(_args(dataset, b)) == 0
     first = _maps(a)
     assert len([k for k in first if k.endswith(".nii.gz")]) >= 10
-    quality = np.asarray(nib.load(a / "sub-phantom_desc-quality_map.nii.gz").dataobj)
-    assert quality.dtype == np.uint8 and "Flags" in json.loads((a / "sub-phantom_desc-quality_map.json").read_text())
+    quality = np.asarray(nib.load(a / "sub-phantom_desc-quality_dseg.nii.gz").dataobj)
+    assert quality.dtype == np.uint8 and "Flags" in json.loads((a / "sub-phantom_desc-quality_dseg.json").read_text())
     assert _maps(b) == first
 
     # a fresh process (new JAX compilation) gives the same bytes

@@ -81,7 +81,7 @@ def test_run_refuses_existing_output_then_overwrites(dataset, tmp_path, capsys):
 BIDS_DERIVATIVE_NAME = re.compile(
     r"^sub-[a-zA-Z0-9]+(_ses-[a-zA-Z0-9]+)?(_acq-[a-zA-Z0-9]+)?(_rec-[a-zA-Z0-9]+)?(_run-[0-9]+)?"
     r"(_desc-[a-zA-Z0-9]+)?_(mask|fieldmap|MEGRE|R2starmap|R2primemap|Chimap|dseg|roistats|report)"
-    r"\.(nii\.gz|json|tsv|png)$")
+    r"\.(nii\.gz|json|tsv|png|html)$")
 #: the units a sidecar may state (BIDS "Units": SI-style symbols; "1" dimensionless)
 KNOWN_UNITS = {"ppm", "Hz", "1/s", "1", "rad", "arbitrary", "bit flags", "mL"}
 
