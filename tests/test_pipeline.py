@@ -262,3 +262,22 @@ def test_long_stages_say_they_are_alive_and_how_long_they_took(monkeypatch):
     with pipeline._stepper(quiet, pipeline._quiet)("quiet stage"):  # no thread when nothing is shown
         time.sleep(0.06)
     assert quiet["quiet stage"] >= 0.06
+
+
+def test_every_map_a_model_returns_has_a_unit():
+    # a map without a unit would stop a run at the writing step, after all the work
+    from chisep.separation.decompose import DecomposeModel
+    from chisep.separation.linear import LinearModel
+
+    rng = np.random.default_rng(0)
+    mask = np.ones((3, 3, 2), bool)
+    chi = 0.02 * rng.standard_normal(mask.shape)
+    te = 0.004 + 0.006 * np.arange(6)
+    magnitude = np.exp(-20.0 * te) * (1 + 0.01 * rng.standard_normal(mask.shape + (6,)))
+    results = {"decompose": DecomposeModel(3.0, te).fit(magnitude, chi, mask),
+               "linear": LinearModel(3.0).fit(np.full(mask.shape, 20.0), chi, mask)}
+    for model, result in results.items():
+        for name in list(result.extra) + ["chi_para", "chi_dia", "chi_para_std", "chi_dia_std", "residual"]:
+            unit, description, _ = pipeline._spec(name, model)
+            assert unit and description, (model, name)
+    assert pipeline._spec("residual_field_hz", "chi-separation")[0] == "Hz"
