@@ -18,11 +18,12 @@ import numpy as np
 from chisep.errors import InputError
 
 MODEL_NAMES = ("chi-separation", "linear", "decompose")
-#: Models run when none are named. DECOMPOSE stays out until it beats the thresholded QSM on the
-#: realistic heads (benchmarks/RESULTS.md); ``--models decompose`` still runs it, flagged experimental.
+#: Models run when none are named. DECOMPOSE is opt-in (``--models decompose``, flagged experimental)
+#: until its constants are checked against the authors' code; it adds about a minute per 1 mm brain.
 DEFAULT_MODELS = ("chi-separation", "linear")
-EXPERIMENTAL_MODELS = {"decompose": "DECOMPOSE is experimental: on the realistic heads its chi_dia (DCS) does not "
-                                    "yet beat the thresholded QSM (benchmarks/RESULTS.md); read its maps with care"}
+EXPERIMENTAL_MODELS = {"decompose": "DECOMPOSE is experimental: its constants are not yet checked against Chen et "
+                                    "al.'s full text, and it beats the thresholded QSM on the realistic heads only with "
+                                    "chisep's QSM bound on its components (benchmarks/RESULTS.md)"}
 UNWRAP_METHODS = ("romeo", "laplacian")
 FIELD_FIT_METHODS = ("nonlinear", "weighted-linear", "echo-average")
 R2STAR_METHODS = ("auto", "arlo", "loglinear", "nonlinear")
