@@ -773,9 +773,12 @@ def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, vo
 
 
 def _subject_name(sources: Mapping, bids_prefix: str | None) -> str:
-    """What the report calls the data: the BIDS prefix, else the first magnitude file's name."""
+    """What the report calls the data: the BIDS prefix (of the output, else of the input), else the first
+    magnitude file's name."""
     if bids_prefix:
         return bids_prefix
+    if (sources.get("bids") or {}).get("prefix"):
+        return sources["bids"]["prefix"]
     files = sources.get("magnitude_files") or []
     return Path(files[0]).name.replace(".nii.gz", "").replace(".nii", "") if files else "data"
 
