@@ -142,6 +142,9 @@ def main():
                 ok = np.isfinite(std)
                 print(f"  {name}: median |error| {np.median(np.abs(err)):.4f}, RMSE {np.sqrt(np.mean(err ** 2)):.4f}, "
                       f"median reported std {np.median(std[ok]):.4f}")
+    import resource
+
+    print(f"\npeak memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2:.2f} GB")
 
 
 if __name__ == "__main__":
