@@ -893,16 +893,14 @@ def cohort_outliers(table: Sequence[Mapping], threshold: float = OUTLIER_ROBUST_
 def _thumbnail(job: Job) -> bytes | None:
     """Axial chi slice of a run through the brain's centre, as a small PNG (None if unreadable)."""
     from chisep import report
+    from chisep.pipeline import output_name
 
     try:
-        chi, _, _ = io.load_map(job.out_dir / f"{job.prefix}_Chimap.nii.gz", name="chi")
-        mask, _, _ = io.load_map(job.out_dir / f"{job.prefix}_desc-brain_mask.nii.gz", name="mask")
+        chi, _, _ = io.load_map(job.out_dir / f"{output_name('chi', job.prefix)}.nii.gz", name="chi")
+        mask, _, _ = io.load_map(job.out_dir / f"{output_name('mask', job.prefix)}.nii.gz", name="mask")
     except (OSError, ValueError, ChisepError):
         return None
-    z = report.report_slices(mask > 0.5, (1.0, 1.0, 1.0))[2]
-    fig = report._new_figure(2.4, 2.4)
-    ax = fig.add_subplot()
-    report._show(ax, np.where(mask[..., z] > 0.5, chi[..., z], np.nan).T, None, report.WINDOWS["chi"], "gray")
+    fig = report.axial_thumbnail("chi", chi, mask > 0.5)
     return report.figure_png_bytes(fig, dpi=80)
 
 

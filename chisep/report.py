@@ -62,6 +62,7 @@ __all__ = [
     "figure_png_bytes",
     "orientation_codes",
     "report_slices",
+    "axial_thumbnail",
 ]
 
 #: Fixed display windows ``(low, high)`` per map name, in the map's unit.
@@ -758,12 +759,7 @@ def montage_figure(
         marked = None  # nothing to show: no row
     n_rows = len(names) + (marked is not None)
 
-    # Panel widths proportional to their physical widths; about 2.2 in per 200 mm.
-    widths = [shape[h] * vox[h] for _, _, (h, _) in _VIEWS]
-    heights = [shape[v] * vox[v] for _, _, (_, v) in _VIEWS]
-    scale = 2.6 / max(max(widths), max(heights))
-    fig = _new_figure(sum(w * scale for w in widths) + 1.6, n_rows * max(heights) * scale + 0.6 + 0.3 * bool(title))
-    axes = fig.subplots(n_rows, 3, squeeze=False, width_ratios=widths)
+    fig, axes = _panels(shape, vox, n_rows, extra_width=1.6, extra_height=0.6 + 0.3 * bool(title))
     for row, name in enumerate(names):
         data = _masked(name, arrays[name], msk)
         window = display_window(name, arrays[name], msk)
@@ -801,8 +797,21 @@ def _highlight_row(fig, row_axes, background, name, marked, mask, vox, label) ->
     _colorbar(fig, im, list(row_axes), f"{_label_text(name)}; red: {label}")
 
 
+def axial_thumbnail(name: str, volume, mask, *, size_in: float = 2.4) -> Figure:
+    """One axial slice of a map through the report's axial cut, in its window, outside the mask black."""
+    vol = _as_map(name, volume)
+    msk = _mask(mask, vol.shape, allow_empty=True)
+    z = report_slices(msk, (1.0, 1.0, 1.0))[2]
+    fig = _new_figure(size_in, size_in)
+    ax = fig.add_subplot()
+    _show(ax, np.where(msk[..., z], vol[..., z], np.nan).T, None, display_window(name, vol, msk if msk.any() else None),
+          "gray")
+    return fig
+
+
 def _panels(shape, vox, n_rows: int, extra_width: float = 0.4, extra_height: float = 0.5):
-    """Figure and (n_rows, 3) axes with panels in physical proportions (axial, coronal, sagittal)."""
+    """Figure and (n_rows, 3) axes (axial, coronal, sagittal) with panels in physical proportions,
+    2.6 in for the longest side; ``extra_*`` inches for colour bars and titles."""
     widths = [shape[h] * vox[h] for _, _, (h, _) in _VIEWS]
     heights = [shape[v] * vox[v] for _, _, (_, v) in _VIEWS]
     scale = 2.6 / max(max(widths), max(heights))
