@@ -977,7 +977,6 @@ def _summary(out: Path, timings: Mapping[str, float], results: Mapping) -> str:
 # ---------------------------------------------------------------------------
 # simulation to files
 # ---------------------------------------------------------------------------
-DEFAULT_ECHO_TIMES = (0.004, 0.010, 0.016, 0.022, 0.028, 0.034)
 
 #: ground-truth maps written by :func:`simulate_dataset` -> (GroundTruth attribute, unit, description)
 TRUTH_MAPS = {
@@ -1022,7 +1021,7 @@ def simulate(*, resolution=2.0, snr: float | None = 100.0, field_strength: float
                              echo_times=tuple(echo_times or DEFAULT_HEAD_ECHO_TIMES))
     if phantom != "simple":
         raise InputError(f"phantom must be one of {PHANTOMS}, got {phantom!r}")
-    from chisep.sim.gre import simulate_gre
+    from chisep.sim.gre import DEFAULT_ECHO_TIMES, simulate_gre
     from chisep.sim.phantom import head_phantom
 
     return simulate_gre(head_phantom(resolution, scenario=scenario, seed=seed), field_strength=field_strength,

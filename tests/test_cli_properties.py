@@ -20,6 +20,7 @@ from chisep import cli, io, pipeline
 from chisep.acquisition import Acquisition
 from chisep.errors import ChisepError
 from chisep.sim import phantom as _phantom
+from chisep.sim.gre import DEFAULT_ECHO_TIMES
 
 SETTINGS = settings(max_examples=50, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -78,7 +79,7 @@ def test_resolution_parses_to_positive_sizes_or_a_usage_error(text):
 def _stub_simulate(**kwargs):
     """Runs what ``chisep simulate`` validates, without simulating a head."""
     _phantom._validate_resolution(kwargs["resolution"])
-    Acquisition(echo_times=kwargs["echo_times"] or pipeline.DEFAULT_ECHO_TIMES,
+    Acquisition(echo_times=kwargs["echo_times"] or DEFAULT_ECHO_TIMES,
                 field_strength=kwargs["field_strength"])
     return {"bids_root": "x", "truth_dir": "y"}
 
