@@ -760,7 +760,7 @@ def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, vo
         shown["chi_para"] = maps[f"{first_model}:chi_para"]
         shown["chi_dia"] = maps[f"{first_model}:chi_dia"]
     mask_ml = float(np.count_nonzero(mask) * np.prod(voxel_size)) / 1000.0
-    title = (f"{subject}: " if subject else "") + f"chisep {first_model or 'QSM'}; brain mask {mask_ml:.0f} mL"
+    title = (f"{subject}: " if subject else "") + f"chisep {first_model or 'QSM'}\nbrain mask {mask_ml:.0f} mL"
     if excluded is not None:
         excluded_ml = float(np.count_nonzero(excluded) * np.prod(voxel_size)) / 1000.0
         title += f"; excluded as unreliable field: {excluded_ml:.1f} mL"

@@ -759,7 +759,8 @@ def montage_figure(
         marked = None  # nothing to show: no row
     n_rows = len(names) + (marked is not None)
 
-    fig, axes = _panels(shape, vox, n_rows, extra_width=1.6, extra_height=0.6 + 0.3 * bool(title))
+    title_lines = title.count("\n") + 1 if title else 0
+    fig, axes = _panels(shape, vox, n_rows, extra_width=1.6, extra_height=0.6 + 0.25 * title_lines)
     for row, name in enumerate(names):
         data = _masked(name, arrays[name], msk)
         window = display_window(name, arrays[name], msk)
@@ -772,7 +773,7 @@ def montage_figure(
     if marked is not None:
         _highlight_row(fig, axes[-1], arrays[names[0]], names[0], marked, msk, vox, highlight_label)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
