@@ -39,7 +39,6 @@ inhomogeneous tissues: the static dephasing regime. MRM 1994;32:749-763.
 from __future__ import annotations
 
 import dataclasses
-
 from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping
@@ -166,7 +165,7 @@ def bound_by_qsm(result: SeparationResult, chi_ppm, mask) -> SeparationResult:
     -3 ppm calcification, beyond the pools' 0.5 ppm bound, gets a DCS of a few tenths of a
     ppm. This lifts each component to its lower bound where it falls below (chisep's
     addition, not in Chen et al.); the published PCS and DCS stay in ``extra`` as ``pcs``
-    and ``dcs``, and ``extra["bound_active"]`` (0/1/2: none, chi_para, chi_dia lifted)
+    and ``dcs``, and ``extra["bound_active"]`` (0 none, 1 chi_para, 2 chi_dia, 3 both lifted)
     says where it acted. On the realistic heads it changes chi_dia's NRMSE from worse
     than the thresholded QSM to better (benchmarks/RESULTS.md).
     """
