@@ -1039,8 +1039,10 @@ def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite
     truth_dir = out / "derivatives" / "truth"
     if (truth_dir / "provenance.json").exists() and not overwrite:
         raise OutputExistsError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
-    log(f"simulating the head phantom ({simulation})")
-    sim = simulate(**simulation)
+    log("simulating: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in simulation.items()
+                                   if v is not None and v is not False))
+    with _stepper({}, log)("simulation"):  # minutes at 1 mm: say it is alive
+        sim = simulate(**simulation)
     run = io.write_bids_megre(out, subject, sim.magnitude, sim.phase, sim.acquisition, overwrite=overwrite,
                               extra_sidecar={"ChisepSimulation": _jsonable_settings(simulation)})
     affine = sim.acquisition.affine
@@ -1090,9 +1092,8 @@ def demo(out_dir: str | Path = "chisep-demo", *, resolution=2.0, scenario: str =
             raise OutputExistsError(f"{out / name} exists; pass --overwrite or choose another --out")
     what = f"the realistic head {head}" if phantom == "head" else "the simple phantom"
     log(f"1/3 simulating {what} at {resolution} mm (scenario {scenario!r}, SNR {snr:g})")
-    with _stepper({}, log)("simulation"):
-        sim = simulate_dataset(out / "bids", resolution=resolution, scenario=scenario, snr=snr,
-                               overwrite=overwrite, phantom=phantom, head=head)
+    sim = simulate_dataset(out / "bids", resolution=resolution, scenario=scenario, snr=snr,
+                           overwrite=overwrite, log=log, phantom=phantom, head=head)
     truth = sim["simulation"].truth
     log("2/3 running QSM and source separation")
     data = io.load_bids(out / "bids")
