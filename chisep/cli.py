@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate the phantom, run everything, print accuracy")
     p.add_argument("--out", default="chisep-demo", metavar="DIR", help="output folder (about 100 MB)")
     p.add_argument("--resolution", type=_resolution, default=2.0, metavar="MM", help="voxel size in mm")
+    p.add_argument("--models", type=_model_list, default=None, metavar="NAME[,NAME]",
+                   help="separation models to run and score (default: chi-separation,linear; add decompose "
+                        "to see the experimental model, about 10 s more at 2 mm)")
     _add_phantom_options(p)
     _add_common(p)
     _add_batch_parser(sub)
@@ -357,7 +360,8 @@ def cmd_demo(args) -> int:
     from chisep import pipeline
 
     summary = pipeline.demo(args.out, resolution=args.resolution, overwrite=args.overwrite,
-                            phantom=args.phantom, head=args.head, log=lambda s: _say(args, s))
+                            models=args.models or pipeline.DEFAULT_MODELS, phantom=args.phantom, head=args.head,
+                            log=lambda s: _say(args, s))
     _say(args, summary)
     return 0
 

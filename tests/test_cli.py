@@ -143,3 +143,9 @@ def test_help_answers_without_loading_jax():
             "print('jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_demo_takes_the_models_to_run():
+    args = cli.build_parser().parse_args(["demo", "--models", "linear,decompose"])
+    assert args.models == ("linear", "decompose")
+    assert cli.build_parser().parse_args(["demo"]).models is None  # the pipeline's defaults then
