@@ -29,7 +29,6 @@ from chisep.qsm import _grid as g
 from chisep.qsm import inversion
 from chisep.qsm.inversion import edge_mask
 
-
 #: padding around the brain's bounding box, as a fraction of its extent on each side: room for
 #: the background sources (the skull, the air around the head) to sit outside the brain
 PAD_FRACTION = 0.25
