@@ -455,6 +455,8 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
     "r2star0": ("1/s", "DECOMPOSE: R2* of the pools without their sources", None),
     "r2star0_std": ("1/s", "standard error of r2star0", None),
     "converged": ("1", "voxelwise fit converged (1) or not (0)", None),
+    "separable": ("1", "DECOMPOSE: PCS and DCS determined by the data (1: both standard errors at most "
+                       "max_component_std_ppm), else 0 (quality bit 4)", None),
     "steps": ("1", "Levenberg-Marquardt steps of the voxelwise fit", None),
     "quality": ("bit flags", "per-voxel quality flags (0 = no problem found); see QUALITY_FLAGS", None),
 }
@@ -464,7 +466,8 @@ QUALITY_FLAGS = {
     1: "total field unreliable (chisep.qsm.reliability criteria): excluded from background removal, "
        "inversion and the brain mask of the outputs",
     2: "R2* estimate clipped to the plausible range (relax.R2STAR_RANGE)",
-    4: "a separation model reports that its fit did not converge here",
+    4: "a separation model's fit did not converge here, or (DECOMPOSE) its components are not determined by "
+       "the data (standard error above max_component_std_ppm of models/decompose.toml)",
     8: "a map held NaN or Inf here before writing (written as 0)",
     16: "total field unreliable but enclosed by brain (a dark source such as a bleed or calcification): "
         "kept, down-weighted by its field noise",
@@ -494,9 +497,11 @@ def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationResult] | No
         flags[head & ((r2s <= lo) | (r2s >= hi))] |= 2
     arrays = [qsm.field_total, qsm.field_local, qsm.r2star, qsm.chi]
     for result in (separations or {}).values():
-        converged = result.extra.get("converged")
-        if converged is not None:
-            flags[mask & (np.asarray(converged) == 0)] |= 4
+        # a model that says where its outputs are determined (DECOMPOSE: "separable") is taken at
+        # that word; the others at their solver's convergence
+        fitted = result.extra.get("separable", result.extra.get("converged"))
+        if fitted is not None:
+            flags[mask & (np.asarray(fitted) == 0)] |= 4
         arrays += [result.chi_para, result.chi_dia]
     for array in arrays:
         flags[mask & ~np.isfinite(np.asarray(array))] |= 8
@@ -533,6 +538,7 @@ BIDS_NAMES: dict[str, tuple[str | None, str]] = {
     "pool_chi_para_std": ("poolParamagneticStd", "Chimap"),
     "pool_chi_dia_std": ("poolDiamagneticStd", "Chimap"),
     "converged": ("converged", "mask"),
+    "separable": ("separable", "mask"),
     "pcs": ("pcs", "Chimap"),
     "dcs": ("dcs", "Chimap"),
     "bound_active": ("boundActive", "dseg"),

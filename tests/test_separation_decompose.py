@@ -1,5 +1,7 @@
 """Tests of DECOMPOSE-QSM (chisep.separation.decompose)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,7 +179,8 @@ def test_bad_inputs(tmp_path):
         "reference_field_strength_t = 3.0\n[constants]\nfrequency_factor = 0.6667\n"
         "[bounds]\nchi_para_max_ppm = 0.5\nchi_dia_max_ppm = 0.5\nr2star0_max_per_s = 150.0\n"
         "[grid]\nchi_para_ppm = [0.0, 0.1]\nchi_dia_ppm = [0.0, 0.1]\nr2star0_per_s = [10.0]\n"
-        "[fit]\nn_starts = 1\nmax_steps = 40\ntol = 1e-4\nmin_echoes = 4\nmax_abs_chi_ppm = 10.0\n")
+        "[fit]\nn_starts = 1\nmax_steps = 40\ntol = 1e-4\nmin_echoes = 4\nmax_abs_chi_ppm = 10.0\n"
+        "max_component_std_ppm = 0.05\n")
     path = tmp_path / "decompose.toml"
     path.write_text(text)
     with pytest.raises(ModelFileError, match="dephasing_factor"):
@@ -201,3 +204,32 @@ def test_components_are_lifted_to_the_bounds_qsm_sets():
     np.testing.assert_array_equal(res.extra["bound_active"], [[0, 1, 2, 0]])
     np.testing.assert_allclose(res.extra["pcs"], pcs * mask)  # the published values are kept
     assert np.all(res.chi_para >= np.maximum(chi, 0) * mask) and np.all(res.chi_dia >= np.maximum(-chi, 0) * mask)
+
+
+def test_quality_flags_voxels_whose_components_the_data_do_not_determine():
+    # bit 4 follows "separable" (PCS/DCS standard errors within the model file's limit), not the
+    # solver's convergence test, which fails in flat directions that PCS/DCS do not depend on
+    from chisep import pipeline
+    from chisep.pipeline import QsmMaps
+
+    model = DecomposeModel(3.0, TE)
+    rng = np.random.default_rng(5)
+    truth = _truth(60, seed=5)
+    clean = model.predict(**truth)
+    noisy = clean + 0.002 * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
+    res = model.fit(np.abs(noisy).reshape(6, 10, 6), (truth["chi_para"] - truth["chi_dia"]).reshape(6, 10))
+    assert res.extra["separable"].mean() > 0.9  # SNR 500: determined nearly everywhere
+    assert res.extra["converged"].mean() < res.extra["separable"].mean()  # the solver's test is stricter
+    # a voxel with an undetermined component is flagged, a determined one is not
+    res.chi_para_std[0, 0] = np.inf
+    res.extra["separable"][0, 0] = 0
+    shape = (6, 10, 1)
+    ones = np.ones(shape, bool)
+    zeros = np.zeros(shape, np.float32)
+    maps = QsmMaps(mask=ones, head_mask=ones, field_total=zeros, field_noise=zeros + 1, field_local=zeros,
+                   r2star=zeros + 20, chi=zeros)
+    result = dataclasses.replace(res, extra={k: v[..., None] for k, v in res.extra.items()},
+                                 chi_para=res.chi_para[..., None], chi_dia=res.chi_dia[..., None])
+    flags = pipeline.quality_map(maps, {"decompose": result})
+    assert flags[0, 0, 0] & 4
+    assert ((flags[..., 0] & 4) > 0).sum() == (res.extra["separable"] == 0).sum()

@@ -57,7 +57,8 @@ from chisep.separation.result import SeparationResult
 
 PARAM_NAMES = ("c_para", "c_dia", "c_0", "r2star0", "chi_para", "chi_dia")
 CONSTANT_KEYS = ("dephasing_factor", "frequency_factor", "chi_para_max_ppm", "chi_dia_max_ppm",
-                 "r2star0_max_per_s", "n_starts", "max_steps", "tol", "min_echoes", "max_abs_chi_ppm")
+                 "r2star0_max_per_s", "n_starts", "max_steps", "tol", "min_echoes", "max_abs_chi_ppm",
+                 "max_component_std_ppm")
 
 
 def _pools(p, aux):
@@ -413,6 +414,10 @@ class DecomposeModel:
         extra["converged"] = fit.converged.astype(np.uint8)
         extra["steps"] = fit.steps.astype(np.int32)
         value, error = self.components(p, mask, rms_residual=fit.residual)
+        # what the quality map flags: PCS/DCS the data do not determine. Not the solver's own test,
+        # which fails in most voxels along directions PCS/DCS do not depend on (an empty pool's chi)
+        limit = self.constants["max_component_std_ppm"]
+        extra["separable"] = (mask & np.all(np.isfinite(error) & (error <= limit), axis=-1)).astype(np.uint8)
         return SeparationResult(
             chi_para=np.maximum(value[..., 0], 0.0) * mask,
             chi_dia=np.maximum(value[..., 1], 0.0) * mask,
@@ -483,7 +488,8 @@ def _load_constants(path) -> tuple[dict, dict, str]:
     out = {}
     for section, keys in (("constants", ("dephasing_factor", "frequency_factor")),
                           ("bounds", ("chi_para_max_ppm", "chi_dia_max_ppm", "r2star0_max_per_s")),
-                          ("fit", ("n_starts", "max_steps", "tol", "min_echoes", "max_abs_chi_ppm"))):
+                          ("fit", ("n_starts", "max_steps", "tol", "min_echoes", "max_abs_chi_ppm",
+                                   "max_component_std_ppm"))):
         sub = table.get(section)
         if not isinstance(sub, dict):
             raise ModelFileError(f"{source}: table [{section}] is missing; see models/decompose.toml")
