@@ -120,6 +120,7 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
         result = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), magnitude=qsm.magnitude,
                                    settings=pipeline.SeparationSettings(models=("decompose",)))["decompose"]
         out["decompose_seconds"] = time.perf_counter() - t1
+        out["decompose_flagged"] = 100 * float((result.extra["separable"] == 0)[qsm.mask].mean())
         out["decompose, (no R2)"] = pair(result.chi_para, result.chi_dia)
         out["slopes"]["decompose, (no R2)"] = slopes(result.chi_para, result.chi_dia)
     errors = []
@@ -183,7 +184,9 @@ def main(argv=None) -> None:
                            f"{r['slopes'][k][3]:.2f}" for _, _, r in rows)
         print(f"| {k} | {cells} |")
     if args.decompose:
-        print("\nDECOMPOSE seconds: " + ", ".join(f"head {h} {r['decompose_seconds']:.0f}" for h, _, r in rows))
+        print("\nDECOMPOSE seconds: " + ", ".join(f"head {h} {r['decompose_seconds']:.0f}" for h, _, r in rows)
+              + "; share of the output mask flagged as not separable (quality bit 4): "
+              + ", ".join(f"head {h} {r['decompose_flagged']:.2f} %" for h, _, r in rows))
     print("\nR2' against the truth in healthy tissue of the output mask: NRMSE % and mean bias (1/s) per region\n")
     regions = list(rows[0][2]["r2prime_bias"]["measured R2"])
     print("| head | R2 rule | NRMSE | " + " | ".join(regions) + " |")
