@@ -122,21 +122,21 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _add_qsm_options(p: argparse.ArgumentParser) -> None:
-    from chisep import settings as pipeline  # the settings alone: no JAX for --help
+    from chisep import settings  # the settings alone: no JAX for --help
 
     g = p.add_argument_group("QSM reconstruction")
-    d = pipeline.QsmSettings()
-    g.add_argument("--unwrap", choices=pipeline.UNWRAP_METHODS, default=d.unwrap,
+    d = settings.QsmSettings()
+    g.add_argument("--unwrap", choices=settings.UNWRAP_METHODS, default=d.unwrap,
                    help="phase unwrapping: romeo (quality-guided region growing) or laplacian")
-    g.add_argument("--field-fit", choices=pipeline.FIELD_FIT_METHODS, default=d.field_fit,
+    g.add_argument("--field-fit", choices=settings.FIELD_FIT_METHODS, default=d.field_fit,
                    help="multi-echo field estimate: nonlinear complex fit, weighted linear fit or echo average")
-    g.add_argument("--r2star-method", choices=pipeline.R2STAR_METHODS, default=d.r2star,
+    g.add_argument("--r2star-method", choices=settings.R2STAR_METHODS, default=d.r2star,
                    help="R2* fit (auto: arlo with 3+ equally spaced echoes, else log-linear)")
-    g.add_argument("--background", choices=pipeline.BACKGROUND_METHODS, default=d.background,
+    g.add_argument("--background", choices=settings.BACKGROUND_METHODS, default=d.background,
                    help="background field removal")
-    g.add_argument("--inversion", choices=pipeline.INVERSION_METHODS, default=d.inversion,
+    g.add_argument("--inversion", choices=settings.INVERSION_METHODS, default=d.inversion,
                    help="dipole inversion (medi: morphology-enabled, edges from the magnitude)")
-    g.add_argument("--denoise", choices=pipeline.DENOISE_METHODS, default=d.denoise,
+    g.add_argument("--denoise", choices=settings.DENOISE_METHODS, default=d.denoise,
                    help="denoise the multi-echo magnitude before R2* and separation (MP-PCA, Veraart et al. "
                         "2016; the phase is not touched)")
     g.add_argument("--mask-erode", type=float, default=d.mask_erode_mm, metavar="MM",

@@ -708,16 +708,17 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
                                               subject=_subject_name(data.sources, bids_prefix))
         writer.written += report_files
     timings["total"] = round(time.perf_counter() - t_start, 3)
+    settings_record = settings.to_dict()
+    cited = references.references_for(settings_record["qsm"], tuple(results))
     with _stepper(timings, log)("report.html"):
         writer.written.append(write_html_report(
             out, data=data, qsm=qsm, results=results, r2prime=r2prime, quality=quality, roi_rows=roi_rows,
-            timings=timings, settings=settings, bids_prefix=bids_prefix, overwrite=overwrite))
+            timings=timings, settings=settings_record, references=cited, bids_prefix=bids_prefix,
+            overwrite=overwrite))
     signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
-    io.write_provenance(out, inputs=inputs, settings=settings.to_dict(), timings=timings,
+    io.write_provenance(out, inputs=inputs, settings=settings_record, timings=timings,
                         extra={"acquisition": acq.to_dict(), "sources": _sources_summary(data.sources),
-                               "outputs": writer.written, "notes": qsm.notes,
-                               "references": references.references_for(settings.to_dict()["qsm"],
-                                                                       tuple(results)),
+                               "outputs": writer.written, "notes": qsm.notes, "references": cited,
                                "reliability": qsm.reliability.record() if qsm.reliability else None,
                                "models": {m: r.info for m, r in results.items()}},
                         overwrite=overwrite)
@@ -753,14 +754,13 @@ def write_report(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray, vo
     if labels is None:
         labels, label_names = report.regions_from_mask(mask)
     rows = report.roi_statistics(maps, labels, label_names, voxel_size=voxel_size, mask=mask)
+    io.write_bytes(out / table_name, report.roi_table_csv(rows, delimiter="\t" if bids_prefix else ",").encode(),
+                   overwrite=overwrite)
     written = [table_name]
-    if bids_prefix:
-        io.write_bytes(out / table_name, report.roi_table_csv(rows, delimiter="\t").encode(), overwrite=overwrite)
+    if bids_prefix:  # BIDS describes a TSV's columns in a JSON beside it
         io.write_json(out / f"{bids_prefix}_{ROI_TABLE_SUFFIX}.json", report.ROI_COLUMN_DESCRIPTIONS,
                       overwrite=overwrite)
         written.append(f"{bids_prefix}_{ROI_TABLE_SUFFIX}.json")
-    else:
-        io.write_bytes(out / table_name, report.roi_table_csv(rows).encode(), overwrite=overwrite)
     shown = {k: maps[k] for k in ("magnitude", "chi", "r2star") if k in maps}
     if first_model is not None:
         shown["chi_para"] = maps[f"{first_model}:chi_para"]
@@ -790,11 +790,12 @@ def _subject_name(sources: Mapping, bids_prefix: str | None) -> str:
 
 
 def write_html_report(out: Path, *, data, qsm: QsmMaps, results: Mapping[str, SeparationResult], r2prime,
-                      quality, roi_rows, timings, settings: PipelineSettings, bids_prefix: str | None = None,
-                      overwrite: bool = False) -> str:
+                      quality, roi_rows, timings, settings: Mapping, references: Mapping[str, str],
+                      bids_prefix: str | None = None, overwrite: bool = False) -> str:
     """report.html: one self-contained page with summary, mask check, maps, quality, ROI table,
-    timings, settings and references (:mod:`chisep.html_report`). Returns its file name."""
-    from chisep import __version__, html_report, references, report
+    timings, ``settings`` (as recorded in provenance.json) and ``references`` (method -> citation;
+    :mod:`chisep.html_report`). Returns its file name."""
+    from chisep import __version__, html_report, report
     from chisep.qsm.mask import PLAUSIBLE_BRAIN_ML
 
     acq = data.acquisition
@@ -854,8 +855,8 @@ def write_html_report(out: Path, *, data, qsm: QsmMaps, results: Mapping[str, Se
         mask_png=mask_png, mask_caption=mask_caption, map_figures=figures, quality_png=quality_png,
         quality_flags=[{"bit": bit, "meaning": meaning, "colour": report.QUALITY_COLOURS[bit],
                         "voxels": int(np.count_nonzero(np.asarray(quality).astype(np.int64) & bit))}
-                       for bit, meaning in QUALITY_FLAGS.items()], roi_rows=roi_rows, timings=timings, settings=settings.to_dict(),
-        references=references.references_for(settings.to_dict()["qsm"], tuple(results)))
+                       for bit, meaning in QUALITY_FLAGS.items()],
+        roi_rows=roi_rows, timings=timings, settings=settings, references=references)
     name = f"{bids_prefix}_report.html" if bids_prefix else "report.html"
     io.write_bytes(out / name, text.encode("utf-8"), overwrite=overwrite)
     return name
@@ -1131,21 +1132,20 @@ def demo(out_dir: str | Path = "chisep-demo", *, resolution=2.0, scenario: str =
             f"(figures: {out / 'comparison.png'}, {run.out_dir / 'report.png'})")
 
 
-#: regions of the demo's terminal table (the full table goes to accuracy.md)
-TERMINAL_REGIONS = ("globus_pallidus", "caudate", "white_matter")
+#: regions of the demo's terminal table and their column labels (the full table goes to accuracy.md)
+TERMINAL_REGIONS = {"globus_pallidus": "GP", "caudate": "caudate", "white_matter": "WM"}
 
 
 def _terminal_accuracy(rows: Sequence[Mapping]) -> str:
     """The accuracy table cut to fit 100 columns: NRMSE, ROI slope and three region means, with units."""
     from chisep import report
 
-    short = {"globus_pallidus": "GP", "caudate": "caudate", "white_matter": "WM"}
     compact = []
     for row in rows:
         line = {"model": row["model"], "map": row["map"], "NRMSE %": row["nrmse"], "ROI slope": row["roi_slope"]}
-        for region in TERMINAL_REGIONS:
+        for region, label in TERMINAL_REGIONS.items():
             if region in row:
-                line[f"{short[region]} ppm"] = row[region]
+                line[f"{label} ppm"] = row[region]
         compact.append(line)
     return ("accuracy against the ground truth (NRMSE in % after demeaning in the brain mask; region means in ppm;"
             "\nthe truth rows hold the true means; thresholded-qsm is the baseline to beat)\n"

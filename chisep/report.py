@@ -631,6 +631,15 @@ def _show(ax, image, extent, window, cmap):
     return im
 
 
+def _overlay(ax, layers, extent) -> None:
+    """Paint 2D boolean ``layers`` ((selection, RGBA) pairs, later ones on top) over a panel."""
+    layers = list(layers)
+    image = np.zeros(layers[0][0].shape + (4,), np.float32)
+    for selection, rgba in layers:
+        image[selection] = rgba
+    ax.imshow(image, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
+
+
 def _masked(name: str, array: np.ndarray, mask) -> np.ndarray:
     """Float copy with NaN outside the mask (the magnitude keeps its anatomy)."""
     arr = np.asarray(array, dtype=np.float32)
@@ -683,11 +692,11 @@ def report_slices(mask, voxel_size, axcodes=None) -> tuple[int, int, int]:
     msk = np.asarray(mask, dtype=bool)
     vox = _voxel_size(voxel_size)
     centre = list(_default_centre(msk, msk.shape))
-    if axcodes is None or not msk.any():
+    anatomical = axcodes is not None and all(code in (towards, _OPPOSITE[towards])
+                                             for code, towards in zip(axcodes, _TOWARDS))
+    if not anatomical or not msk.any():
         return tuple(centre)
     for axis, (code, towards, offset) in enumerate(zip(axcodes, _TOWARDS, REPORT_CUT_OFFSETS_MM)):
-        if code not in (towards, _OPPOSITE[towards]):
-            return tuple(_default_centre(msk, msk.shape))  # axes not along the anatomical ones
         sign = 1.0 if code == towards else -1.0
         present = np.flatnonzero(msk.any(axis=tuple(a for a in range(3) if a != axis)))
         moved = int(round(centre[axis] + sign * offset / vox[axis]))
@@ -791,9 +800,7 @@ def _highlight_row(fig, row_axes, background, name, marked, mask, vox, label) ->
         ax = row_axes[col]
         extent = _extent(shape, vox, shown)
         im = _show(ax, _view(data, axis, centre[axis]), extent, window, "gray")
-        overlay = np.zeros(_view(marked, axis, centre[axis]).shape + (4,), np.float32)
-        overlay[_view(marked, axis, centre[axis])] = (1.0, 0.1, 0.1, 0.9)
-        ax.imshow(overlay, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
+        _overlay(ax, [(_view(marked, axis, centre[axis]), (1.0, 0.1, 0.1, 0.9))], extent)
         ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
     _colorbar(fig, im, list(row_axes), f"{_label_text(name)}; red: {label}")
 
@@ -840,9 +847,7 @@ def mask_figure(magnitude, mask, *, voxel_size=(1.0, 1.0, 1.0), head_mask=None, 
         ax, extent = axes[0, col], _extent(shape, vox, shown)
         _show(ax, _view(mag.astype(np.float32), axis, centre[axis]), extent, window, "gray")
         if marked is not None and marked.any():
-            overlay = np.zeros(_view(marked, axis, centre[axis]).shape + (4,), np.float32)
-            overlay[_view(marked, axis, centre[axis])] = (1.0, 0.1, 0.1, 0.8)
-            ax.imshow(overlay, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
+            _overlay(ax, [(_view(marked, axis, centre[axis]), (1.0, 0.1, 0.1, 0.8))], extent)
         for outline, colour in ((head, "cyan"), (brain, "yellow")):
             if outline is not None and _view(outline, axis, centre[axis]).any():
                 ax.contour(_view(outline, axis, centre[axis]).astype(np.float32), levels=[0.5], colors=colour,
@@ -880,10 +885,8 @@ def quality_figure(magnitude, quality, *, flags: Mapping[int, str], voxel_size=(
         ax, extent = axes[0, col], _extent(shape, vox, shown)
         _show(ax, _view(mag.astype(np.float32), axis, centre[axis]), extent, window, "gray")
         cut = _view(q, axis, centre[axis])
-        overlay = np.zeros(cut.shape + (4,), np.float32)
-        for bit in sorted(flags, reverse=True):  # the lowest bit is painted last
-            overlay[(cut & bit) != 0] = QUALITY_COLOURS.get(bit, (1.0, 1.0, 1.0, 0.85))
-        ax.imshow(overlay, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
+        _overlay(ax, [((cut & bit) != 0, QUALITY_COLOURS.get(bit, (1.0, 1.0, 1.0, 0.85)))
+                      for bit in sorted(flags, reverse=True)], extent)  # the lowest bit is painted last
         _mark_orientation(ax, axcodes, shown)
         ax.set_title(f"{view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
     return fig
