@@ -123,8 +123,8 @@ def main():
                         "later_run_s": later, "peak_rss_mb": rss, "rows": summary.rows})
         print(f"workers {w}: {len(ran)} runs in {wall:.0f} s", flush=True)
 
-    print(f"\n| workers | runs | wall s | runs/hour | first run s | later runs s | "
-          f"steady runs/hour | peak RSS MB |\n|---|---|---|---|---|---|---|---|")
+    print("\n| workers | runs | wall s | runs/hour | first run s | later runs s | "
+          "steady runs/hour | peak RSS MB |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         steady = f"{3600 * r['workers'] / r['later_run_s']:.0f}" if r["later_run_s"] else "n/a"
         fmt = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731

@@ -31,8 +31,10 @@ import time
 
 import numpy as np
 
+from chisep.grid import edge_mask
 from chisep.relax import r2prime_map, r2star_map
-from chisep.separation.chi_separation import ChiSeparation, edge_weight, r2prime_weight, solve_chi_separation
+from chisep.separation import SeparationInputs
+from chisep.separation.chi_separation import ChiSeparation, r2prime_weight, solve_chi_separation
 from chisep.sim.gre import simulate_gre
 from chisep.sim.phantom import head_phantom
 
@@ -85,10 +87,10 @@ def roi_table(truth, results):
     return "\n".join(lines) + "\n(ppb; in brackets: error of the ROI mean)"
 
 
-def fit_timed(model, *args, **kwargs):
+def fit_timed(model, field, r2prime, mask, **maps):
     """Fit; returns the result, wall time and CPU time of this process (s)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    res = model.fit(*args, **kwargs)
+    res = model.fit(SeparationInputs(mask=mask, local_field_hz=field, r2prime=r2prime, **maps))
     return res, (time.perf_counter() - t0, time.process_time() - c0)
 
 
@@ -101,14 +103,12 @@ def main():
     print(f"# chi-separation benchmark ({args.resolution:g} mm, cores visible: {len(os.sched_getaffinity(0))}, "
           f"load average {os.getloadavg()[0]:.1f})\n")
 
-    model = ChiSeparation(3.0)
     t0 = time.perf_counter()
     healthy = simulate_gre(head_phantom(args.resolution), snr=100.0, seed=1)
+    model = ChiSeparation(healthy.acquisition)
     calc = simulate_gre(head_phantom(args.resolution, scenario="paradoxical-calcification"), snr=None, seed=1)
     truth = healthy.truth
     mask = truth.brain_mask
-    vs = tuple(float(v) for v in np.sqrt((healthy.acquisition.affine[:3, :3] ** 2).sum(axis=0)))
-    b0 = healthy.acquisition.b0_direction
     noisy_field, noisy_r2p, noise_map = noisy_inputs(healthy)
     print(f"simulation and R2* fit: {time.perf_counter() - t0:.1f} s; grid {mask.shape}, "
           f"{int(mask.sum())} brain voxels; median field noise {np.median(noise_map[mask]):.3f} Hz, "
@@ -116,13 +116,13 @@ def main():
     first_echo = healthy.magnitude[..., 0]
 
     runs = {}
-    res, t_compile = fit_timed(model, truth.field_local_hz, truth.r2prime, mask, voxel_size=vs, b0_direction=b0,
+    res, t_compile = fit_timed(model, truth.field_local_hz, truth.r2prime, mask,
                                magnitude=first_echo)
     runs["noiseless"] = (res, t_compile)
-    res, t = fit_timed(model, truth.field_local_hz, truth.r2prime, mask, voxel_size=vs, b0_direction=b0,
+    res, t = fit_timed(model, truth.field_local_hz, truth.r2prime, mask,
                        magnitude=first_echo)
     runs["noiseless (compiled)"] = (res, t)
-    res, t = fit_timed(model, noisy_field, noisy_r2p, mask, voxel_size=vs, b0_direction=b0,
+    res, t = fit_timed(model, noisy_field, noisy_r2p, mask,
                        field_noise_hz=noise_map, magnitude=first_echo)
     runs["SNR 100"] = (res, t)
 
@@ -138,8 +138,7 @@ def main():
 
     # paradoxical calcification
     ct = calc.truth
-    rc, _t = fit_timed(model, ct.field_local_hz, ct.r2prime, ct.brain_mask, voxel_size=vs, b0_direction=b0,
-                      magnitude=calc.magnitude[..., 0])
+    rc, _t = fit_timed(model, ct.field_local_hz, ct.r2prime, ct.brain_mask, magnitude=calc.magnitude[..., 0])
     rh = runs["noiseless"][0]
     sel = ct.labels == {v: k for k, v in ct.label_names.items()}["pallidal_calcification"]
     print("\n## Paradoxical calcification (medial globus pallidus voxels, noiseless)\n")
@@ -160,9 +159,9 @@ def solver_study(resolution):
     truth = sim.truth
     mask = truth.brain_mask
     vs = (resolution,) * 3
-    c = ChiSeparation(3.0).constants
+    c = ChiSeparation(sim.acquisition).constants
     # the weights ChiSeparation.fit builds (R2' band, MEDI edges of R2' and magnitude)
-    edges = edge_weight(truth.r2prime, mask, vs, edge_fraction=c.edge_fraction) * edge_weight(
+    edges = edge_mask(truth.r2prime, mask, vs, edge_fraction=c.edge_fraction) * edge_mask(
         sim.magnitude[..., 0], mask, vs, edge_fraction=c.edge_fraction)
     w_r = r2prime_weight(truth.r2prime, mask, low=c.r2prime_low, high=c.r2prime_high, out_of_band=c.out_of_band_weight)
     kw = dict(field_strength=3.0, voxel_size=vs, b0_direction=sim.acquisition.b0_direction, dr_para=c.dr_para,

@@ -38,7 +38,7 @@ def simulate(model, n, snr, seed):
         "r2star0": rng.uniform(8.0, 25.0, n), "chi_para": rng.uniform(0.02, 0.3, n),
         "chi_dia": rng.uniform(0.02, 0.2, n),
     }
-    clean = 1000.0 * model.predict(**truth)
+    clean = 1000.0 * model.forward(**truth)
     sigma = np.abs(clean[:, 0]).mean() / snr
     noisy = clean + sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
     return truth, noisy
@@ -55,6 +55,7 @@ def whole_brain(resolution: float, heads: str, budget: str | None) -> None:
     import warnings
 
     from chisep import metrics, pipeline
+    from chisep.separation import SeparationInputs
     from chisep.separation.baseline import thresholded_qsm
     from chisep.separation.decompose import DecomposeModel
     from chisep.sim import simulate_head
@@ -74,9 +75,12 @@ def whole_brain(resolution: float, heads: str, budget: str | None) -> None:
         base_text = (f"{metrics.nrmse(base[0], t.chi_para, t.brain_mask):.0f} / "
                      f"{metrics.nrmse(base[1], t.chi_dia, t.brain_mask):.0f}")
         for label, constants in budgets.items():
-            model = DecomposeModel(acq.field_strength, acq.echo_times, constants=constants)
-            model.fit(qsm.magnitude[:16, :16, :16], qsm.chi[:16, :16, :16], qsm.mask[:16, :16, :16])  # compile
-            res, wall, _ = timed(lambda: model.fit(qsm.magnitude, qsm.chi, qsm.mask))
+            model = DecomposeModel(acq, constants=constants)
+            corner = (slice(0, 16),) * 3
+            model.fit(SeparationInputs(mask=qsm.mask[corner], chi=qsm.chi[corner],
+                                       magnitude=qsm.magnitude[corner]))  # compile
+            inputs = SeparationInputs(mask=qsm.mask, chi=qsm.chi, magnitude=qsm.magnitude)
+            res, wall, _ = timed(lambda: model.fit(inputs))
             print(f"| {head} | {int(qsm.mask.sum()):,} | {label} | {wall:.0f} | "
                   f"{metrics.nrmse(res.chi_para, t.chi_para, t.brain_mask):.1f} / "
                   f"{metrics.nrmse(res.chi_dia, t.chi_dia, t.brain_mask):.1f} | {base_text} |", flush=True)
@@ -102,24 +106,30 @@ def main():
 
     import jax
 
+    from chisep.acquisition import Acquisition
+    from chisep.separation import SeparationInputs
     from chisep.separation.decompose import DecomposeModel
 
     te = 0.004 + 0.006 * np.arange(6)
-    model = DecomposeModel(3.0, te)
+    model = DecomposeModel(Acquisition(echo_times=te, field_strength=3.0), n_starts=args.n_starts,
+                           chunk_size=args.chunk_size)
+
+    def fit_maps(magnitude, chi):  # voxels as an (n, 1, 1) volume: the model interface takes maps
+        n = chi.shape[0]
+        return model.fit(SeparationInputs(mask=np.ones((n, 1, 1), bool), chi=chi.reshape(n, 1, 1),
+                                          magnitude=magnitude.reshape(n, 1, 1, -1)))
     truth, noisy = simulate(model, args.voxels, args.snr, args.seed)
     chi_qsm = truth["chi_para"] - truth["chi_dia"]
     print(f"jax {jax.__version__} on {jax.default_backend()}, {os.cpu_count()} CPUs visible, "
           f"load average {os.getloadavg()[0]:.1f}")
 
     # warm-up: compiles the grid search and the solver for the chunk shape
-    _, wall, cpu = timed(lambda: model.fit(np.abs(noisy[: args.chunk_size]), chi_qsm[: args.chunk_size],
-                                           n_starts=args.n_starts, chunk_size=args.chunk_size))
+    _, wall, cpu = timed(lambda: fit_maps(np.abs(noisy[: args.chunk_size]), chi_qsm[: args.chunk_size]))
     print(f"warm-up (incl. compilation) on {min(args.chunk_size, args.voxels)} voxels: {wall:.1f} s wall")
 
     for label, run in (
-        ("magnitude + QSM phase", lambda: model.fit(np.abs(noisy), chi_qsm, n_starts=args.n_starts,
-                                                     chunk_size=args.chunk_size)),
-        ("complex signal", lambda: model.fit_signal(noisy, n_starts=args.n_starts, chunk_size=args.chunk_size)),
+        ("magnitude + QSM phase", lambda: fit_maps(np.abs(noisy), chi_qsm)),
+        ("complex signal", lambda: model.fit_signal(noisy)),
     ):
         res, wall, cpu = timed(run)
         n = args.voxels

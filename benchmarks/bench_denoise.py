@@ -60,7 +60,7 @@ def main(argv=None) -> None:
         for setting in ("off", "mppca"):
             qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition,
                                            settings=pipeline.QsmSettings(denoise=setting))
-            sep = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), magnitude=qsm.magnitude,
+            sep = pipeline.separate(sim.acquisition, qsm.separation_inputs(magnitude=qsm.magnitude),
                                     settings=pipeline.SeparationSettings(models=("chi-separation", "linear")))
             cells = []
             for result in sep.values():

@@ -104,12 +104,13 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
     inner = qsm.mask & healthy
     out["r2prime"], out["r2prime_bias"] = {}, {}
     for rule, (r2, settings) in r2_rules.items():
-        r2prime = np.maximum(qsm.r2star - settings.r2_map(qsm.r2star, r2)[0], 0)
+        inputs = qsm.separation_inputs(r2=r2, r2_rule=settings.r2_rule, magnitude=qsm.magnitude)
+        r2prime = inputs.r2prime
         out["r2prime"][rule] = metrics.nrmse(r2prime, t.r2prime, inner)
         out["r2prime_bias"][rule] = {name: float((r2prime - t.r2prime)[inner & (t.labels == k)].mean())
                                      for k, name in t.label_names.items() if name in BIAS_REGIONS
                                      and (inner & (t.labels == k)).sum() >= 3}
-        sep = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), magnitude=qsm.magnitude, r2=r2,
+        sep = pipeline.separate(sim.acquisition, inputs,
                                 settings=pipeline.SeparationSettings(models=("chi-separation", "linear"),
                                                                      r2prime_fraction=settings.r2prime_fraction))
         for model, result in sep.items():
@@ -117,7 +118,7 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
             out["slopes"][f"{model}, {rule}"] = slopes(result.chi_para, result.chi_dia)
     if decompose:  # needs no R2: its three pools model R2' themselves
         t1 = time.perf_counter()
-        result = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), magnitude=qsm.magnitude,
+        result = pipeline.separate(sim.acquisition, qsm.separation_inputs(magnitude=qsm.magnitude),
                                    settings=pipeline.SeparationSettings(models=("decompose",)))["decompose"]
         out["decompose_seconds"] = time.perf_counter() - t1
         out["decompose_flagged"] = 100 * float((result.extra["separable"] == 0)[qsm.mask].mean())

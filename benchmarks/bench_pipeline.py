@@ -41,7 +41,7 @@ def main() -> None:
     t_qsm = time.perf_counter() - t0
     timings = dict(qsm.timings)
     models = tuple(m for m in args.models.split(",") if m)
-    results = pipeline.separate(sim.acquisition, **qsm.separation_inputs(), magnitude=sim.magnitude,
+    results = pipeline.separate(sim.acquisition, qsm.separation_inputs(magnitude=sim.magnitude),
                                 settings=pipeline.SeparationSettings(models=models), timings=timings)
     mask = qsm.mask & truth.brain_mask
     head = qsm.head_mask & truth.brain_mask

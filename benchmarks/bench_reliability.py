@@ -56,7 +56,7 @@ def score(sim, mask, reliability_factors) -> dict:
     t0 = time.perf_counter()
     settings = pipeline.QsmSettings(reliability=reliability_factors)
     qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition, mask=mask, settings=settings)
-    sep = pipeline.separate(sim.acquisition, **qsm.separation_inputs(),
+    sep = pipeline.separate(sim.acquisition, qsm.separation_inputs(),
                             settings=pipeline.SeparationSettings(models=("chi-separation",)))["chi-separation"]
     brain = sim.truth.brain_mask
     rel = qsm.reliability

@@ -189,7 +189,7 @@ def run_case(prep: Prepared, settings: pipeline.QsmSettings | None = None, *, se
         maps = {"field_total": qsm.field_total, "field_noise": qsm.field_noise, "field_local": qsm.field_local,
                 "r2star": qsm.r2star, "chi": qsm.chi}
         if separation and prep.acquisition.n_echoes >= 2:
-            sep = pipeline.separate(prep.acquisition, **qsm.separation_inputs(),
+            sep = pipeline.separate(prep.acquisition, qsm.separation_inputs(),
                                     settings=pipeline.SeparationSettings(models=("linear",)))
             maps["chi_para"], maps["chi_dia"] = sep["linear"].chi_para, sep["linear"].chi_dia
     seconds = time.perf_counter() - t0

@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chisep import grid as g
 from chisep import metrics, physics, pipeline
+from chisep import validate as v
 from chisep.errors import InputError
-from chisep.qsm import _grid as g
+from chisep.grid import edge_mask
 from chisep.qsm import inversion
-from chisep.qsm.inversion import edge_mask
 
 #: padding around the brain's bounding box, as a fraction of its extent on each side: room for
 #: the background sources (the skull, the air around the head) to sit outside the brain
@@ -146,18 +147,18 @@ def tfi(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 
     Liu Z, Kee Y, Zhou D, Wang Y, Spincemaille P. Preconditioned total field inversion (TFI) method
     for quantitative susceptibility mapping. Magn Reson Med 2017;78:303-315.
     """
-    field, msk = g.check_volume_and_mask(total_field_hz, mask, name="total_field_hz")
-    vs, b0 = g.check_geometry(voxel_size, b0_direction)
-    b0_t = g.check_positive(field_strength, "field_strength")
+    field, msk = v.check_volume_and_mask(total_field_hz, mask, name="total_field_hz")
+    vs, b0 = v.check_geometry(voxel_size, b0_direction)
+    b0_t = v.check_positive(field_strength, "field_strength")
     if not 0.1 <= b0_t <= 20.0:
         raise InputError(f"field_strength must be in tesla (0.1-20), got {field_strength!r}")
-    w = g.check_optional_map(weights, msk.shape, name="weights")
-    mag = g.check_optional_map(magnitude, msk.shape, name="magnitude")
+    w = v.check_optional_map(weights, msk.shape, name="weights")
+    mag = v.check_optional_map(magnitude, msk.shape, name="magnitude")
     for name, value in (("alpha", alpha), ("p_out", p_out), ("eps", eps)):
-        g.check_positive(value, name)
+        v.check_positive(value, name)
     if not 0 < edge_fraction < 1:
         raise InputError(f"edge_fraction must lie in (0, 1), got {edge_fraction!r}")
-    grid = g.Grid.around(msk, g.margin_voxels(msk, vs, fraction=g.check_positive(pad_fraction, "pad_fraction")))
+    grid = g.Grid.around(msk, g.margin_voxels(msk, vs, fraction=v.check_positive(pad_fraction, "pad_fraction")))
     data_w = msk.astype(np.float32) if w is None else np.where(msk, w / np.mean(w[msk]), 0).astype(np.float32)
     edges = (edge_mask(mag, msk, vs, edge_fraction=edge_fraction) if mag is not None
              else np.ones((3,) + msk.shape, np.float32))
@@ -168,7 +169,7 @@ def tfi(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 
         jnp.asarray(grid.embed(msk.astype(np.float32))), jnp.asarray(np.stack([grid.embed(e) for e in edges])),
         jnp.float32(p_out), jnp.float32(alpha), jnp.float32(eps), jnp.float32(cg_tol), jnp.float32(beta),
         (g.as_jax(vs), jnp.asarray(b0, jnp.float32)), grid.shape,
-        g.check_count(outer_iterations, "outer_iterations"), g.check_count(cg_iterations, "cg_iterations"))
+        v.check_count(outer_iterations, "outer_iterations"), v.check_count(cg_iterations, "cg_iterations"))
     chi = np.where(msk, grid.extract(np.asarray(chi)), 0).astype(np.float32)
     background_hz = np.where(msk, physics.ppm_to_hz(grid.extract(np.asarray(background)), b0_t), 0)
     local = np.where(msk, field - background_hz, 0).astype(np.float32)

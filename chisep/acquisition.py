@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chisep import physics
+from chisep import physics, validate
 from chisep.errors import InputError
 
 FIELD_STRENGTH_RANGE_T = (0.1, 20.0)
@@ -41,7 +41,8 @@ class Acquisition:
 
     Attributes
     ----------
-    echo_times : tuple of float, s, strictly increasing
+    echo_times : tuple of float, s, strictly increasing; empty when only maps are
+        processed (separation from QSM and R2* maps needs no echo times)
     field_strength : float, T, within 0.1-20
     affine : (4, 4) array, voxel index -> scanner RAS+ mm
     b0_direction : (3,) unit vector in voxel axes (from the affine unless overridden)
@@ -58,29 +59,30 @@ class Acquisition:
     phase_sign: int = 1
 
     def __post_init__(self):
-        tes = tuple(float(t) for t in check_echo_times(self.echo_times))
+        empty = self.echo_times is not None and np.size(self.echo_times) == 0
+        tes = () if empty else tuple(float(t) for t in check_echo_times(self.echo_times))
         b0 = float(self.field_strength)
         lo, hi = FIELD_STRENGTH_RANGE_T
         if not (np.isfinite(b0) and lo <= b0 <= hi):
-            raise ValueError(
+            raise InputError(
                 f"field_strength must be between {lo} and {hi} T, got {self.field_strength!r}"
             )
         affine = np.asarray(self.affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-            raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+            raise InputError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
         if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-            raise ValueError("affine is singular: its 3x3 part has zero determinant")
+            raise InputError("affine is singular: its 3x3 part has zero determinant")
         if self.phase_sign not in (1, -1):
-            raise ValueError(f"phase_sign must be +1 or -1, got {self.phase_sign!r}")
+            raise InputError(f"phase_sign must be +1 or -1, got {self.phase_sign!r}")
         voxel_size = (
             physics.voxel_size_from_affine(affine)
             if self.voxel_size is None
-            else np.asarray(self.voxel_size, dtype=np.float64)
+            else validate.check_voxel_size(self.voxel_size)
         )
         b0_dir = (
             physics.b0_direction_from_affine(affine)
             if self.b0_direction is None
-            else physics.normalise_direction(self.b0_direction)
+            else validate.check_b0_direction(self.b0_direction)
         )
         object.__setattr__(self, "echo_times", tes)
         object.__setattr__(self, "field_strength", b0)

@@ -758,9 +758,9 @@ def cohort_table(jobs: Sequence[Job]) -> list[dict]:
 
 
 def _csv_text(rows: Sequence[Mapping]) -> str:
-    from chisep.report import ROI_COLUMNS
-
     import io as _io
+
+    from chisep.report import ROI_COLUMNS
 
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(COHORT_KEYS) + list(ROI_COLUMNS), lineterminator="\n",

@@ -127,7 +127,8 @@ def _add_qsm_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("QSM reconstruction")
     d = settings.QsmSettings()
     g.add_argument("--unwrap", choices=settings.UNWRAP_METHODS, default=d.unwrap,
-                   help="phase unwrapping: romeo (quality-guided region growing) or laplacian")
+                   help="phase unwrapping: romeo (quality-guided region growing), laplacian, or none "
+                        "(the phase files are already unwrapped, e.g. by ROMEO)")
     g.add_argument("--field-fit", choices=settings.FIELD_FIT_METHODS, default=d.field_fit,
                    help="multi-echo field estimate: nonlinear complex fit, weighted linear fit or echo average")
     g.add_argument("--r2star-method", choices=settings.R2STAR_METHODS, default=d.r2star,
@@ -296,27 +297,29 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def _load_inputs(args):
+def _load_inputs(args, *, phase_unwrapped: bool = False):
     from chisep import io
 
     if args.bids and (args.magnitude or args.phase):
         raise InputError("give either --bids or --magnitude/--phase, not both")
     if args.bids:
         return io.load_bids(args.bids, args.subject, session=args.session, echo_times=args.echo_times,
-                            field_strength=args.field_strength, phase_sign=args.phase_sign)
+                            field_strength=args.field_strength, phase_sign=args.phase_sign,
+                            phase_unwrapped=phase_unwrapped)
     if not args.magnitude or not args.phase:
         raise InputError(
             "no input data: give --magnitude FILE... and --phase FILE... (with --echo-times and "
             "--field-strength unless JSON sidecars hold them), or --bids DIR"
         )
     return io.load_gre(args.magnitude, args.phase, echo_times=args.echo_times,
-                       field_strength=args.field_strength, phase_sign=args.phase_sign)
+                       field_strength=args.field_strength, phase_sign=args.phase_sign,
+                       phase_unwrapped=phase_unwrapped)
 
 
 def _run(args, settings) -> None:
     from chisep import pipeline
 
-    data = _load_inputs(args)
+    data = _load_inputs(args, phase_unwrapped=settings.qsm.unwrap == "none")
     out, prefix = pipeline.bids_output_dir(data.sources, args.out)
     run = pipeline.run_files(data, out, settings=settings, mask_path=args.mask,
                              r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from chisep import validate
 from chisep.errors import InputError
 
 DENOISE_METHODS = ("mppca", "off")
@@ -106,15 +107,9 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 2, stride: int | None = N
     mag = np.asarray(magnitude)
     if mag.ndim != 4 or mag.shape[3] < 3:
         raise InputError(f"MP-PCA needs a 4D magnitude (x, y, z, echo) with >= 3 echoes, got shape {mag.shape}")
-    msk = np.ones(mag.shape[:3], bool) if mask is None else np.asarray(mask).astype(bool)
-    if msk.shape != mag.shape[:3]:
-        raise InputError(f"mask shape {msk.shape} does not match the magnitude's {mag.shape[:3]}")
-    if not msk.any():
-        raise InputError("MP-PCA: the mask is empty")
-    if not np.all(np.isfinite(mag[msk])) or np.any(mag[msk] < 0):
-        raise InputError("MP-PCA: the magnitude must be finite and >= 0 inside the mask")
-    if isinstance(patch_radius, bool) or int(patch_radius) != patch_radius or patch_radius < 1:
-        raise InputError(f"patch_radius must be an integer >= 1, got {patch_radius!r}")
+    msk = validate.as_mask(mask, mag.shape[:3], default_all=True)
+    mag = validate.as_magnitude(mag, ndims=(4,), mask=msk)
+    patch_radius = validate.check_count(patch_radius, "patch_radius")
     stride = min(2, int(patch_radius)) if stride is None else stride
     if isinstance(stride, bool) or int(stride) != stride or not 1 <= stride <= patch_radius:
         raise InputError(f"stride must be an integer from 1 to patch_radius ({patch_radius}), got {stride!r}")

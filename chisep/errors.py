@@ -14,4 +14,4 @@ class OutputExistsError(ChisepError, FileExistsError):
 
 
 class ModelFileError(ChisepError, ValueError):
-    """A models/*.toml file is missing a constant or holds an invalid one."""
+    """A ``models/*.toml`` file is missing a constant or holds an invalid one."""

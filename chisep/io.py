@@ -610,7 +610,7 @@ def _check_magnitude_and_phase(mag: np.ndarray, raw_phase: np.ndarray, phase_rad
             f"phase ({_names(pha_files)}): expected values that wrap around [-pi, pi) (a scanner's phase noise "
             f"alone covers the whole circle), found 98 % of the values within {100 * max(shares):.0f} % of it in "
             f"every echo ({scaling}): this looks like a magnitude image. Fix: check that {both} are the right "
-            "files and not swapped.")
+            "files and not swapped; if the phase was unwrapped by another tool (in rad), run with --unwrap none.")
 
 
 def load_gre(
@@ -621,6 +621,7 @@ def load_gre(
     field_strength: float | None = None,
     phase_sign: int = 1,
     b0_direction: Sequence[float] | None = None,
+    phase_unwrapped: bool = False,
 ) -> GreData:
     """Load multi-echo GRE magnitude and phase from NIfTI files.
 
@@ -694,13 +695,16 @@ def load_gre(
             f"magnitude ({_names(mag_files)}): expected a non-zero image, found all voxels 0. "
             "Fix: check that the right file was given (and that magnitude and phase are not swapped)."
         )
-    raw_phase = _read_series(pha_files, pha_imgs, "phase", pha_shape, as_float=False)
+    raw_phase = _read_series(pha_files, pha_imgs, "phase", pha_shape, as_float=not phase_unwrapped)
     _check_finite(raw_phase, "phase", pha_files)
-    phase_rad, scaling = rescale_phase(raw_phase)
-    _check_magnitude_and_phase(mag, raw_phase, phase_rad, scaling, mag_files, pha_files)
+    if phase_unwrapped:
+        phase_rad, scaling = (phase_sign * raw_phase).astype(np.float32), "unwrapped phase in rad, read as it is"
+    else:
+        phase_rad, scaling = rescale_phase(raw_phase)
+        _check_magnitude_and_phase(mag, raw_phase, phase_rad, scaling, mag_files, pha_files)
+        if phase_sign == -1:
+            phase_rad = _wrap_half_open(-phase_rad)
     del raw_phase
-    if phase_sign == -1:
-        phase_rad = _wrap_half_open(-phase_rad)
 
     try:
         acquisition = Acquisition(echo_times=tuple(tes), field_strength=b0, affine=affine,
@@ -842,6 +846,7 @@ def load_bids(
     field_strength: float | None = None,
     phase_sign: int = 1,
     b0_direction: Sequence[float] | None = None,
+    phase_unwrapped: bool = False,
 ) -> GreData:
     """Load one BIDS multi-echo GRE run (see :func:`find_megre_runs` and :func:`load_gre`).
 
@@ -877,7 +882,8 @@ def load_bids(
         )
     run = runs[0]
     data = load_gre(list(run.magnitude), list(run.phase), echo_times=echo_times,
-                    field_strength=field_strength, phase_sign=phase_sign, b0_direction=b0_direction)
+                    field_strength=field_strength, phase_sign=phase_sign, b0_direction=b0_direction,
+                    phase_unwrapped=phase_unwrapped)
     sources = dict(data.sources)
     sources["bids"] = {"subject": run.subject, "session": run.session, "prefix": run.prefix,
                        "root": str(run.bids_root) if run.bids_root else None}

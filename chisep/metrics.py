@@ -158,7 +158,7 @@ def linear_fit_slope(estimate_values, truth_values) -> tuple[float, float]:
 
 
 def dice(mask_a, mask_b) -> float:
-    """Dice overlap 2 |A & B| / (|A| + |B|) of two masks of one shape (0 when both are empty)."""
+    """Dice overlap ``2 |A & B| / (|A| + |B|)`` of two masks of one shape (0 when both are empty)."""
     a, b = np.asarray(mask_a).astype(bool), np.asarray(mask_b).astype(bool)
     if a.shape != b.shape:
         raise InputError(f"masks of shapes {a.shape} and {b.shape} cannot be compared; resample one first")

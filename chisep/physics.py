@@ -116,6 +116,47 @@ def _validated_grid(shape, voxel_size):
     return shape, voxel_size
 
 
+def axis_frequencies(shape, voxel_size, *, kind: KernelKind = "continuous", half: bool = False, xp=np):
+    """Spatial frequencies (cycles/mm) per axis, broadcastable, FFT order; no validation.
+
+    The one implementation behind the NumPy kernels here and the JAX kernels
+    of :mod:`chisep.grid` (``xp=jax.numpy``; ``voxel_size`` may then be a
+    traced array). ``half=True`` gives the last axis of the real-FFT half
+    spectrum. ``kind="discrete"`` returns sin(pi f h) / (pi h), whose square
+    is the eigenvalue of the 3-point finite-difference Laplacian / (2 pi)^2.
+    """
+    dtype = np.float64 if xp is np else xp.float32
+    axes = []
+    for axis, n in enumerate(shape):
+        idx = np.arange(n // 2 + 1) if (half and axis == 2) else np.fft.fftfreq(n, d=1.0 / n)
+        idx = xp.asarray(idx, dtype=dtype)
+        h = voxel_size[axis]
+        f = xp.sin(np.pi * idx / n) / (np.pi * h) if kind == "discrete" else idx / (n * h)
+        view = [1, 1, 1]
+        view[axis] = idx.shape[0]
+        axes.append(f.reshape(view))
+    return axes
+
+
+def dipole_from_frequencies(kx, ky, kz, b, xp=np):
+    """``1/3 - (k.b)^2 / |k|^2`` with the k = 0 term set to 1/3 (callers set D(0))."""
+    k2 = kx**2 + ky**2 + kz**2
+    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    return 1.0 / 3.0 - kb**2 / xp.where(k2 == 0, 1.0, k2)
+
+
+def signed_offsets_mm(shape, voxel_size, xp=np):
+    """Distance (mm) of each voxel from voxel 0 along each axis in FFT order (0, h, ..., -h), broadcastable."""
+    dtype = np.float64 if xp is np else xp.float32
+    coords = []
+    for axis, n in enumerate(shape):
+        idx = xp.asarray(np.fft.fftfreq(n, d=1.0 / n), dtype=dtype)  # 0, 1, ..., -1
+        view = [1, 1, 1]
+        view[axis] = n
+        coords.append((idx * voxel_size[axis]).reshape(view))
+    return coords
+
+
 def k_space_grid(shape, voxel_size, kind: KernelKind = "continuous") -> list[np.ndarray]:
     """Spatial frequencies (cycles/mm) along each axis, broadcastable, FFT order.
 
@@ -126,15 +167,7 @@ def k_space_grid(shape, voxel_size, kind: KernelKind = "continuous") -> list[np.
     shape, voxel_size = _validated_grid(shape, voxel_size)
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
-    axes = []
-    for axis, (n, h) in enumerate(zip(shape, voxel_size)):
-        f = np.fft.fftfreq(n, d=h)
-        if kind == "discrete":
-            f = np.sin(np.pi * f * h) / (np.pi * h)
-        view = [1, 1, 1]
-        view[axis] = n
-        axes.append(f.reshape(view))
-    return axes
+    return axis_frequencies(shape, voxel_size, kind=kind)
 
 
 def dipole_kernel(
@@ -145,7 +178,7 @@ def dipole_kernel(
     kind: KernelKind = "continuous",
     dc_value: float = 0.0,
 ) -> np.ndarray:
-    """k-space unit dipole kernel D(k) = 1/3 - (k . b)^2 / |k|^2 (float32, FFT order).
+    """k-space unit dipole kernel ``D(k) = 1/3 - (k . b)^2 / |k|^2`` (float32, FFT order).
 
     Parameters
     ----------
@@ -166,26 +199,31 @@ def dipole_kernel(
     Returns
     -------
     D : (nx, ny, nz) float32 array, values in [-2/3, 1/3].
+
+    Examples
+    --------
+    >>> D = dipole_kernel((8, 8, 8), (1, 1, 1), (0, 0, 1))
+    >>> float(D[0, 0, 1]), float(D[1, 0, 0]), float(D[0, 0, 0])
+    (-0.6666666865348816, 0.3333333432674408, 0.0)
     """
     b = normalise_direction(b0_direction)
+    shape, voxel_size = _validated_grid(shape, voxel_size)
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if kind == "discrete":
         # k_i^2 -> 3-point second difference; k_i k_j (i != j) -> product of central first
         # differences. Both are local stencils, so the field of a uniform region has a
         # zero discrete Laplacian inside it (harmonic), also for an oblique B0.
-        squares = [f**2 for f in k_space_grid(shape, voxel_size, "discrete")]
-        shape_, voxel_size_ = _validated_grid(shape, voxel_size)
+        squares = [f**2 for f in axis_frequencies(shape, voxel_size, kind="discrete")]
         central = [np.sin(2 * np.pi * f * h) / (2 * np.pi * h)
-                   for f, h in zip(k_space_grid(shape_, voxel_size_, "continuous"), voxel_size_)]
+                   for f, h in zip(axis_frequencies(shape, voxel_size), voxel_size)]
         k2 = squares[0] + squares[1] + squares[2]
         kb2 = sum(b[i] ** 2 * squares[i] for i in range(3))
         for i, j in ((0, 1), (0, 2), (1, 2)):
             kb2 = kb2 + 2 * b[i] * b[j] * central[i] * central[j]
+        kernel = 1.0 / 3.0 - kb2 / np.where(k2 == 0, 1.0, k2)
     else:
-        kx, ky, kz = k_space_grid(shape, voxel_size, kind)
-        k2 = kx**2 + ky**2 + kz**2
-        kb2 = (kx * b[0] + ky * b[1] + kz * b[2]) ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        kernel = 1.0 / 3.0 - kb2 / k2
+        kernel = dipole_from_frequencies(*axis_frequencies(shape, voxel_size), b)
     kernel[0, 0, 0] = dc_value
     return kernel.astype(np.float32)
 
@@ -193,14 +231,8 @@ def dipole_kernel(
 def sphere_mask(shape, voxel_size, radius_mm: float) -> np.ndarray:
     """Boolean sphere (ellipsoid in voxels for anisotropic grids) centred on voxel 0, FFT order."""
     shape, voxel_size = _validated_grid(shape, voxel_size)
-    coords = []
-    for axis, (n, h) in enumerate(zip(shape, voxel_size)):
-        idx = np.fft.fftfreq(n, d=1.0 / n)  # 0, 1, ..., -1 (signed index distance)
-        view = [1, 1, 1]
-        view[axis] = n
-        coords.append((idx * h).reshape(view))
-    r2 = coords[0] ** 2 + coords[1] ** 2 + coords[2] ** 2
-    return r2 <= radius_mm**2 + 1e-9
+    x, y, z = signed_offsets_mm(shape, voxel_size)
+    return x**2 + y**2 + z**2 <= radius_mm**2 + 1e-9
 
 
 def smv_kernel(shape, voxel_size, radius_mm: float) -> np.ndarray:

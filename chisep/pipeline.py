@@ -21,14 +21,14 @@ import numpy as np
 from scipy import ndimage
 
 from chisep import denoise as _denoise
-from chisep import io, physics, signals
+from chisep import io, physics, signals, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, OutputExistsError
 from chisep.qsm import background as _background
 from chisep.qsm import inversion as _inversion
 from chisep.qsm import reliability as _reliability
+from chisep.separation.base import SeparationFit, SeparationInputs
 from chisep.separation.baseline import THRESHOLDED_QSM, thresholded_qsm
-from chisep.separation.result import SeparationResult
 from chisep.settings import (  # noqa: F401  (re-exported: the settings are part of the pipeline's API)
     BACKGROUND_METHODS,
     DEFAULT_MODELS,
@@ -110,10 +110,16 @@ class QsmMaps:
             return np.asarray(self.reliability.excluded, bool)
         return np.asarray(self.head_mask, bool) & ~np.asarray(self.reconstruction_mask, bool)
 
-    def separation_inputs(self) -> dict:
-        """Keyword arguments of :func:`separate` taken from these maps."""
-        return {"chi": self.chi, "mask": self.mask, "local_field": self.field_local, "r2star": self.r2star,
-                "field_noise": self.field_noise}
+    def separation_inputs(self, *, r2: np.ndarray | None = None, r2_rule: Mapping | None = None,
+                          magnitude: np.ndarray | None = None) -> SeparationInputs:
+        """The :class:`SeparationInputs` of these maps: ``r2`` measured, else the R2*-only ``r2_rule``
+        (:attr:`SeparationSettings.r2_rule`); ``magnitude`` (x, y, z, echo), e.g. ``self.magnitude``, for
+        DECOMPOSE and chi-separation's magnitude edges."""
+        from chisep.separation.base import R2_RULE_DEFAULT
+
+        return SeparationInputs(mask=self.mask, chi=self.chi, local_field_hz=self.field_local, r2star=self.r2star,
+                                r2=r2, field_noise_hz=self.field_noise, magnitude=magnitude,
+                                r2_rule=dict(R2_RULE_DEFAULT if r2_rule is None else r2_rule))
 
 
 #: seconds between "still running" lines of a long stage (the user sees the run is alive)
@@ -170,7 +176,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
     settings : QsmSettings
     """
     from chisep import relax
-    from chisep.qsm import echoes, mask as _mask
+    from chisep.qsm import echoes
+    from chisep.qsm import mask as _mask
 
     magnitude = np.asarray(magnitude, dtype=np.float32)
     phase = np.asarray(phase, dtype=np.float32)
@@ -182,7 +189,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
     timings: dict = {}
     notes: list = []
     step = _stepper(timings, log)
-    vs, b0 = acquisition.voxel_size, acquisition.b0_direction
+    vs = acquisition.voxel_size
 
     with step("mask"):
         if mask is None:
@@ -190,11 +197,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             # which voxels are bone and air (after the reliability step)
             head = _mask.brain_mask(magnitude, voxel_size=vs)
         else:
-            head = np.asarray(mask).astype(bool)
-            if head.shape != magnitude.shape[:3]:
-                raise InputError(f"mask shape {head.shape} does not match the data {magnitude.shape[:3]}")
-            if not head.any():
-                raise InputError("the given mask is empty; pass a mask with the brain set to 1")
+            head = validate.as_mask(mask, magnitude.shape[:3])
             if not (magnitude[head, 0] > 0).any():
                 raise InputError("the given mask does not overlap the data (magnitude is zero in it)")
         # Holes inside a mask are dark tissue a threshold cut out (bleeds, calcifications, veins):
@@ -279,21 +282,65 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                 decay = relax.gradient_dephasing_correction(relax_magnitude, fit.field_hz,
                                                             acquisition.echo_times, region)
             r2star = relax.r2star_map(decay, acquisition.echo_times, head, method=method)
-    with step("background"):
-        local, eroded = _background.remove_background(
-            fit.field_hz, region, method=settings.background, voxel_size=vs, b0_direction=b0,
-            weights=_noise_weights(fit.field_noise_hz, region), **settings.background_options)
-    with step("inversion"):
-        weights = _noise_weights(fit.field_noise_hz, eroded)
-        chi = _inversion.invert(local, eroded, method=settings.inversion, voxel_size=vs, b0_direction=b0,
-                                field_strength=acquisition.field_strength, weights=weights,
-                                magnitude=magnitude[..., 0], **settings.inversion_options)
-        csf = _csf_mask(r2star, eroded) if settings.reference == "csf" else None
-        chi = _inversion.reference(chi, eroded, method=settings.reference, csf_mask=csf)
+    local, eroded, chi = qsm_from_field(fit.field_hz, region, acquisition, field_noise_hz=fit.field_noise_hz,
+                                        magnitude=magnitude[..., 0], r2star=r2star, settings=settings, step=step)
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
                    reliability=rel, magnitude=relax_magnitude, noise_sigma=sigma_map, timings=timings, notes=notes)
+
+
+def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisition, *,
+                   field_noise_hz: np.ndarray | None = None, magnitude: np.ndarray | None = None,
+                   r2star: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
+                   log: Log = _quiet, step=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The QSM stages after the field fit: background removal -> dipole inversion -> reference.
+
+    The entry point for a total field made elsewhere (a scanner's field map, MEDI's or ROMEO's
+    multi-echo fit): ``settings.background``, ``settings.inversion`` and ``settings.reference``
+    with their options, as :func:`reconstruct_qsm` runs them.
+
+    Parameters
+    ----------
+    field_hz : (x, y, z) array, Hz
+        Total (unwrapped) field, positive = higher frequency.
+    mask : (x, y, z) bool array
+        Region whose field is used (leave out skull, air and noise).
+    acquisition : Acquisition
+        Field strength, voxel size and B0 direction (``echo_times`` may be empty).
+    field_noise_hz : (x, y, z) array, Hz, optional
+        Standard error of the field: data weights (uniform when None).
+    magnitude : (x, y, z) array, optional
+        Needed by MEDI (edge prior).
+    r2star : (x, y, z) array, 1/s, optional
+        Needed by ``reference="csf"`` (CSF = R2* below 5 1/s).
+
+    Returns
+    -------
+    field_local : (x, y, z) float32 array, Hz
+    output_mask : (x, y, z) bool array, the mask after background removal's erosion
+    chi : (x, y, z) float32 array, ppm, referenced, zero outside ``output_mask``
+    """
+    step = _stepper({}, log) if step is None else step
+    vs, b0 = acquisition.voxel_size, acquisition.b0_direction
+    field, region = validate.check_volume_and_mask(field_hz, mask, name="field_hz")
+    noise = None if field_noise_hz is None else validate.as_volume(field_noise_hz, "field_noise_hz",
+                                                                      shape=field.shape)
+    if settings.reference == "csf" and r2star is None:
+        raise InputError("reference='csf' finds CSF by its R2*: pass r2star, or use reference='mean'")
+    with step("background"):
+        weights = None if noise is None else _noise_weights(noise, region)
+        local, eroded = _background.remove_background(
+            field, region, method=settings.background, voxel_size=vs, b0_direction=b0, weights=weights,
+            **settings.background_options)
+    with step("inversion"):
+        weights = None if noise is None else _noise_weights(noise, eroded)
+        chi = _inversion.invert(local, eroded, method=settings.inversion, voxel_size=vs, b0_direction=b0,
+                                field_strength=acquisition.field_strength, weights=weights,
+                                magnitude=magnitude, **settings.inversion_options)
+        csf = _csf_mask(r2star, eroded) if settings.reference == "csf" else None
+        chi = _inversion.reference(chi, eroded, method=settings.reference, csf_mask=csf)
+    return np.asarray(local), np.asarray(eroded, bool), np.asarray(chi)
 
 
 #: share of a user's mask with an unreliable field above which the log says so
@@ -349,58 +396,31 @@ class _ProgressBar:
             self.bar.close()
 
 
-def separate(acquisition: Acquisition, *, chi: np.ndarray, mask: np.ndarray,
-             local_field: np.ndarray | None = None, r2star: np.ndarray | None = None,
-             field_noise: np.ndarray | None = None, magnitude: np.ndarray | None = None,
-             r2: np.ndarray | None = None, settings: SeparationSettings = SeparationSettings(),
-             log: Log = _quiet, timings: dict | None = None,
-             progress_bars: bool = False) -> dict[str, SeparationResult]:
-    """Run the selected separation models.
+def separate(acquisition: Acquisition, inputs: SeparationInputs, *,
+             settings: SeparationSettings = SeparationSettings(), log: Log = _quiet, timings: dict | None = None,
+             progress_bars: bool = False) -> dict[str, SeparationFit]:
+    """Run the separation models of ``settings`` on ``inputs``, by name from the model registry.
 
-    chi-separation needs the local field (Hz) and R2* (1/s; R2' = max(R2* - R2, 0)
-    with R2 measured or nominal) and starts from the QSM map ``chi`` (ppm); the
-    linear model needs R2* and chi; DECOMPOSE needs the multi-echo magnitude
-    (x, y, z, echo) and chi.
+    Each model states the inputs it needs (chi-separation: the local field and
+    R2'; linear: R2* and chi; DECOMPOSE: the multi-echo magnitude and chi); a
+    missing one is reported before any model runs.
     """
-    from chisep import relax
+    from chisep.separation import MODELS
 
     timings = {} if timings is None else timings
     step = _stepper(timings, log)
-    results: dict[str, SeparationResult] = {}
-    needs = {"chi-separation": ("local_field", "r2star"), "linear": ("r2star",), "decompose": ("magnitude",)}
-    given = {"local_field": local_field, "r2star": r2star, "magnitude": magnitude}
-    for model in settings.models:
-        missing = [n for n in needs[model] if given[n] is None]
-        if missing:
-            raise InputError(f"model {model} needs {' and '.join(missing)} (e.g. --{missing[0].replace('_', '-')} FILE)")
-    r2_used = None
-    if r2star is not None:
-        r2_used, r2_source = settings.r2_map(r2star, r2)
-        log(f"  R2 for R2': {r2_source}")
-    for model in settings.models:
-        if model in EXPERIMENTAL_MODELS:
-            log(f"warning: {EXPERIMENTAL_MODELS[model]}")
-        with step(f"separation:{model}"):
-            if model == "chi-separation":
-                from chisep.separation.chi_separation import ChiSeparation
-
-                r2prime, _ = relax.r2prime_map(r2star, r2_used)
-                results[model] = ChiSeparation(acquisition.field_strength, **settings.chi_separation).fit(
-                    local_field, r2prime, mask, voxel_size=acquisition.voxel_size,
-                    b0_direction=acquisition.b0_direction, chi_init=chi, field_noise_hz=field_noise,
-                    magnitude=magnitude[..., 0] if magnitude is not None else None)
-            elif model == "linear":
-                from chisep.separation.linear import LinearModel
-
-                results[model] = LinearModel(acquisition.field_strength, **settings.linear).fit(
-                    r2star, chi, mask, r2=r2_used)
-            else:
-                from chisep.separation.decompose import DecomposeModel
-
-                with _ProgressBar("DECOMPOSE voxels", enabled=progress_bars) as bar:
-                    results[model] = DecomposeModel(acquisition.field_strength, acquisition.echo_times,
-                                                    **settings.decompose).fit(magnitude, chi, mask,
-                                                                              progress=bar.update)
+    for name in settings.models:
+        inputs.require(MODELS.get(name).requires, name)
+    if inputs.r2_source is not None:
+        log(f"  R2 for R2': {inputs.r2_source}")
+    results: dict[str, SeparationFit] = {}
+    for name in settings.models:
+        if name in EXPERIMENTAL_MODELS:
+            log(f"warning: {EXPERIMENTAL_MODELS[name]}")
+        model = MODELS.build(name, acquisition, **settings.options(name))
+        with step(f"separation:{name}"), _ProgressBar(f"{name} voxels",
+                                                        enabled=progress_bars and name == "decompose") as bar:
+            results[name] = model.fit(inputs, progress=bar.update)
     return results
 
 
@@ -474,7 +494,7 @@ QUALITY_FLAGS = {
 }
 
 
-def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationResult] | None = None) -> np.ndarray:
+def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationFit] | None = None) -> np.ndarray:
     """Per-voxel bit flags (uint8, see :data:`QUALITY_FLAGS`) inside the head mask, 0 outside.
 
     The head mask (the given or automatic mask) is covered, not just the
@@ -611,7 +631,7 @@ class _Writer:
         self.written.append(str(path.relative_to(self.out_dir)))
         return path
 
-    def separation(self, subdir: str | None, result: SeparationResult, *, with_extras: bool):
+    def separation(self, subdir: str | None, result: SeparationFit, *, with_extras: bool):
         prefix = f"{subdir}/" if subdir else ""
         self.map(prefix + "chi_para", result.chi_para)
         self.map(prefix + "chi_dia", result.chi_dia)
@@ -653,7 +673,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     ``"sub-01_ses-1"``) maps get BIDS-derivatives names (see :func:`output_name`).
     Returns the maps and a short summary.
     """
-    from chisep import references, relax
+    from chisep import references
 
     t_start = time.perf_counter()
     out = io.prepare_output_dir(out_dir, overwrite=overwrite)
@@ -680,15 +700,15 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
         f"{acq.n_echoes} echoes, {acq.field_strength:g} T, B0 {acq.b0_angle_deg:.1f} deg from z")
     qsm = reconstruct_qsm(data.magnitude, data.phase, acq, mask=mask, settings=settings.qsm, log=log)
     timings = dict(qsm.timings)
-    results = separate(acq, **qsm.separation_inputs(), magnitude=qsm.magnitude, r2=r2,
-                       settings=settings.separation, log=log, timings=timings,
+    sep_inputs = qsm.separation_inputs(r2=r2, r2_rule=settings.separation.r2_rule, magnitude=qsm.magnitude)
+    results = separate(acq, sep_inputs, settings=settings.separation, log=log, timings=timings,
                        progress_bars=progress_bars)
 
     writer = _Writer(out, acq.affine, data.header, overwrite, bids_prefix)
     if bids_prefix:
         write_derivatives_description(out)
-    r2prime = relax.r2prime_map(qsm.r2star, settings.separation.r2_map(qsm.r2star, r2)[0])[0]
-    write_qsm_maps(writer, qsm, r2prime * qsm.mask)
+    r2prime = sep_inputs.r2prime  # computed once, the R2' every model saw
+    write_qsm_maps(writer, qsm, r2prime)
     quality = quality_map(qsm, results)
     writer.map("quality", quality, extra={"Flags": {str(k): v for k, v in QUALITY_FLAGS.items()}})
     for i, (model, result) in enumerate(results.items()):
@@ -789,7 +809,7 @@ def _subject_name(sources: Mapping, bids_prefix: str | None) -> str:
     return Path(files[0]).name.replace(".nii.gz", "").replace(".nii", "") if files else "data"
 
 
-def write_html_report(out: Path, *, data, qsm: QsmMaps, results: Mapping[str, SeparationResult], r2prime,
+def write_html_report(out: Path, *, data, qsm: QsmMaps, results: Mapping[str, SeparationFit], r2prime,
                       quality, roi_rows, timings, settings: Mapping, references: Mapping[str, str],
                       bids_prefix: str | None = None, overwrite: bool = False) -> str:
     """report.html: one self-contained page with summary, mask check, maps, quality, ROI table,
@@ -901,13 +921,14 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
             raise InputError(f"--magnitude grid {data.shape[:3]} differs from chi {chi_map.shape}")
         mag, tes = data.magnitude, data.acquisition.echo_times
         inputs += data.sources["magnitude_files"]
-    # linear and chi-separation do not use echo times; Acquisition needs one, so a placeholder stands in
-    acq = Acquisition(echo_times=tes or (0.001,), field_strength=field_strength, affine=affine)
+    # linear and chi-separation need no echo times: without a magnitude the acquisition has none
+    acq = Acquisition(echo_times=tes or (), field_strength=field_strength, affine=affine)
     settings = SeparationSettings(models=tuple(models))
     timings: dict = {}
-    results = separate(acq, chi=chi_map, mask=mask_map, local_field=maps["local field"], r2star=maps["R2*"],
-                       field_noise=maps["field noise"], magnitude=mag, r2=maps["R2"], settings=settings,
-                       log=log, timings=timings)
+    sep_inputs = SeparationInputs(mask=mask_map, chi=chi_map, local_field_hz=maps["local field"],
+                                  r2star=maps["R2*"], r2=maps["R2"], field_noise_hz=maps["field noise"],
+                                  magnitude=mag, r2_rule=settings.r2_rule)
+    results = separate(acq, sep_inputs, settings=settings, log=log, timings=timings)
     writer = _Writer(out, affine, header, overwrite)
     for i, (model, result) in enumerate(results.items()):
         if i == 0:

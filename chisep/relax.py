@@ -11,12 +11,13 @@ from typing import Literal, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from chisep import validate
 from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
 from chisep.fit import VoxelModel, fit_voxelwise
+from chisep.registry import Registry
 
 R2StarMethod = Literal["loglinear", "arlo", "nonlinear"]
-R2STAR_METHODS = ("loglinear", "arlo", "nonlinear")
 
 #: Physically plausible R2* range (1/s); estimates outside are clipped and flagged.
 R2STAR_RANGE = (0.0, 1000.0)
@@ -28,31 +29,10 @@ ARLO_SPACING_RTOL = 0.01
 
 
 def _check_multi_echo_magnitude(magnitude, mask):
-    mag = np.asarray(magnitude)
-    if mag.ndim != 4:
-        raise InputError(
-            f"magnitude must be a 4D array (x, y, z, echo), got shape {mag.shape}; "
-            "stack the echoes on the last axis"
-        )
-    if np.iscomplexobj(mag):
-        mag = np.abs(mag)
-    mag = mag.astype(np.float32, copy=False)
-    if mask is None:
-        msk = np.ones(mag.shape[:3], dtype=bool)
-    else:
-        msk = np.asarray(mask)
-        if msk.shape != mag.shape[:3]:
-            raise InputError(f"mask shape {msk.shape} does not match the magnitude's {mag.shape[:3]}")
-        msk = msk.astype(bool)
-    values = mag[msk]
-    if not np.all(np.isfinite(values)):
-        raise InputError(
-            f"magnitude contains {int(np.sum(~np.isfinite(values)))} NaN or infinite values "
-            "inside the mask; replace them or exclude those voxels with the mask"
-        )
-    if np.any(values < 0):
-        raise InputError("magnitude has negative values; pass |S| (the magnitude images)")
-    return mag, msk
+    mag = validate.as_volume(np.abs(magnitude) if np.iscomplexobj(magnitude) else magnitude, "magnitude",
+                             ndims=(4,), hint="stack the echoes on the last axis")
+    msk = validate.as_mask(mask, mag.shape[:3], default_all=True, allow_empty=True)
+    return validate.as_magnitude(mag, ndims=(4,), mask=msk), msk
 
 
 def loglinear_fit(values: np.ndarray, tes: np.ndarray):
@@ -106,6 +86,44 @@ _DECAY_MODEL = VoxelModel(
     _decay, ("s0", "r2star"), (0.0, R2STAR_RANGE[0]), (np.inf, R2STAR_RANGE[1])
 )
 
+#: R2* estimators by name: (voxels x echoes magnitude, echo times) -> (R2*, estimate left the range)
+R2STAR_METHODS = Registry("R2* method")
+
+
+@R2STAR_METHODS.register("loglinear")
+def _loglinear_estimator(values, tes):
+    _, r2 = loglinear_fit(values, tes)
+    return r2, (r2 < R2STAR_RANGE[0]) | (r2 > R2STAR_RANGE[1])
+
+
+@R2STAR_METHODS.register("arlo")
+def _arlo_estimator(values, tes):
+    if tes.size < 3:
+        raise InputError(f"ARLO needs at least 3 echoes, got {tes.size}; use method='loglinear'")
+    spacing = np.diff(tes)
+    if np.ptp(spacing) > ARLO_SPACING_RTOL * spacing.mean():
+        raise InputError(
+            f"ARLO needs equally spaced echoes, got spacings {np.round(spacing * 1e3, 3).tolist()} ms; "
+            "use method='loglinear' or 'nonlinear'"
+        )
+    r2 = _arlo(values, tes)
+    return r2, (r2 < R2STAR_RANGE[0]) | (r2 > R2STAR_RANGE[1])
+
+
+@R2STAR_METHODS.register("nonlinear")
+def _nonlinear_estimator(values, tes):
+    s0, r2 = loglinear_fit(values, tes)
+    lo, hi = R2STAR_RANGE
+    clipped = (r2 < lo) | (r2 > hi)
+    if not values.size:
+        return r2, clipped
+    init = np.stack([s0, np.clip(r2, lo + 1e-3, hi - 1e-3)], axis=-1).astype(np.float32)
+    fit = fit_voxelwise(_DECAY_MODEL, values, aux=jnp.asarray(tes, dtype=jnp.float32), init=init,
+                        std_errors=False)
+    r2 = fit.params["r2star"]
+    # the bounded fit stops on the bound instead of crossing it
+    return r2, clipped | (r2 <= lo + 1e-6 * hi) | (r2 >= hi * (1 - 1e-6))
+
 
 def r2star_map(
     magnitude,
@@ -155,42 +173,13 @@ def r2star_map(
     fitting based on Auto-Regression on Linear Operations (ARLO) of data.
     Magn Reson Med 2015;73:843-850.
     """
-    if method not in R2STAR_METHODS:
-        raise InputError(f"unknown R2* method {method!r}; choose one of {R2STAR_METHODS}")
+    estimator = R2STAR_METHODS.get(method)
     mag, msk = _check_multi_echo_magnitude(magnitude, mask)
     tes = check_echo_times(echo_times, mag.shape[-1], data="the magnitude")
-    n_echoes = tes.size
-    if n_echoes < 2:
-        raise InputError(f"R2* needs at least 2 echoes, got {n_echoes}")
-    if method == "arlo":
-        if n_echoes < 3:
-            raise InputError(f"ARLO needs at least 3 echoes, got {n_echoes}; use method='loglinear'")
-        spacing = np.diff(tes)
-        if np.ptp(spacing) > ARLO_SPACING_RTOL * spacing.mean():
-            raise InputError(
-                f"ARLO needs equally spaced echoes, got spacings {np.round(spacing * 1e3, 3).tolist()} ms; "
-                "use method='loglinear' or 'nonlinear'"
-            )
-    values = mag[msk]
+    if tes.size < 2:
+        raise InputError(f"R2* needs at least 2 echoes, got {tes.size}")
+    r2, clipped_values = estimator(mag[msk], tes)
     lo, hi = R2STAR_RANGE
-    if method == "arlo":
-        r2 = _arlo(values, tes)
-        clipped_values = (r2 < lo) | (r2 > hi)
-    else:
-        s0, r2 = loglinear_fit(values, tes)
-        clipped_values = (r2 < lo) | (r2 > hi)
-        if method == "nonlinear" and values.size:
-            lo, hi = R2STAR_RANGE
-            init = np.zeros(msk.shape + (2,), dtype=np.float32)
-            init[msk, 0] = s0
-            init[msk, 1] = np.clip(r2, lo + 1e-3, hi - 1e-3)
-            fit = fit_voxelwise(
-                _DECAY_MODEL, mag, aux=jnp.asarray(tes, dtype=jnp.float32), mask=msk,
-                init=init, std_errors=False,
-            )
-            r2 = fit.params["r2star"][msk]
-            # the bounded fit stops on the bound instead of crossing it
-            clipped_values |= (r2 <= lo + 1e-6 * hi) | (r2 >= hi * (1 - 1e-6))
     out = np.zeros(msk.shape, dtype=np.float32)
     out[msk] = np.clip(r2, lo, hi)
     if not return_info:
@@ -287,14 +276,10 @@ def r2prime_map(r2star, r2=None, *, nominal_r2: float = 13.0, mask=None):
     InputError
         NaN or negative R2*/R2, shape mismatch, negative nominal R2.
     """
-    rs = np.asarray(r2star, dtype=np.float32)
-    if rs.ndim != 3:
-        raise InputError(f"r2star must be a 3D map (x, y, z) in 1/s, got shape {rs.shape}")
-    msk = np.ones(rs.shape, bool) if mask is None else np.asarray(mask).astype(bool)
-    if msk.shape != rs.shape:
-        raise InputError(f"mask shape {msk.shape} does not match r2star {rs.shape}")
-    if not np.all(np.isfinite(rs[msk])) or np.any(rs[msk] < 0):
-        raise InputError("r2star must be finite and non-negative (1/s) inside the mask")
+    rs = validate.as_volume(r2star, "r2star")
+    msk = validate.as_mask(mask, rs.shape, default_all=True, allow_empty=True)
+    validate.check_finite(rs, "r2star", msk, fix="fix the R2* fit or the mask")
+    validate.check_non_negative(rs, "r2star", msk, fix="R2* is a rate in 1/s")
     if r2 is None:
         if not (np.isfinite(nominal_r2) and nominal_r2 >= 0):
             raise InputError(f"nominal_r2 must be a non-negative rate in 1/s, got {nominal_r2!r}")

@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
 
-from chisep import metrics
+from chisep import metrics, validate
 from chisep.errors import InputError
 
 __all__ = [
@@ -134,33 +134,12 @@ _ROBUST_PERCENTILES = (1.0, 99.0)
 # ---------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------
-def _voxel_size(voxel_size) -> np.ndarray:
-    try:
-        vox = np.asarray(voxel_size, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise InputError(f"voxel_size must be three numbers in mm, got {voxel_size!r}") from None
-    if vox.size == 1:
-        vox = np.repeat(vox, 3)
-    if vox.size != 3 or not np.all(np.isfinite(vox)) or np.any(vox <= 0):
-        raise InputError(
-            f"voxel_size must be three positive numbers in mm, got {voxel_size!r}; "
-            "take it from Acquisition.voxel_size or the NIfTI header"
-        )
-    return vox
-
-
 def _as_map(name: str, array, shape=None, *, against: str = "the other maps") -> np.ndarray:
-    arr = np.asarray(array)
-    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise InputError(f"map {name!r} must hold real numbers, found dtype {arr.dtype}")
-    if arr.ndim != 3:
-        hint = f"; pass one echo, e.g. {name}[..., 0]" if arr.ndim == 4 else ""
-        raise InputError(f"map {name!r} must be a 3D (x, y, z) array, found shape {arr.shape}{hint}")
-    if shape is not None and arr.shape != tuple(shape):
-        raise InputError(
-            f"map {name!r} has shape {arr.shape} but {against} have shape {tuple(shape)}; "
-            "all maps must be on the same voxel grid"
-        )
+    if np.asarray(array).dtype == bool:
+        raise InputError(f"map {name!r} must hold real numbers, found dtype bool")
+    arr = validate.as_volume(array, f"map {name!r}", dtype=None, hint=f"pass one echo, e.g. {name}[..., 0]")
+    if shape is not None:
+        validate.check_same_grid(arr.shape, shape, f"map {name!r}", against)
     return arr
 
 
@@ -180,19 +159,7 @@ def _maps(maps, shape=None, *, what: str = "maps", against: str = "the other map
 
 
 def _mask(mask, shape, *, required: bool = False, allow_empty: bool = False) -> np.ndarray:
-    if mask is None:
-        if required:
-            raise InputError("mask is required: pass the brain mask the maps were reconstructed in")
-        return np.ones(shape, dtype=bool)
-    msk = np.asarray(mask)
-    if msk.shape != tuple(shape):
-        raise InputError(f"mask has shape {msk.shape} but the maps have shape {tuple(shape)}")
-    if not (msk.dtype == bool or np.issubdtype(msk.dtype, np.number)):
-        raise InputError(f"mask must be boolean or 0/1 numbers, found dtype {msk.dtype}")
-    msk = msk.astype(bool)
-    if not msk.any() and not allow_empty:
-        raise InputError("mask is empty (no voxel set); check the brain mask")
-    return msk
+    return validate.as_mask(mask, shape, default_all=not required, allow_empty=allow_empty)
 
 
 def _labels(labels, shape=None) -> np.ndarray:
@@ -330,7 +297,7 @@ def roi_statistics(
     labs = _labels(labels)
     arrays = _maps(maps, labs.shape, against="labels")
     names = _label_names(label_names)
-    vox = _voxel_size(voxel_size)
+    vox = validate.check_voxel_size(voxel_size)
     inside = _mask(mask, labs.shape)
 
     region_of_voxel = labs[inside]
@@ -690,7 +657,7 @@ def report_slices(mask, voxel_size, axcodes=None) -> tuple[int, int, int]:
     mass. Each cut stays inside the mask's extent.
     """
     msk = np.asarray(mask, dtype=bool)
-    vox = _voxel_size(voxel_size)
+    vox = validate.check_voxel_size(voxel_size)
     centre = list(_default_centre(msk, msk.shape))
     anatomical = axcodes is not None and all(code in (towards, _OPPOSITE[towards])
                                              for code, towards in zip(axcodes, _TOWARDS))
@@ -759,7 +726,7 @@ def montage_figure(
     """
     arrays = _maps(maps)
     shape = next(iter(arrays.values())).shape
-    vox = _voxel_size(voxel_size)
+    vox = validate.check_voxel_size(voxel_size)
     msk = None if mask is None else _mask(mask, shape)
     centre = _default_centre(msk, shape) if slices is None else _slices_arg(slices, shape)
     names = _ordered(arrays)
@@ -836,7 +803,7 @@ def mask_figure(magnitude, mask, *, voxel_size=(1.0, 1.0, 1.0), head_mask=None, 
     everywhere, so scalp or brain on the wrong side of the outline is visible.
     """
     mag = _as_map("magnitude", magnitude)
-    shape, vox = mag.shape, _voxel_size(voxel_size)
+    shape, vox = mag.shape, validate.check_voxel_size(voxel_size)
     brain = _mask(mask, shape, allow_empty=True)
     head = None if head_mask is None else _mask(head_mask, shape, allow_empty=True)
     marked = None if excluded is None else _mask(excluded, shape, allow_empty=True)
@@ -875,7 +842,7 @@ def quality_figure(magnitude, quality, *, flags: Mapping[int, str], voxel_size=(
     """
     mag = _as_map("magnitude", magnitude)
     q = np.asarray(quality).astype(np.int64)
-    shape, vox = mag.shape, _voxel_size(voxel_size)
+    shape, vox = mag.shape, validate.check_voxel_size(voxel_size)
     msk = None if mask is None else _mask(mask, shape, allow_empty=True)
     centre = (report_slices(msk, vox, axcodes) if msk is not None else _default_centre(None, shape)) \
         if slices is None else _slices_arg(slices, shape)
@@ -953,7 +920,7 @@ def comparison_figure(
         model: _maps(m, shape, what=f"estimates[{model!r}]", against="the truth maps") for model, m in estimates.items()
     }
     msk = _mask(mask, shape, required=True)
-    vox = _voxel_size(voxel_size)
+    vox = validate.check_voxel_size(voxel_size)
     labs = None if labels is None else _labels(labels, shape)
     columns = [name for name in maps if name in truth_maps]
     if not columns:

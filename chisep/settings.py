@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from chisep.errors import InputError
 
 MODEL_NAMES = ("chi-separation", "linear", "decompose")
@@ -24,7 +22,7 @@ DEFAULT_MODELS = ("chi-separation", "linear")
 EXPERIMENTAL_MODELS = {"decompose": "DECOMPOSE is experimental: its constants are not yet checked against Chen et "
                                     "al.'s full text, and it beats the thresholded QSM on the realistic heads only with "
                                     "chisep's QSM bound on its components (benchmarks/RESULTS.md)"}
-UNWRAP_METHODS = ("romeo", "laplacian")
+UNWRAP_METHODS = ("romeo", "laplacian", "none")
 FIELD_FIT_METHODS = ("nonlinear", "weighted-linear", "echo-average")
 R2STAR_METHODS = ("auto", "arlo", "loglinear", "nonlinear")
 BACKGROUND_METHODS = ("vsharp", "sharp", "resharp", "pdf", "lbv")
@@ -107,16 +105,14 @@ class SeparationSettings:
             raise InputError(f"r2prime_fraction is the share of R2* taken as R2' and must lie in (0, 1), "
                              f"got {self.r2prime_fraction}; or None for R2* minus nominal_r2")
 
-    def r2_map(self, r2star: np.ndarray, r2: np.ndarray | None) -> tuple[np.ndarray, str]:
-        """The R2 (1/s) every model uses: the measured map, else from R2* by the R2*-only rule; and its source."""
-        if r2 is not None:
-            return np.asarray(r2, dtype=np.float32), "measured"
-        nominal = np.full(np.shape(r2star), self.nominal_r2, np.float32)
-        if self.r2prime_fraction is not None:
-            cap = (1.0 - self.r2prime_fraction) * np.asarray(r2star, np.float32)
-            return np.minimum(nominal, cap).astype(np.float32), (
-                f"R2*-only: R2 = min({self.nominal_r2:g} 1/s, {1 - self.r2prime_fraction:g} R2*)")
-        return nominal, f"R2*-only: R2 = {self.nominal_r2:g} 1/s"
+    @property
+    def r2_rule(self) -> dict:
+        """The R2*-only rule as :class:`chisep.separation.base.SeparationInputs` takes it."""
+        return {"nominal_r2": self.nominal_r2, "r2prime_fraction": self.r2prime_fraction}
+
+    def options(self, model: str) -> dict:
+        """The keyword options of ``model``'s constructor (``chi_separation``, ``linear``, ``decompose``)."""
+        return dict(getattr(self, model.replace("-", "_")))
 
 
 @dataclass(frozen=True)

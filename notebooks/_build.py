@@ -126,12 +126,14 @@ QUICKSTART = [
     ("md", """
         ## 3. Separate paramagnetic and diamagnetic sources
 
-        `QsmMaps.separation_inputs()` hands the QSM map, its mask, the local field, R2\\* and the field noise to
-        `pipeline.separate`. R2' is R2\\* minus a nominal R2 (13 1/s) when no measured R2 is given.
+        `QsmMaps.separation_inputs()` gathers the QSM map, its mask, the local field, R2\\* and the field noise in
+        one `SeparationInputs`, which every model fits the same way (`model.fit(inputs)`); `pipeline.separate`
+        runs the models named in the settings. Without a measured R2, R2' is R2\\* minus
+        R2 = min(13 1/s, 0.7 R2\\*).
     """),
     ("code", """
         settings = pipeline.SeparationSettings(models=("chi-separation", "linear"))
-        results = pipeline.separate(acq, **qsm.separation_inputs(), settings=settings)
+        results = pipeline.separate(acq, qsm.separation_inputs(), settings=settings)
         chisep_maps = results["chi-separation"]
         for model, result in results.items():
             print(f"{model:15s} chi_para max {result.chi_para.max():.3f} ppm, "
@@ -266,7 +268,7 @@ IRON_VS_MYELIN = [
         sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="healthy", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, acq)
-        results = pipeline.separate(acq, **qsm.separation_inputs(),
+        results = pipeline.separate(acq, qsm.separation_inputs(),
                                     settings=pipeline.SeparationSettings(models=("chi-separation", "linear")))
         print("QSM steps (s):", qsm.timings)
     """),
@@ -424,7 +426,7 @@ PARADOXICAL = [
         sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="all", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, acq)
-        results = pipeline.separate(acq, **qsm.separation_inputs(),
+        results = pipeline.separate(acq, qsm.separation_inputs(),
                                     settings=pipeline.SeparationSettings(models=("chi-separation", "linear")))
         print("QSM steps (s):", qsm.timings)
     """),

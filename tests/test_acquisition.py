@@ -25,7 +25,6 @@ def test_uneven_echoes_have_no_spacing_and_override_direction():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(echo_times=[], field_strength=3), "empty"),
         (dict(echo_times=[0.01, 0.005], field_strength=3), "strictly increasing"),
         (dict(echo_times=[0.01, 0.01], field_strength=3), "strictly increasing"),
         (dict(echo_times=[4.0, 10.0], field_strength=3), "milliseconds"),
@@ -40,3 +39,17 @@ def test_uneven_echoes_have_no_spacing_and_override_direction():
 def test_invalid_acquisitions(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Acquisition(**kwargs)
+
+
+def test_maps_without_echoes_have_an_acquisition_with_no_echo_times():
+    # separation from QSM and R2* maps needs field strength and geometry only
+    acq = Acquisition(echo_times=(), field_strength=3.0, voxel_size=(1, 1, 2))
+    assert acq.n_echoes == 0 and acq.echo_spacing is None
+    np.testing.assert_allclose(acq.voxel_size, [1, 1, 2])
+    from chisep.errors import InputError
+    from chisep.separation import DecomposeModel
+
+    with pytest.raises(InputError, match="at least 4 echoes"):
+        DecomposeModel(acq)
+    with pytest.raises(InputError, match="voxel_size"):
+        Acquisition(echo_times=(), field_strength=3.0, voxel_size=(1, 1))

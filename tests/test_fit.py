@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from chisep.errors import InputError
-from chisep.fit import (OPTIMIZERS, VoxelModel, _to_theta, _to_u, fit_voxelwise, grid_init, numerical_gradient,
-                        voxel_loss)
+from chisep.fit import (
+    OPTIMIZERS,
+    VoxelModel,
+    _to_theta,
+    _to_u,
+    fit_voxelwise,
+    grid_init,
+    numerical_gradient,
+    voxel_loss,
+)
 
 TE = np.linspace(0.005, 0.04, 8)
 X = np.linspace(-1.0, 2.0, 7)

@@ -95,6 +95,20 @@ def test_round_trip_4d_with_sidecars(tmp_path):
     assert isinstance(data.header, nib.Nifti1Header)
 
 
+def test_phase_unwrapped_elsewhere_is_read_as_it_is(tmp_path):
+    mag, _ = make_data()
+    unwrapped = np.linspace(-40.0, 60.0, mag.size, dtype=np.float32).reshape(mag.shape)  # rad, far beyond pi
+    m, p = write_4d(tmp_path, mag, unwrapped)
+    data = io.load_gre(m, p, phase_unwrapped=True)
+    np.testing.assert_array_equal(data.phase, unwrapped)
+    assert "unwrapped" in data.sources["phase_scaling"]
+    flipped = io.load_gre(m, p, phase_unwrapped=True, phase_sign=-1)
+    np.testing.assert_array_equal(flipped.phase, -unwrapped)
+    # read as a scanner phase instead it would be rescaled to nonsense: refused, with the way out named
+    with pytest.raises(InputError, match="--unwrap none"):
+        io.load_gre(m, p)
+
+
 def test_round_trip_per_echo_files(tmp_path):
     mag, phase = make_data()
     mags, phases = write_per_echo(tmp_path, mag, phase)

@@ -220,15 +220,22 @@ def test_csf_reference_sets_the_ventricles_to_zero(dataset):
 
 def test_one_r2_rule_reaches_every_model():
     """Measured R2 wins; in R2*-only mode R2 = min(nominal, 0.7 R2*); None keeps the nominal R2 alone."""
+    from chisep.separation import SeparationInputs
+
     r2star = np.array([[[10.0, 20.0, 47.0]]], np.float32)
-    settings = pipeline.SeparationSettings()
-    r2, source = settings.r2_map(r2star, None)
-    np.testing.assert_allclose(r2, [[[7.0, 13.0, 13.0]]])  # grey-matter-like R2* keeps R2' = 0.3 R2*
-    assert "min" in source
-    nominal, _ = pipeline.SeparationSettings(r2prime_fraction=None).r2_map(r2star, None)
-    np.testing.assert_allclose(nominal, 13.0)
-    measured = np.full(r2star.shape, 9.0, np.float32)
-    assert pipeline.SeparationSettings().r2_map(r2star, measured)[1] == "measured"
+    mask = np.ones(r2star.shape, bool)
+
+    def inputs(settings, r2=None):
+        return SeparationInputs(mask=mask, r2star=r2star, r2=r2, r2_rule=settings.r2_rule)
+
+    rule = inputs(pipeline.SeparationSettings())
+    np.testing.assert_allclose(rule.r2, [[[7.0, 13.0, 13.0]]])  # grey-matter-like R2* keeps R2' = 0.3 R2*
+    np.testing.assert_allclose(rule.r2prime, [[[3.0, 7.0, 34.0]]])
+    assert "min" in rule.r2_source
+    np.testing.assert_allclose(inputs(pipeline.SeparationSettings(r2prime_fraction=None)).r2, 13.0)
+    measured = inputs(pipeline.SeparationSettings(), r2=np.full(r2star.shape, 9.0, np.float32))
+    assert measured.r2_source == "measured"
+    np.testing.assert_allclose(measured.r2prime, [[[1.0, 11.0, 38.0]]])
     with pytest.raises(InputError, match="r2prime_fraction"):
         pipeline.SeparationSettings(r2prime_fraction=1.5)
     assert pipeline.SeparationSettings(r2prime_fraction="off").r2prime_fraction is None  # TOML has no None
@@ -274,10 +281,39 @@ def test_every_map_a_model_returns_has_a_unit():
     chi = 0.02 * rng.standard_normal(mask.shape)
     te = 0.004 + 0.006 * np.arange(6)
     magnitude = np.exp(-20.0 * te) * (1 + 0.01 * rng.standard_normal(mask.shape + (6,)))
-    results = {"decompose": DecomposeModel(3.0, te).fit(magnitude, chi, mask),
-               "linear": LinearModel(3.0).fit(np.full(mask.shape, 20.0), chi, mask)}
+    from chisep.acquisition import Acquisition
+    from chisep.separation import SeparationInputs
+
+    acq = Acquisition(echo_times=te, field_strength=3.0)
+    inputs = SeparationInputs(mask=mask, chi=chi, magnitude=magnitude, r2star=np.full(mask.shape, 20.0))
+    results = {"decompose": DecomposeModel(acq).fit(inputs), "linear": LinearModel(acq).fit(inputs)}
     for model, result in results.items():
         for name in list(result.extra) + ["chi_para", "chi_dia", "chi_para_std", "chi_dia_std", "residual"]:
             unit, description, _ = pipeline._spec(name, model)
             assert unit and description, (model, name)
     assert pipeline._spec("residual_field_hz", "chi-separation")[0] == "Hz"
+
+
+def test_qsm_from_a_total_field_made_elsewhere():
+    # a later entry point: the true total field of a 3 mm phantom (as if fitted by another tool)
+    from chisep.sim.gre import simulate_gre
+    from chisep.sim.phantom import head_phantom
+
+    sim = simulate_gre(head_phantom(3.0), snr=None, seed=0)
+    t, acq = sim.truth, sim.acquisition
+    maps_only = Acquisition(echo_times=(), field_strength=acq.field_strength, affine=acq.affine)
+    settings = pipeline.QsmSettings(inversion="tv")
+    local, out_mask, chi = pipeline.qsm_from_field(t.field_total_hz, t.brain_mask, maps_only, settings=settings)
+    assert out_mask.sum() < t.brain_mask.sum() and not (out_mask & ~t.brain_mask).any()  # V-SHARP erodes
+    # the background (tens of Hz) is gone; what is left differs from the brain's own field by what
+    # V-SHARP takes away near the edge (measured 51 %; the total field itself scores far above 100 %)
+    assert metrics.nrmse(t.field_total_hz, t.field_local_hz, out_mask) > 300.0
+    assert metrics.nrmse(local, t.field_local_hz, out_mask) < 60.0
+    assert metrics.nrmse(chi, t.chi, out_mask) < 55.0  # measured 47 %
+    assert abs(chi[out_mask].mean()) < 1e-6  # referenced to the mask's mean
+    # the field's sign is the source's: a flipped field gives the opposite map
+    _, _, flipped = pipeline.qsm_from_field(-t.field_total_hz, t.brain_mask, maps_only, settings=settings)
+    assert metrics.nrmse(flipped, t.chi, out_mask) > 150.0
+    with pytest.raises(InputError, match="reference='csf'"):
+        pipeline.qsm_from_field(t.field_total_hz, t.brain_mask, maps_only,
+                                settings=pipeline.QsmSettings(reference="csf"))

@@ -226,3 +226,19 @@ def test_global_cycle_ambiguity_is_settled_by_the_median_field():
     uneven = np.array([0.004, 0.009, 0.016, 0.022])
     f, phi0, shift = _centre_whole_cycles(f_true + 1 / dte, phi0_true, uneven, measured)
     assert shift == 0 and np.allclose(f, f_true + 1 / dte)
+
+
+def test_phase_unwrapped_elsewhere_is_fitted_as_given():
+    # unwrap="none": the phase comes unwrapped (e.g. from ROMEO); the fit uses it without unwrapping,
+    # so an unwrapped phase gives the field, and a wrapped one is not silently "fixed"
+    signal, field, phi0, mask = scene()
+    true_phase = (phi0[..., None] + 2 * np.pi * field[..., None] * TES).astype(np.float32)
+    fit = fit_multi_echo_field(np.abs(signal), true_phase, TES, mask, method="weighted-linear", unwrap="none")
+    assert np.max(np.abs(fit.field_hz - field)[mask]) < 1e-3
+    np.testing.assert_array_equal(fit.unwrapped_phase[mask], true_phase[mask])
+    with pytest.warns(UserWarning, match="wraps"):
+        wrapped = fit_multi_echo_field(np.abs(signal), np.angle(signal), TES, mask, method="weighted-linear",
+                                       unwrap="none")
+    assert np.max(np.abs(wrapped.field_hz - field)[mask]) > 10.0
+    with pytest.raises(InputError, match="valid choices are: romeo, laplacian, none"):
+        fit_multi_echo_field(np.abs(signal), true_phase, TES, mask, unwrap="prelude")

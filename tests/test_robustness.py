@@ -137,7 +137,7 @@ def test_integer_phase_through_the_loader_matches_float_phase(results):
 
 def test_quality_map_flags_failed_voxels_instead_of_trusting_them():
     from chisep import pipeline
-    from chisep.separation.result import SeparationResult
+    from chisep.separation.base import SeparationFit
 
     shape = (6, 5, 4)
     mask = np.zeros(shape, bool)
@@ -154,7 +154,7 @@ def test_quality_map_flags_failed_voxels_instead_of_trusting_them():
     converged[1, 2, 1] = 0
     qsm = pipeline.QsmMaps(mask=mask & reliable, head_mask=mask, field_total=field, field_noise=noise,
                            field_local=ones, r2star=r2s, chi=chi, reconstruction_mask=reliable)
-    sep = {"decompose": SeparationResult(chi_para=ones, chi_dia=ones, extra={"converged": converged})}
+    sep = {"decompose": SeparationFit(chi_para=ones, chi_dia=ones, extra={"converged": converged})}
     q = pipeline.quality_map(qsm, sep)
     assert q.dtype == np.uint8 and not q[~mask].any()
     assert q[1, 1, 1] == 1 and q[2, 1, 1] == 1 | 8 and q[3, 1, 1] == 2 and q[4, 1, 1] == 8 and q[1, 2, 1] == 4

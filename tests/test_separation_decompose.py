@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
 from chisep.fit import numerical_gradient
 from chisep.separation.decompose import (
@@ -23,6 +24,29 @@ TE = 0.004 + 0.006 * np.arange(6)  # 6 echoes, 4-34 ms
 FULL_BUDGET = {"n_starts": 2, "max_steps": 40}
 
 
+def decompose(echo_times=TE, **options):
+    return DecomposeModel(Acquisition(echo_times=echo_times, field_strength=3.0), **options)
+
+
+def fit_maps(model, magnitude, chi, mask=None):
+    """The model interface on maps of any spatial shape (here 2D); the result has the input's shape."""
+    from chisep.separation import SeparationInputs
+
+    shape = np.shape(chi)
+    mask = np.ones(shape, bool) if mask is None else mask
+    extra_axes = (1,) * (3 - len(shape))
+    inputs = SeparationInputs(mask=mask.reshape(shape + extra_axes), chi=np.reshape(chi, shape + extra_axes),
+                              magnitude=np.reshape(magnitude, shape + extra_axes + np.shape(magnitude)[-1:]))
+    res = model.fit(inputs)
+
+    def back(a):
+        return None if a is None else a.reshape(shape)
+
+    return dataclasses.replace(res, chi_para=back(res.chi_para), chi_dia=back(res.chi_dia),
+                               chi_para_std=back(res.chi_para_std), chi_dia_std=back(res.chi_dia_std),
+                               residual=back(res.residual), extra={k: back(v) for k, v in res.extra.items()})
+
+
 def _truth(n, seed=0):
     rng = np.random.default_rng(seed)
     return {"c_para": rng.uniform(0.15, 0.5, n), "c_dia": rng.uniform(0.15, 0.5, n), "c_0": rng.uniform(0.2, 0.6, n),
@@ -31,20 +55,20 @@ def _truth(n, seed=0):
 
 
 def test_constants_and_forward_consistency():
-    model = DecomposeModel(3.0, TE)
+    model = decompose()
     assert model.a == pytest.approx(323.5, rel=1e-3)  # 2 pi / (9 sqrt 3) gamma B0 per ppm at 3 T
     assert model.omega == pytest.approx(2 / 3 * 2 * np.pi * 42.577478518 * 3, rel=1e-6)
     p = np.array([0.3, 0.2, 0.4, 15.0, 0.1, 0.07])
     np.testing.assert_allclose(np.asarray(decompose_forward(jnp.asarray(p), model.aux())),
-                               model.predict(*p), rtol=2e-5, atol=1e-6)
+                               model.forward(*p), rtol=2e-5, atol=1e-6)
     # a voxel with only the paramagnetic pool precesses at k omega0 chi: the phase used for the data
-    single = model.predict(1.0, 0.0, 0.0, 10.0, 0.12, 0.0)
+    single = model.forward(1.0, 0.0, 0.0, 10.0, 0.12, 0.0)
     data = model.data_from_qsm(np.abs(single), 0.12)
     np.testing.assert_allclose(data, single, rtol=1e-12)
 
 
 def test_jacobian_matches_autodiff_and_finite_differences():
-    model = DecomposeModel(3.0, TE)
+    model = decompose()
     with jax.enable_x64(True):
         aux = model.aux(np.float64)
         for p in ([0.3, 0.2, 0.4, 15.0, 0.1, 0.07], [0.05, 0.6, 0.1, 30.0, 0.4, 0.01]):
@@ -59,10 +83,10 @@ def test_jacobian_matches_autodiff_and_finite_differences():
 
 
 def test_noiseless_recovery():
-    model = DecomposeModel(3.0, TE, constants=FULL_BUDGET)
+    model = decompose(constants=FULL_BUDGET)
     n = 300
     truth = _truth(n)
-    signal = 250.0 * model.predict(**truth)  # arbitrary magnitude scale
+    signal = 250.0 * model.forward(**truth)  # arbitrary magnitude scale
     res = model.fit_signal(signal.reshape(10, 30, 6))
     est = {"chi_para": res.extra["pool_chi_para"], "chi_dia": res.extra["pool_chi_dia"], "r2star0": res.extra["r2star0"],
            "c_para": res.extra["c_para"] / 250.0, "c_dia": res.extra["c_dia"] / 250.0, "c_0": res.extra["c_0"] / 250.0}
@@ -82,7 +106,7 @@ def test_noiseless_recovery():
 
 def test_component_susceptibilities_of_one_pool_and_of_an_empty_pool():
     """One pool: PCS is its susceptibility and DCS 0, whatever the empty pool's fitted value."""
-    model = DecomposeModel(3.0, TE)
+    model = decompose()
     with jax.enable_x64(True):
         aux = model.aux(np.float64)
         for empty_chi in (0.0, 0.215, 0.5):  # 0.215: the value an empty pool took on the phantom's caudate
@@ -94,17 +118,17 @@ def test_component_susceptibilities_of_one_pool_and_of_an_empty_pool():
         pcs, _ = np.asarray(component_susceptibilities(jnp.asarray([0.5, 0.0, 0.5, 12.0, 0.02, 0.0]), aux))
         assert 0.4 * 0.02 < pcs < 0.6 * 0.02
     # end to end: a single-pool voxel fitted from noiseless data gives PCS = its chi and DCS ~ 0
-    signal = model.predict(1.0, 0.0, 0.0, 12.0, 0.08, 0.0)[None]
+    signal = model.forward(1.0, 0.0, 0.0, 12.0, 0.08, 0.0)[None]
     res = model.fit_signal(signal)
     assert res.chi_para[0] == pytest.approx(0.08, rel=2e-3) and res.chi_dia[0] < 2e-3
 
 
 def test_fit_from_magnitude_and_qsm_masked_bounds_and_uncertainty():
-    model = DecomposeModel(3.0, TE, constants=FULL_BUDGET)
+    model = decompose(constants=FULL_BUDGET)
     rng = np.random.default_rng(1)
     n, sigma = 400, 0.002
     p = {"c_para": 0.35, "c_dia": 0.3, "c_0": 0.35, "r2star0": 12.0, "chi_para": 0.15, "chi_dia": 0.1}
-    clean = model.predict(*[np.full(n, v) for v in p.values()])
+    clean = model.forward(*[np.full(n, v) for v in p.values()])
     noisy = clean + sigma * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
     res = model.fit_signal(noisy)
     good = res.extra["converged"].astype(bool)
@@ -127,7 +151,7 @@ def test_fit_from_magnitude_and_qsm_masked_bounds_and_uncertainty():
     chi = (np.full(n, p["chi_para"] - p["chi_dia"]) + 0.01 * rng.standard_normal(n)).reshape(20, 20)
     mask = np.zeros((20, 20), bool)
     mask[3:15, 5:] = True
-    res = model.fit(mag, chi, mask=mask)
+    res = fit_maps(model, mag, chi, mask=mask)
     for name, arr in res.maps().items():
         assert np.all(np.isfinite(arr)), name
         assert np.all(arr[~mask] == 0), name
@@ -140,10 +164,10 @@ def test_fit_from_magnitude_and_qsm_masked_bounds_and_uncertainty():
 def test_default_budget_gives_the_components_of_the_full_one():
     # the default (1 start, 15 steps) is 3x faster; what it returns, PCS and DCS, must not move
     truth = _truth(600, seed=3)
-    quick, full = DecomposeModel(3.0, TE), DecomposeModel(3.0, TE, constants=FULL_BUDGET)
+    quick, full = decompose(), decompose(constants=FULL_BUDGET)
     assert quick.constants["max_steps"] < full.constants["max_steps"]
     rng = np.random.default_rng(4)
-    clean = quick.predict(**truth)
+    clean = quick.forward(**truth)
     noisy = clean + 0.01 * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))  # SNR 100
     a, b = quick.fit_signal(noisy), full.fit_signal(noisy)
     with jax.enable_x64(True):
@@ -159,22 +183,22 @@ def test_default_budget_gives_the_components_of_the_full_one():
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="at least 4 echoes"):
-        DecomposeModel(3.0, TE[:3])
+        decompose(TE[:3])
     with pytest.raises(InputError, match="milliseconds"):
-        DecomposeModel(3.0, TE * 1000)
-    model = DecomposeModel(3.0, TE)
+        decompose(TE * 1000)
+    model = decompose()
     mag = np.ones((4, 4, 6))
     chi = np.zeros((4, 4))
     with pytest.raises(InputError, match="Hz or ppb"):
-        model.fit(mag, chi + 50.0)
+        fit_maps(model, mag, chi + 50.0)
     with pytest.raises(InputError, match="number of echo times"):
-        model.fit(mag[..., :5], chi)
+        fit_maps(model, mag[..., :5], chi)
     bad = mag.copy()
     bad[1, 1, 2] = np.nan
     with pytest.raises(InputError, match="NaN"):
-        model.fit(bad, chi)
+        fit_maps(model, bad, chi)
     with pytest.raises(InputError, match="negative"):
-        model.fit(-mag, chi)
+        fit_maps(model, -mag, chi)
     text = (
         "reference_field_strength_t = 3.0\n[constants]\nfrequency_factor = 0.6667\n"
         "[bounds]\nchi_para_max_ppm = 0.5\nchi_dia_max_ppm = 0.5\nr2star0_max_per_s = 150.0\n"
@@ -184,21 +208,21 @@ def test_bad_inputs(tmp_path):
     path = tmp_path / "decompose.toml"
     path.write_text(text)
     with pytest.raises(ModelFileError, match="dephasing_factor"):
-        DecomposeModel(3.0, TE, constants_file=path)
+        decompose(constants_file=path)
     path.write_text(text.replace("frequency_factor", "dephasing_factor = 0.403\nfrequency_factor"))
-    assert DecomposeModel(3.0, TE, constants_file=path).constants["n_starts"] == 1
+    assert decompose(constants_file=path).constants["n_starts"] == 1
 
 
 def test_components_are_lifted_to_the_bounds_qsm_sets():
     # chi = chi_para - chi_dia with both >= 0 forces chi_para >= chi and chi_dia >= -chi
+    from chisep.separation.base import SeparationFit
     from chisep.separation.decompose import bound_by_qsm
-    from chisep.separation.result import SeparationResult
 
     pcs = np.array([[0.05, 0.02, 0.00, 0.10]], np.float32)
     dcs = np.array([[0.01, 0.03, 0.20, 0.00]], np.float32)
     chi = np.array([[0.02, 0.08, -3.0, -0.05]], np.float32)  # a -3 ppm calcification in the third voxel
     mask = np.array([[True, True, True, False]])
-    res = bound_by_qsm(SeparationResult(chi_para=pcs * mask, chi_dia=dcs * mask), chi, mask)
+    res = bound_by_qsm(SeparationFit(chi_para=pcs * mask, chi_dia=dcs * mask), chi, mask)
     np.testing.assert_allclose(res.chi_para, [[0.05, 0.08, 0.0, 0.0]])
     np.testing.assert_allclose(res.chi_dia, [[0.01, 0.03, 3.0, 0.0]])
     np.testing.assert_array_equal(res.extra["bound_active"], [[0, 1, 2, 0]])
@@ -212,12 +236,12 @@ def test_quality_flags_voxels_whose_components_the_data_do_not_determine():
     from chisep import pipeline
     from chisep.pipeline import QsmMaps
 
-    model = DecomposeModel(3.0, TE)
+    model = decompose()
     rng = np.random.default_rng(5)
     truth = _truth(60, seed=5)
-    clean = model.predict(**truth)
+    clean = model.forward(**truth)
     noisy = clean + 0.002 * (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape))
-    res = model.fit(np.abs(noisy).reshape(6, 10, 6), (truth["chi_para"] - truth["chi_dia"]).reshape(6, 10))
+    res = fit_maps(model, np.abs(noisy).reshape(6, 10, 6), (truth["chi_para"] - truth["chi_dia"]).reshape(6, 10))
     assert res.extra["separable"].mean() > 0.9  # SNR 500: determined nearly everywhere
     assert res.extra["converged"].mean() < res.extra["separable"].mean()  # the solver's test is stricter
     # a voxel with an undetermined component is flagged, a determined one is not
@@ -233,3 +257,25 @@ def test_quality_flags_voxels_whose_components_the_data_do_not_determine():
     flags = pipeline.quality_map(maps, {"decompose": result})
     assert flags[0, 0, 0] & 4
     assert ((flags[..., 0] & 4) > 0).sum() == (res.extra["separable"] == 0).sum()
+
+
+def test_predict_reproduces_the_magnitude_it_was_fitted_to():
+    model = decompose(n_starts=2)
+    truth = _truth(40, seed=9)
+    signal = model.forward(**truth).reshape(4, 10, 1, 6)
+    chi = (truth["c_para"] * truth["chi_para"] - truth["c_dia"] * truth["chi_dia"]).reshape(4, 10, 1)
+    from chisep.separation import SeparationInputs
+
+    res = model.fit(SeparationInputs(mask=np.ones((4, 10, 1), bool), magnitude=np.abs(signal), chi=chi))
+    predicted = res.predict()
+    assert predicted["magnitude"].shape == signal.shape
+    # the data are |S| with the phase chi implies, not S itself: the pools fit them to a few percent
+    misfit = predicted["magnitude"] - np.abs(signal)
+    assert np.median(np.abs(misfit) / np.abs(signal).max(axis=-1, keepdims=True)) < 0.03
+    # and predict() is the forward model at the fitted parameters: | |pred| - |data| | <= |pred - data|,
+    # whose RMS over echoes is the fit's residual map
+    rms = np.sqrt(np.mean(misfit**2, axis=-1))
+    assert np.all(rms <= res.residual * (1 + 1e-3) + 1e-6)
+    # PCS - DCS follows the chi the phase was built from (Chen et al.'s chi = PCS - DCS, approximate)
+    assert np.corrcoef(predicted["chi"].ravel(), chi.ravel())[0, 1] > 0.9
+    assert np.sqrt(np.mean((predicted["chi"] - chi) ** 2)) < 0.35 * np.std(chi)

@@ -24,15 +24,16 @@ input's shape with zeros outside the returned mask.
 
 from __future__ import annotations
 
-import inspect
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chisep import grid as g
+from chisep import validate as v
 from chisep.errors import InputError
-from chisep.qsm import _grid as g
+from chisep.registry import Registry
 
 __all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "remove_background", "BACKGROUND_METHODS"]
 
@@ -41,8 +42,8 @@ __all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "remove_background", "BAC
 # shared pieces
 # ---------------------------------------------------------------------------
 def _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=0.0, fraction=0.0):
-    field, msk = g.check_volume_and_mask(field_hz, mask, name="field_hz")
-    vs, b0 = g.check_geometry(voxel_size, b0_direction)
+    field, msk = v.check_volume_and_mask(field_hz, mask, name="field_hz")
+    vs, b0 = v.check_geometry(voxel_size, b0_direction)
     grid = g.Grid.around(msk, g.margin_voxels(msk, vs, margin_mm=margin_mm, fraction=fraction))
     return field, msk, vs, b0, grid
 
@@ -60,7 +61,7 @@ def _finish(grid, local, used_mask, method):
 
 def _normalised_weights(weights, msk) -> np.ndarray:
     """Data weights checked against the mask and scaled to mean 1 in it (uniform when None)."""
-    w = g.check_optional_map(weights, msk.shape, name="weights")
+    w = v.check_optional_map(weights, msk.shape, name="weights")
     if w is None:
         return msk.astype(np.float32)
     if not np.any(w[msk] > 0):
@@ -133,7 +134,7 @@ def _vsharp_core(field, mask, radii, threshold, shape, voxel_size):
 
 
 def _radii_check(radius_mm, vs, name):
-    r = g.check_positive(radius_mm, name)
+    r = v.check_positive(radius_mm, name)
     if r < vs.min() - 1e-6:
         raise InputError(f"{name}={r:g} mm is below the smallest voxel size ({vs.min():g} mm): the sphere "
                          "would be a single voxel; use at least one voxel size")
@@ -180,7 +181,7 @@ def sharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0,
     """
     field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=radius_mm)
     radius = _radii_check(radius_mm, vs, "radius_mm")
-    thr = g.check_positive(threshold, "threshold")
+    thr = v.check_positive(threshold, "threshold")
     local, used = _vsharp_core(jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)),
                                jnp.asarray([radius], jnp.float32), jnp.float32(thr), grid.shape, g.as_jax(vs))
     return _finish(grid, local, used, "sharp")
@@ -224,11 +225,11 @@ def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0
     field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=max_radius_mm)
     r_max = _radii_check(max_radius_mm, vs, "max_radius_mm")
     r_min = _radii_check(vs.min() if min_radius_mm is None else min_radius_mm, vs, "min_radius_mm")
-    step = g.check_positive(vs.min() if step_mm is None else step_mm, "step_mm")
+    step = v.check_positive(vs.min() if step_mm is None else step_mm, "step_mm")
     if r_min > r_max:
         raise InputError(f"min_radius_mm ({r_min:g}) must not exceed max_radius_mm ({r_max:g})")
     radii = np.arange(r_max, r_min - 1e-6, -step, dtype=np.float32)
-    thr = g.check_positive(threshold, "threshold")
+    thr = v.check_positive(threshold, "threshold")
     local, used = _vsharp_core(jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)),
                                jnp.asarray(radii), jnp.float32(thr), grid.shape, g.as_jax(vs))
     return _finish(grid, local, used, "vsharp")
@@ -293,8 +294,8 @@ def resharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.
     w = _normalised_weights(weights, msk)
     local, used, _ = _resharp_core(
         jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)), jnp.asarray(grid.embed(w)), jnp.float32(radius),
-        jnp.float32(g.check_positive(lam, "lam")), g.check_count(max_iter, "max_iter"),
-        jnp.float32(g.check_positive(tol, "tol")), grid.shape, g.as_jax(vs))
+        jnp.float32(v.check_positive(lam, "lam")), v.check_count(max_iter, "max_iter"),
+        jnp.float32(v.check_positive(tol, "tol")), grid.shape, g.as_jax(vs))
     return _finish(grid, local, used, "resharp")
 
 
@@ -355,11 +356,11 @@ def pdf(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
     Biomed 2011;24:1129-1136.
     """
     field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction,
-                                        margin_mm=g.check_positive(margin_mm, "margin_mm"))
+                                        margin_mm=v.check_positive(margin_mm, "margin_mm"))
     w = _normalised_weights(weights, msk)
     local, used, _ = _pdf_core(
         jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)), jnp.asarray(grid.embed(w)),
-        g.check_count(max_iter, "max_iter"), jnp.float32(g.check_positive(tol, "tol")),
+        v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol")),
         grid.shape, g.as_jax(vs), jnp.asarray(b0, jnp.float32))
     return _finish(grid, local, used, "pdf")
 
@@ -437,23 +438,18 @@ def lbv(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
         interior &= np.roll(padded, 1, axis) & np.roll(padded, -1, axis)
     local, used, _ = _lbv_core(
         jnp.asarray(grid.embed(field)), jnp.asarray(padded, jnp.float32), jnp.asarray(interior, jnp.float32),
-        g.check_count(max_iter, "max_iter"), jnp.float32(g.check_positive(tol, "tol")), grid.shape, g.as_jax(vs))
+        v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol")), grid.shape, g.as_jax(vs))
     return _finish(grid, local, used, "lbv")
 
 
 # ---------------------------------------------------------------------------
 # dispatcher
 # ---------------------------------------------------------------------------
-BACKGROUND_METHODS = {"vsharp": vsharp, "sharp": sharp, "resharp": resharp, "pdf": pdf, "lbv": lbv}
-
-
-def _check_settings(func, settings, method):
-    params = inspect.signature(func).parameters
-    allowed = [n for n, p in params.items()
-               if p.kind is p.KEYWORD_ONLY and n not in ("voxel_size", "b0_direction", "weights")]
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise InputError(f"unknown setting(s) {unknown} for method {method!r}; valid settings: {', '.join(allowed)}")
+BACKGROUND_METHODS = Registry("background method")
+for _name, _func in (("vsharp", vsharp), ("sharp", sharp), ("resharp", resharp), ("pdf", pdf), ("lbv", lbv)):
+    BACKGROUND_METHODS.register(_name, _func)
+#: arguments every background method takes (the others are its own settings)
+_SHARED = ("voxel_size", "b0_direction", "weights")
 
 
 def remove_background(field_hz, mask, *, method: str = "vsharp", voxel_size=(1.0, 1.0, 1.0),
@@ -481,7 +477,6 @@ def remove_background(field_hz, mask, *, method: str = "vsharp", voxel_size=(1.0
     local_field_hz : float32 array, Hz
     eroded_mask : bool array
     """
-    g.check_choice(method, tuple(BACKGROUND_METHODS), "method")
-    func = BACKGROUND_METHODS[method]
-    _check_settings(func, settings, method)
+    func = BACKGROUND_METHODS.get(method)
+    BACKGROUND_METHODS.check_settings(method, settings, _SHARED)
     return func(field_hz, mask, voxel_size=voxel_size, b0_direction=b0_direction, weights=weights, **settings)

@@ -22,11 +22,13 @@ from typing import Literal, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from chisep import validate
 from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
 from chisep.fit import VoxelModel, fit_voxelwise
 from chisep.physics import wrap_phase
-from chisep.qsm.unwrap import UNWRAP_METHODS, unwrap as unwrap_phase
+from chisep.qsm.unwrap import UNWRAP_METHODS
+from chisep.qsm.unwrap import unwrap as unwrap_phase
 
 FieldMethod = Literal["nonlinear", "weighted-linear", "echo-average"]
 FIELD_METHODS = ("nonlinear", "weighted-linear", "echo-average")
@@ -61,7 +63,7 @@ class FieldFit:
     method : str
     info : dict
         ``noise_sigma`` (magnitude units), ``noise_source``, ``unwrap``,
-        ``aliased_fraction`` (voxels with |f| * max dTE > 0.5), warnings.
+        ``aliased_fraction`` (voxels with ``|f| * max dTE > 0.5``), warnings.
     """
 
     field_hz: np.ndarray
@@ -77,43 +79,18 @@ class FieldFit:
 # validation
 # ---------------------------------------------------------------------------
 def _validate(magnitude, phase, echo_times, mask):
-    ph = np.asarray(phase)
-    mag = np.asarray(magnitude)
+    ph = validate.as_volume(phase, "phase", ndims=(3, 4), hint="pass np.angle(z) for complex data")
     if ph.ndim == 3:
         ph = ph[..., None]
-    if mag.ndim == 3:
-        mag = mag[..., None]
-    if ph.ndim != 4:
-        raise InputError(f"phase must be 3D (x, y, z) or 4D (x, y, z, echo), got shape {np.shape(phase)}")
+    validate.check_finite(ph, "phase", fix="replace them (e.g. by 0) and exclude those voxels with the mask")
+    mag = np.asarray(magnitude)
+    mag = mag[..., None] if mag.ndim == 3 else mag
     if mag.shape != ph.shape:
-        raise InputError(
-            f"magnitude {np.shape(magnitude)} and phase {np.shape(phase)} must have the same shape; "
-            "check that both hold the same echoes on the same grid"
-        )
-    if np.iscomplexobj(ph):
-        raise InputError("phase must be real (rad); pass np.angle(z) for complex data")
-    ph = ph.astype(np.float32, copy=False)
-    mag = np.abs(mag).astype(np.float32, copy=False)
-    if not np.all(np.isfinite(ph)):
-        raise InputError(
-            f"phase contains {int(np.sum(~np.isfinite(ph)))} NaN or infinite values; "
-            "replace them (e.g. by 0) and exclude those voxels with the mask"
-        )
-    if not np.all(np.isfinite(mag)):
-        raise InputError(
-            f"magnitude contains {int(np.sum(~np.isfinite(mag)))} NaN or infinite values; replace them by 0"
-        )
-    n_echoes = ph.shape[-1]
-    tes = check_echo_times(echo_times, n_echoes)
-    if mask is None:
-        msk = np.ones(ph.shape[:3], dtype=bool)
-    else:
-        msk = np.asarray(mask)
-        if msk.shape != ph.shape[:3]:
-            raise InputError(f"mask shape {msk.shape} does not match the data's spatial shape {ph.shape[:3]}")
-        msk = msk.astype(bool)
-        if not msk.any():
-            raise InputError("mask is empty (no voxel is True)")
+        raise InputError(f"magnitude {np.shape(magnitude)} and phase {np.shape(phase)} must have the same shape; "
+                         "check that both hold the same echoes on the same grid")
+    mag = validate.as_magnitude(mag, ndims=(4,))
+    tes = check_echo_times(echo_times, ph.shape[-1])
+    msk = validate.as_mask(mask, ph.shape[:3], default_all=True)
     return mag, ph, tes, msk
 
 
@@ -201,8 +178,9 @@ def fit_multi_echo_field(
         (phi0 from the weighted-linear fit) averaged with weights
         ``TE_e m_e``, i.e. ``TE exp(-TE / T2*)`` with the measured decay
         (Wu et al. 2012; the chi-separation toolbox's default).
-    unwrap : {"romeo", "laplacian"}
-        Spatial/temporal unwrapping (see :mod:`chisep.qsm.unwrap`).
+    unwrap : {"romeo", "laplacian", "none"}
+        Spatial/temporal unwrapping (see :mod:`chisep.qsm.unwrap`); "none" when ``phase``
+        was unwrapped elsewhere (ROMEO, another toolbox): it is fitted as given.
     voxel_size : 3 floats, mm
     noise_sigma : float, optional
         Known noise standard deviation of the complex signal per real channel
@@ -238,10 +216,8 @@ def fit_multi_echo_field(
     magnetic susceptibility and T2* with multi-echo and multi-shot spirals.
     NeuroImage 2012;59:297-305.
     """
-    if method not in FIELD_METHODS:
-        raise InputError(f"unknown field-fit method {method!r}; choose one of {FIELD_METHODS}")
-    if unwrap not in UNWRAP_METHODS:
-        raise InputError(f"unknown unwrapping method {unwrap!r}; choose one of {UNWRAP_METHODS}")
+    validate.check_choice(method, FIELD_METHODS, "field-fit method")
+    UNWRAP_METHODS.get(unwrap)
     mag, ph, tes, msk = _validate(magnitude, phase, echo_times, mask)
     n_echoes = tes.size
     info: dict = {"unwrap": unwrap, "warnings": []}

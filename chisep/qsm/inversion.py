@@ -25,16 +25,17 @@ zero outside the mask.
 
 from __future__ import annotations
 
-import inspect
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chisep import grid as g
 from chisep import physics
+from chisep import validate as v
 from chisep.errors import InputError
-from chisep.qsm import _grid as g
+from chisep.registry import Registry
 
 __all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "invert", "reference", "INVERSION_METHODS"]
 
@@ -49,19 +50,19 @@ class _Problem:
 
     def __init__(self, local_field_hz, mask, voxel_size, b0_direction, field_strength, weights,
                  magnitude, pad_fraction):
-        field, msk = g.check_volume_and_mask(local_field_hz, mask, name="local_field_hz")
-        vs, b0 = g.check_geometry(voxel_size, b0_direction)
-        b0_t = g.check_positive(field_strength, "field_strength")
+        field, msk = v.check_volume_and_mask(local_field_hz, mask, name="local_field_hz")
+        vs, b0 = v.check_geometry(voxel_size, b0_direction)
+        b0_t = v.check_positive(field_strength, "field_strength")
         if not 0.1 <= b0_t <= 20.0:
             raise InputError(f"field_strength must be in tesla (0.1-20), got {field_strength!r}")
-        frac = g.check_positive(pad_fraction, "pad_fraction", allow_zero=True)
-        w = g.check_optional_map(weights, msk.shape, name="weights")
+        frac = v.check_positive(pad_fraction, "pad_fraction", allow_zero=True)
+        w = v.check_optional_map(weights, msk.shape, name="weights")
         if w is not None:
             if not np.any(w[msk] > 0):
                 raise InputError("weights are zero everywhere inside the mask; the mask and the weights do "
                                  "not overlap. Give positive weights (e.g. inverse field noise) in the brain")
             w = w / np.mean(w[msk])
-        self.magnitude = g.check_optional_map(magnitude, msk.shape, name="magnitude")
+        self.magnitude = v.check_optional_map(magnitude, msk.shape, name="magnitude")
         self.mask = msk
         self.grid = g.Grid.around(msk, g.margin_voxels(msk, vs, fraction=frac))
         self.field = jnp.asarray(self.grid.embed(physics.hz_to_ppm(field, b0_t)))
@@ -99,9 +100,7 @@ def _common_doc_params() -> str:  # noqa: D401 - shared text for docstrings
 # ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnums=(3,))
 def _tkd_core(field, mask, threshold, shape, voxel_size, b0):
-    D = g.dipole_half(shape, voxel_size, b0)
-    # Truncation keeps the kernel's sign: 1/D where |D| > t, sign(D)/t elsewhere (D(0) = 0 stays 0).
-    inverse = jnp.where(jnp.abs(D) > threshold, 1.0 / jnp.where(D == 0, 1.0, D), jnp.sign(D) / threshold)
+    inverse = g.tkd_inverse(g.dipole_half(shape, voxel_size, b0), threshold)
     return g.irfft(inverse * g.rfft(field * mask), shape) * mask
 
 
@@ -117,7 +116,7 @@ def tkd(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 
     Parameters
     ----------%s
     threshold : float
-        Truncation level of |D| (0.19).
+        Truncation level of ``|D|`` (0.19).
 
     Returns
     -------
@@ -133,7 +132,7 @@ def tkd(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 
     2010;63:1292-1304.
     """
     p = _Problem(local_field_hz, mask, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction)
-    thr = g.check_positive(threshold, "threshold")
+    thr = v.check_positive(threshold, "threshold")
     return p.finish(_tkd_core(p.field, p.mask_j, jnp.float32(thr), p.grid.shape, p.vs, p.b0))
 
 
@@ -177,10 +176,10 @@ def tikhonov(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(
     L2-regularization. J Magn Reson Imaging 2014;40:181-191.
     """
     p = _Problem(local_field_hz, mask, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction)
-    g.check_choice(regulariser, TIKHONOV_REGULARISERS, "regulariser")
+    v.check_choice(regulariser, TIKHONOV_REGULARISERS, "regulariser")
     if lam is None:
         lam = 0.01 if regulariser == "gradient" else 0.02
-    lam = g.check_positive(lam, "lam")
+    lam = v.check_positive(lam, "lam")
     return p.finish(_tikhonov_core(p.field, p.mask_j, jnp.float32(lam), p.grid.shape, regulariser, p.vs, p.b0))
 
 
@@ -212,7 +211,7 @@ def _tv_admm_core(field, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sha
         data_rhs = D * (mu_data * g.rfft(v + s_v) if weighted else F_field)
         X = (data_coef * data_rhs + mu_grad * grad_rhs) / denom
         x_new = g.irfft(X, shape)
-        grad_x = g.gradient(x_new, voxel_size)
+        grad_x = jnp.stack(g.gradient(x_new, voxel_size))
         u = grad_x - s_z
         z = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh, 0.0)
         s_z = s_z + z - grad_x
@@ -237,11 +236,11 @@ TV_DATA_TERMS = ("weighted", "linear")
 
 
 def _run_tv(p: _Problem, tv_weights, alpha, mu_grad, mu_data, max_iter, tol, data_term):
-    g.check_choice(data_term, TV_DATA_TERMS, "data_term")
+    v.check_choice(data_term, TV_DATA_TERMS, "data_term")
     x, _ = _tv_admm_core(
-        p.field, p.weights, tv_weights, jnp.float32(g.check_positive(alpha, "alpha")),
-        jnp.float32(g.check_positive(mu_grad, "mu_grad")), jnp.float32(g.check_positive(mu_data, "mu_data")),
-        g.check_count(max_iter, "max_iter"), jnp.float32(g.check_positive(tol, "tol", allow_zero=True)),
+        p.field, p.weights, tv_weights, jnp.float32(v.check_positive(alpha, "alpha")),
+        jnp.float32(v.check_positive(mu_grad, "mu_grad")), jnp.float32(v.check_positive(mu_data, "mu_data")),
+        v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol", allow_zero=True)),
         p.grid.shape, data_term == "weighted", p.vs, p.b0)
     return p.finish(x * p.mask_j)
 
@@ -292,29 +291,6 @@ def tv(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0
     return _run_tv(p, jnp.ones((3, 1, 1, 1), jnp.float32), alpha, mu_grad, mu_data, max_iter, tol, data_term)
 
 
-def edge_mask(magnitude, mask, voxel_size, *, edge_fraction: float = 0.3) -> np.ndarray:
-    """MEDI's gradient mask: 0 on the strongest magnitude edges, 1 elsewhere, per direction.
-
-    The magnitude is normalised inside the mask; along each axis, voxels
-    whose forward difference (per mm) is in the top ``edge_fraction`` of the
-    mask's values are treated as anatomical edges, where TV is not applied.
-
-    Returns
-    -------
-    (3, nx, ny, nz) float32 array of 0/1.
-    """
-    mag = np.asarray(magnitude, dtype=np.float32)
-    msk = np.asarray(mask, dtype=bool)
-    scale = np.max(mag[msk]) if np.any(mag[msk] > 0) else 1.0
-    mag = np.where(msk, mag / scale, 0.0)
-    out = np.ones((3,) + mag.shape, np.float32)
-    for axis in range(3):
-        diff = np.abs(np.roll(mag, -1, axis=axis) - mag) / float(voxel_size[axis])
-        level = np.quantile(diff[msk], 1.0 - edge_fraction)
-        out[axis] = np.where(msk & (diff > level), 0.0, 1.0)
-    return out
-
-
 def medi(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
          field_strength, weights=None, magnitude=None, alpha: float = 3e-4, edge_fraction: float = 0.3,
          mu_grad: float | None = None, mu_data: float = 1.0, max_iter: int = 30, tol: float = 0.01,
@@ -324,7 +300,7 @@ def medi(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0,
     Minimises ``1/2 ||W (D chi - f)||^2 + alpha ||M_G grad chi||_1`` where
     ``W`` are the data weights (pass the inverse field noise as ``weights``;
     uniform if None) and ``M_G`` is 0 on the ``edge_fraction`` strongest
-    magnitude edges (:func:`edge_mask`), so that anatomical edges seen in
+    magnitude edges (:func:`chisep.grid.edge_mask`), so that anatomical edges seen in
     the magnitude are not smoothed. MEDI's original solver is Gauss-Newton
     on a nonlinear (complex exponential) data term; here the linear data
     term is solved by the same ADMM as :func:`tv`.
@@ -358,11 +334,11 @@ def medi(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0,
         raise InputError("medi needs the magnitude image (magnitude=...) for its edge prior; "
                          "pass it or use method='tv'")
     p = _Problem(local_field_hz, mask, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction)
-    frac = g.check_positive(edge_fraction, "edge_fraction")
+    frac = v.check_positive(edge_fraction, "edge_fraction")
     if frac >= 1:
         raise InputError(f"edge_fraction must be below 1, got {edge_fraction!r}")
-    edges = edge_mask(p.magnitude, p.mask, p.vs_np, edge_fraction=frac)
-    tv_w = jnp.asarray(np.stack([p.grid.embed(e) + (1.0 - p.grid.embed(np.ones_like(e))) for e in edges]))
+    edges = g.edge_mask(p.magnitude, p.mask, p.vs_np, edge_fraction=frac)
+    tv_w = jnp.asarray(np.stack([p.grid.embed(e, fill=1.0) for e in edges]))
     mu_grad = 100.0 * alpha if mu_grad is None else mu_grad
     return _run_tv(p, tv_w, alpha, mu_grad, mu_data, max_iter, tol, "weighted")
 
@@ -458,8 +434,8 @@ def ilsqr(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0
     sparse least squares. ACM Trans Math Softw 1982;8:43-71.
     """
     p = _Problem(local_field_hz, mask, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction)
-    x, _ = _lsqr_core(p.field, p.weights, g.check_count(max_iter, "max_iter"),
-                      jnp.float32(g.check_positive(tol, "tol", allow_zero=True)), p.grid.shape, p.vs, p.b0)
+    x, _ = _lsqr_core(p.field, p.weights, v.check_count(max_iter, "max_iter"),
+                      jnp.float32(v.check_positive(tol, "tol", allow_zero=True)), p.grid.shape, p.vs, p.b0)
     return p.finish(x * p.mask_j)
 
 
@@ -470,7 +446,9 @@ for _f in (tkd, tikhonov, tv, medi, ilsqr):
 # ---------------------------------------------------------------------------
 # dispatcher and referencing
 # ---------------------------------------------------------------------------
-INVERSION_METHODS = {"tv": tv, "medi": medi, "ilsqr": ilsqr, "tikhonov": tikhonov, "tkd": tkd}
+INVERSION_METHODS = Registry("inversion method")
+for _name, _func in (("tv", tv), ("medi", medi), ("ilsqr", ilsqr), ("tikhonov", tikhonov), ("tkd", tkd)):
+    INVERSION_METHODS.register(_name, _func)
 _SIGNATURE_NAMES = ("voxel_size", "b0_direction", "field_strength", "weights", "magnitude")
 
 
@@ -491,13 +469,8 @@ def invert(local_field_hz, mask, *, method: str = "tv", voxel_size=(1.0, 1.0, 1.
     chi_ppm : (nx, ny, nz) float32 array, ppm, zero outside the mask (not referenced;
         see :func:`reference`).
     """
-    g.check_choice(method, tuple(INVERSION_METHODS), "method")
-    func = INVERSION_METHODS[method]
-    params = inspect.signature(func).parameters
-    allowed = [n for n, q in params.items() if q.kind is q.KEYWORD_ONLY and n not in _SIGNATURE_NAMES]
-    unknown = sorted(set(settings) - set(allowed))
-    if unknown:
-        raise InputError(f"unknown setting(s) {unknown} for method {method!r}; valid settings: {', '.join(allowed)}")
+    func = INVERSION_METHODS.get(method)
+    INVERSION_METHODS.check_settings(method, settings, _SIGNATURE_NAMES)
     return func(local_field_hz, mask, voxel_size=voxel_size, b0_direction=b0_direction,
                 field_strength=field_strength, weights=weights, magnitude=magnitude, **settings)
 
@@ -521,8 +494,8 @@ def reference(chi, mask, *, method: str = "mean", csf_mask=None) -> np.ndarray:
     -------
     chi_ppm : float32 array, zero outside ``mask``
     """
-    g.check_choice(method, REFERENCE_METHODS, "method")
-    values, msk = g.check_volume_and_mask(chi, mask, name="chi")
+    v.check_choice(method, REFERENCE_METHODS, "method")
+    values, msk = v.check_volume_and_mask(chi, mask, name="chi")
     if method == "mean":
         region = msk
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from chisep import validate
 from chisep.errors import InputError
 from chisep.physics import wrap_phase
 
@@ -19,28 +20,8 @@ from chisep.physics import wrap_phase
 BIAS_SIGMA_MM = 20.0
 
 
-def _check_voxel_size(voxel_size) -> np.ndarray:
-    vs = np.asarray(voxel_size, dtype=np.float64).reshape(-1)
-    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise InputError(f"voxel_size must be three positive numbers in mm, got {voxel_size!r}")
-    return vs
-
-
 def _combined_magnitude(magnitude) -> np.ndarray:
-    mag = np.asarray(magnitude)
-    if mag.ndim not in (3, 4):
-        raise InputError(
-            f"magnitude must be a 3D (x, y, z) or 4D (x, y, z, echo) array, got shape {mag.shape}"
-        )
-    if np.iscomplexobj(mag):
-        mag = np.abs(mag)
-    mag = mag.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(mag)):
-        raise InputError(
-            f"magnitude contains {int(np.sum(~np.isfinite(mag)))} NaN or infinite values; "
-            "replace them by 0"
-        )
-    mag = np.abs(mag)
+    mag = validate.as_magnitude(magnitude)
     if mag.ndim == 4:
         # root sum of squares over echoes: the SNR-optimal combination for a mask
         mag = np.sqrt(np.sum(mag.astype(np.float64) ** 2, axis=-1)).astype(np.float32)
@@ -53,7 +34,25 @@ def _combined_magnitude(magnitude) -> np.ndarray:
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Threshold that maximises the between-class variance of a histogram (Otsu 1979)."""
+    """Threshold that maximises the between-class variance of a histogram (Otsu 1979).
+
+    Parameters
+    ----------
+    values : array
+        Intensities (any shape; flattened).
+    bins : int
+        Histogram bins.
+
+    Returns
+    -------
+    float, in the units of ``values``.
+
+    Examples
+    --------
+    >>> values = np.concatenate([np.full(100, 1.0), np.full(100, 5.0)])
+    >>> 1.0 < otsu_threshold(values) < 5.0
+    True
+    """
     values = np.asarray(values, dtype=np.float64).ravel()
     hist, edges = np.histogram(values, bins=bins)
     centres = 0.5 * (edges[1:] + edges[:-1])
@@ -137,7 +136,7 @@ def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.n
     -------
     (x, y, z) bool array
     """
-    vs = _check_voxel_size(voxel_size)
+    vs = validate.check_voxel_size(voxel_size)
     m = np.asarray(mask)
     if m.ndim != 3:
         raise InputError(f"mask must be a 3D array, got shape {m.shape}")
@@ -201,7 +200,7 @@ def brain_mask(
         Wrong dimensions, NaN, all-zero magnitude, threshold out of range, or
         an empty mask.
     """
-    vs = _check_voxel_size(voxel_size)
+    vs = validate.check_voxel_size(voxel_size)
     mag = _combined_magnitude(magnitude)
     if threshold is not None and not (0.0 < float(threshold) < 1.0):
         raise InputError(
@@ -234,8 +233,18 @@ def phase_quality(phase, *, voxel_size=(1.0, 1.0, 1.0)) -> np.ndarray:
     is 0 for a locally linear (smooth) phase and uniform in [-pi, pi) for
     pure noise; ``1 - |.|/pi`` therefore averages 1 in good tissue and 0.5 in
     noise. The mean over axes is smoothed over a 3 mm neighbourhood.
+
+    Parameters
+    ----------
+    phase : (x, y, z) array, rad
+        One echo's phase, wrapped or not.
+    voxel_size : 3 floats, mm
+
+    Returns
+    -------
+    (x, y, z) float32 array in [0, 1].
     """
-    vs = _check_voxel_size(voxel_size)
+    vs = validate.check_voxel_size(voxel_size)
     phi = np.asarray(phase, dtype=np.float32)
     quality = np.zeros(phi.shape, dtype=np.float32)
     for axis in range(3):
@@ -279,20 +288,13 @@ def refine_mask_by_phase_quality(
     -------
     (x, y, z) bool array, a subset of ``mask``.
     """
-    m = np.asarray(mask).astype(bool)
-    phi = np.asarray(phase)
+    phi = validate.as_volume(phase, "phase", ndims=(3, 4))
     if phi.ndim == 4:
         phi = phi[..., 0]
-    if m.ndim != 3 or phi.shape != m.shape:
-        raise InputError(
-            f"mask {m.shape} and phase {np.asarray(phase).shape} must share the spatial shape (x, y, z)"
-        )
-    if not np.all(np.isfinite(phi)):
-        raise InputError("phase contains NaN or infinite values; replace them by 0")
+    m = validate.as_mask(mask, phi.shape)
+    validate.check_finite(phi, "phase", fix="replace them by 0")
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold must lie in (0, 1) (0.5 = noise, 1 = smooth), got {threshold}")
-    if not m.any():
-        raise InputError("mask is empty; nothing to refine")
     keep = m & (phase_quality(phi, voxel_size=voxel_size) >= threshold)
     if magnitude is not None:
         mag = _combined_magnitude(magnitude)
@@ -350,7 +352,7 @@ def brain_region(head, unreliable, *, voxel_size=(1.0, 1.0, 1.0), opening_mm: fl
     -------
     (x, y, z) bool, a subset of ``head``
     """
-    vs = _check_voxel_size(voxel_size)
+    vs = validate.check_voxel_size(voxel_size)
     head = np.asarray(head).astype(bool)
     unreliable = np.asarray(unreliable).astype(bool)
     if head.ndim != 3 or unreliable.shape != head.shape:

@@ -32,14 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import breadth_first_order, connected_components, minimum_spanning_tree
+from scipy.sparse.csgraph import (
+    breadth_first_order,
+    connected_components,
+    minimum_spanning_tree,
+)
 
+from chisep import validate
 from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
 from chisep.physics import wrap_phase
+from chisep.registry import Registry
 
-UnwrapMethod = Literal["romeo", "laplacian"]
-UNWRAP_METHODS = ("romeo", "laplacian")
+UnwrapMethod = Literal["romeo", "laplacian", "none"]
 
 _TWO_PI = 2.0 * np.pi
 
@@ -47,64 +52,21 @@ _TWO_PI = 2.0 * np.pi
 # ---------------------------------------------------------------------------
 # validation shared by the public functions
 # ---------------------------------------------------------------------------
-def _check_voxel_size(voxel_size) -> np.ndarray:
-    vs = np.asarray(voxel_size, dtype=np.float64).reshape(-1)
-    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise InputError(
-            f"voxel_size must be three positive numbers in mm, got {voxel_size!r}; "
-            "take it from the image header (Acquisition.voxel_size)"
-        )
-    return vs
-
-
-def _check_phase(phase, *, allow_4d: bool) -> np.ndarray:
-    arr = np.asarray(phase)
-    ndims = (3, 4) if allow_4d else (3,)
-    if arr.ndim not in ndims:
-        raise InputError(
-            f"phase must be a {' or '.join(f'{n}D' for n in ndims)} array (x, y, z[, echo]), "
-            f"got shape {arr.shape}"
-        )
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise InputError(
-            f"phase must hold real numbers in rad, got dtype {arr.dtype}; "
-            "pass np.angle(z) for complex data"
-        )
-    arr = arr.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(arr)):
-        raise InputError(
-            f"phase contains {int(np.sum(~np.isfinite(arr)))} NaN or infinite values; "
-            "replace them (e.g. by 0) and exclude those voxels with the mask"
-        )
-    return arr
+def _check_phase(phase) -> np.ndarray:
+    phi = validate.as_volume(phase, "phase", ndims=(3, 4), hint="pass np.angle(z) for complex data")
+    validate.check_finite(phi, "phase", fix="replace them (e.g. by 0) and exclude those voxels with the mask")
+    return phi
 
 
 def _check_mask(mask, shape3) -> np.ndarray:
-    if mask is None:
-        return np.ones(shape3, dtype=bool)
-    m = np.asarray(mask)
-    if m.shape != tuple(shape3):
-        raise InputError(
-            f"mask must have the spatial shape of the phase {tuple(shape3)}, got {m.shape}"
-        )
-    m = m.astype(bool)
-    if not m.any():
-        raise InputError("mask is empty (no voxel is True); check the mask or its threshold")
-    return m
+    return validate.as_mask(mask, shape3, default_all=True)
 
 
 def _check_magnitude(magnitude, shape) -> np.ndarray | None:
     if magnitude is None:
         return None
-    mag = np.asarray(magnitude)
-    if mag.shape != tuple(shape):
-        raise InputError(
-            f"magnitude must have the shape of the phase {tuple(shape)}, got {mag.shape}"
-        )
-    mag = np.abs(mag.astype(np.float32, copy=False))
-    if not np.all(np.isfinite(mag)):
-        raise InputError("magnitude contains NaN or infinite values; replace them by 0")
-    return mag
+    return validate.as_magnitude(magnitude, shape=shape[:3], ndims=(len(shape),),
+                                 n_echoes=shape[3] if len(shape) == 4 else None)
 
 
 def _check_echo_times(echo_times, n_echoes: int) -> np.ndarray:
@@ -538,8 +500,8 @@ def unwrap_romeo(
     >>> bool(np.allclose(np.ptp(u - truth), 0, atol=1e-4))
     True
     """
-    _check_voxel_size(voxel_size)
-    phi = _check_phase(phase, allow_4d=True)
+    validate.check_voxel_size(voxel_size)
+    phi = _check_phase(phase)
     msk = _check_mask(mask, phi.shape[:3])
     mag = _check_magnitude(magnitude, phi.shape)
     tes = None if phi.ndim == 3 else _check_echo_times(echo_times, phi.shape[-1])
@@ -630,7 +592,7 @@ def temporal_unwrap(phase, echo_times, mask=None, *, template_echo: int = 0) -> 
     -------
     (x, y, z, echo) float32 array, rad (0 outside the mask).
     """
-    phi = _check_phase(phase, allow_4d=True)
+    phi = _check_phase(phase)
     if phi.ndim != 4:
         raise InputError(f"temporal_unwrap needs 4D phase (x, y, z, echo), got shape {phi.shape}")
     n_echoes = phi.shape[-1]
@@ -779,8 +741,8 @@ def unwrap_laplacian(
     Ghiglia DC, Romero LA. Robust two-dimensional weighted and unweighted phase
     unwrapping that uses fast transforms and iterative methods. JOSA A 1994;11:107.
     """
-    vs = _check_voxel_size(voxel_size)
-    phi = _check_phase(phase, allow_4d=True)
+    vs = validate.check_voxel_size(voxel_size)
+    phi = _check_phase(phase)
     msk = _check_mask(mask, phi.shape[:3])
     _check_magnitude(magnitude, phi.shape)
     # solve in the bounding box of the mask: the DCTs dominate the cost
@@ -809,8 +771,9 @@ def unwrap(
     ----------
     phase : (x, y, z) or (x, y, z, echo) float array, rad
     mask : (x, y, z) bool array, optional
-    method : {"romeo", "laplacian"}
-        See :func:`unwrap_romeo` and :func:`unwrap_laplacian`.
+    method : {"romeo", "laplacian", "none"}
+        See :func:`unwrap_romeo` and :func:`unwrap_laplacian`; "none": the phase is
+        already unwrapped (e.g. by ROMEO itself) and is returned as it is.
     voxel_size : 3 floats, mm
     magnitude : array of the phase's shape, optional
     echo_times : sequence of float, s
@@ -821,13 +784,24 @@ def unwrap(
     -------
     float32 array of the phase's shape, rad.
     """
-    if method == "romeo":
-        return unwrap_romeo(
-            phase, mask, voxel_size=voxel_size, magnitude=magnitude, echo_times=echo_times
-        )
-    if method == "laplacian":
-        return unwrap_laplacian(phase, mask, voxel_size=voxel_size, magnitude=magnitude)
-    raise InputError(f"unknown unwrapping method {method!r}; choose one of {UNWRAP_METHODS}")
+    return UNWRAP_METHODS.get(method)(phase, mask, voxel_size=voxel_size, magnitude=magnitude,
+                                      echo_times=echo_times)
+
+
+#: unwrapping methods by name, all called as ``(phase, mask, *, voxel_size, magnitude, echo_times)``
+UNWRAP_METHODS = Registry("unwrapping method")
+UNWRAP_METHODS.register("romeo", unwrap_romeo)
+
+
+@UNWRAP_METHODS.register("laplacian")
+def _laplacian_echo_by_echo(phase, mask=None, *, voxel_size, magnitude=None, echo_times=None):
+    return unwrap_laplacian(phase, mask, voxel_size=voxel_size, magnitude=magnitude)  # no echo times needed
+
+
+@UNWRAP_METHODS.register("none")
+def already_unwrapped(phase, mask=None, *, voxel_size=None, magnitude=None, echo_times=None):
+    """Phase unwrapped elsewhere (ROMEO, a scanner's or another toolbox's unwrapping) passes as it is."""
+    return _check_phase(phase)
 
 
 __all__ = [

@@ -56,9 +56,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chisep import physics
+from chisep import grid, physics, validate
+from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
-from chisep.separation.constants import load_model_file, require_number, scale_with_field
+from chisep.separation.base import (
+    MODELS,
+    SeparationFit,
+    SeparationInputs,
+    SeparationModel,
+)
+from chisep.separation.constants import (
+    load_model_file,
+    require_number,
+    scale_with_field,
+)
 
 SOLVERS = ("admm", "fista")
 
@@ -206,31 +217,8 @@ def closed_form(chi_total, r2prime, *, dr_para: float, dr_dia: float):
 
 
 # ---------------------------------------------------------------------------
-# operators on the padded grid (periodic forward differences, in 1/mm)
+# operators on the padded grid (chisep.grid: periodic forward differences, in 1/mm)
 # ---------------------------------------------------------------------------
-# Gradients are tuples of three arrays rather than one stacked array: XLA on CPU
-# fuses the rolls into the surrounding elementwise work only then (about 3x
-# faster for the TV step, measured on a 144 x 176 x 150 grid).
-def _grad(x, h):
-    return tuple((jnp.roll(x, -1, axis=i) - x) / h[i] for i in range(3))
-
-
-def _grad_adjoint(g, h):
-    return sum((jnp.roll(g[i], 1, axis=i) - g[i]) / h[i] for i in range(3))
-
-
-def _laplacian_symbol(shape, h):
-    """Fourier symbol of grad^T grad for periodic forward differences, rfft layout."""
-    out = np.zeros((shape[0], shape[1], shape[2] // 2 + 1), np.float32)
-    for i in range(3):
-        n = shape[i]
-        k = np.arange(n) if i < 2 else np.arange(n // 2 + 1)
-        view = [1, 1, 1]
-        view[i] = k.size
-        out = out + ((2.0 - 2.0 * np.cos(2.0 * np.pi * k / n)) / h[i] ** 2).reshape(view).astype(np.float32)
-    return out
-
-
 def _box_qp(y, rp, wr2, a_p, a_d, rho, csf_w, mu, upper):
     """Voxelwise min_v 1/2 wr2 (a.v - rp)^2 + rho/2 |v - y|^2 + csf_w/2 |v - mu|^2, 0 <= v <= upper.
 
@@ -259,10 +247,6 @@ def _box_qp(y, rp, wr2, a_p, a_d, rho, csf_w, mu, upper):
     return jnp.minimum(out_p, upper[0]), jnp.minimum(out_d, upper[1])
 
 
-def _apply_dipole(x, kernel):
-    return jnp.fft.irfftn(jnp.fft.rfftn(x) * kernel, s=x.shape)
-
-
 def _csf_means(x_p, x_d, csf):
     n = jnp.maximum(jnp.sum(csf), 1.0)
     return jnp.sum(csf * x_p) / n, jnp.sum(csf * x_d) / n
@@ -271,16 +255,16 @@ def _csf_means(x_p, x_d, csf):
 def objective(x_p, x_d, prob, *, lam, lam_csf, a_p, a_d, tv_epsilon=0.0):
     """Value of the chi-separation objective (see module docstring) on the padded grid.
 
-    ``tv_epsilon > 0`` smooths |grad x| as sqrt(|grad x|^2 + eps^2) - eps
+    ``tv_epsilon > 0`` smooths ``|grad x|`` as ``sqrt(|grad x|^2 + eps^2) - eps``
     (differentiable; used by the FISTA solver and the gradient test).
     """
     h = prob["h"]
-    t = _apply_dipole(x_p - x_d, prob["kernel"])
+    t = grid.conv(x_p - x_d, prob["kernel"])
     data_f = 0.5 * jnp.sum(prob["wf2"] * (t - prob["phi"]) ** 2)
     data_r = 0.5 * jnp.sum(prob["wr2"] * (a_p * x_p + a_d * x_d - prob["rp"]) ** 2)
     tv = 0.0
     for x in (x_p, x_d):
-        g2 = sum((e * g) ** 2 for e, g in zip(prob["edge"], _grad(x, h)))
+        g2 = sum((e * g) ** 2 for e, g in zip(prob["edge"], grid.gradient(x, h)))
         tv = tv + jnp.sum(jnp.sqrt(g2 + tv_epsilon**2) - tv_epsilon)
     mu_p, mu_d = _csf_means(x_p, x_d, prob["csf"])
     csf = 0.5 * jnp.sum(prob["csf"] * ((x_p - mu_p) ** 2 + (x_d - mu_d) ** 2))
@@ -321,13 +305,13 @@ def _admm(prob, x_p, x_d, params):
         # TV step: isotropic shrinkage of the non-edge gradient components
         new_g, new_ug, rhs = [], [], []
         for x, g_prev, u in zip((x_p, x_d), g_old, u_g):
-            a = tuple(relax(gi, gp) + ui for gi, gp, ui in zip(_grad(x, h), g_prev, u))
+            a = tuple(relax(gi, gp) + ui for gi, gp, ui in zip(grid.gradient(x, h), g_prev, u))
             norm = jnp.sqrt(sum((e * ai) ** 2 for e, ai in zip(prob["edge"], a)))
             shrink = jnp.minimum(tau / jnp.maximum(norm, 1e-12), 1.0)
             g = tuple(ai - e * ai * shrink for e, ai in zip(prob["edge"], a))
             new_g.append(g)
             new_ug.append(tuple(ai - gi for ai, gi in zip(a, g)))
-            rhs.append(rho_g * _grad_adjoint(tuple(2.0 * gi - ai for gi, ai in zip(g, a)), h))
+            rhs.append(rho_g * grid.divergence_adjoint(tuple(2.0 * gi - ai for gi, ai in zip(g, a)), h))
         g_old, u_g = tuple(new_g), tuple(new_ug)
         # R2' data step + sign/bound/support projection + CSF (voxelwise)
         y = (relax(x_p, v_old[0]) + u_v[0], relax(x_d, v_old[1]) + u_v[1])
@@ -354,10 +338,10 @@ def _admm(prob, x_p, x_d, params):
         return (k < params["max_iter"]) & (delta > params["tol"])
 
     zeros = jnp.zeros_like(x_p)
-    dt0 = _apply_dipole(x_p - x_d, kernel)
+    dt0 = grid.conv(x_p - x_d, kernel)
     state0 = (
         jnp.asarray(0, jnp.int32), x_p, x_d, dt0, dt0, zeros,
-        (_grad(x_p, h), _grad(x_d, h)), ((zeros,) * 3, (zeros,) * 3), (x_p, x_d), (zeros, zeros),
+        (grid.gradient(x_p, h), grid.gradient(x_d, h)), ((zeros,) * 3, (zeros,) * 3), (x_p, x_d), (zeros, zeros),
         jnp.asarray(jnp.inf, jnp.float32), history0,
     )
     k, x_p, x_d, _, _, _, _, _, _, u_v, _, history = jax.lax.while_loop(cond, body, state0)
@@ -409,72 +393,47 @@ def _fista(prob, x_p, x_d, params):
 @jax.jit
 def _tkd(phi, mask, kernel, threshold):
     """Truncated k-space division (Shmueli et al., MRM 2009): quick QSM for the initial guess."""
-    safe = jnp.where(jnp.abs(kernel) < threshold, jnp.where(kernel < 0, -threshold, threshold), kernel)
-    return mask * jnp.fft.irfftn(jnp.fft.rfftn(phi) / safe, s=phi.shape)
+    return mask * jnp.fft.irfftn(jnp.fft.rfftn(phi) * grid.tkd_inverse(kernel, threshold), s=phi.shape)
 
 
 # ---------------------------------------------------------------------------
 # pure core
 # ---------------------------------------------------------------------------
-def _bounding_box(mask):
-    idx = np.nonzero(mask)
-    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """The padded FFT grid of one problem: crop/pad to it and back."""
-
-    shape: tuple
-    box: tuple
-    mask: np.ndarray
-
-    @property
-    def inner(self):
-        return tuple(s.stop - s.start for s in self.box)
-
-    def pad(self, a, default=0.0):
-        out = np.full(self.shape, default, np.float32)
-        if a is not None:
-            n = self.inner
-            out[: n[0], : n[1], : n[2]] = np.asarray(a, np.float32)[self.box]
-        return out
-
-    def unpad(self, a):
-        out = np.zeros(self.mask.shape, np.float32)
-        n = self.inner
-        out[self.box] = np.asarray(a)[: n[0], : n[1], : n[2]]
-        return out * self.mask
+_dipole = jax.jit(grid.dipole_half, static_argnums=0)
+_laplacian = jax.jit(grid.laplacian_half, static_argnums=0)
 
 
 def _padded_problem(local_field_hz, r2prime, mask, *, field_strength, voxel_size, b0_direction, dr_para, dr_dia,
                     field_weight=None, r2prime_weight=None, edge_weight=None, csf_mask=None, pad_factor=1.25):
     """Arrays of one problem on the padded grid (a plain dict: a JAX pytree) and the grid."""
     mask = np.asarray(mask, bool)
-    box = _bounding_box(mask)
-    inner = tuple(s.stop - s.start for s in box)
-    big = physics.padded_shape(inner, pad_factor) if pad_factor > 1 else inner
-    grid = _Grid(shape=tuple(big), box=box, mask=mask)
-    pad = grid.pad
+    # pad_factor - 1 of the mask's extent in all, half on each side (the QSM stages' PAD_FRACTION rule)
+    work = grid.Grid.around(mask, grid.margin_voxels(mask, voxel_size, fraction=(pad_factor - 1.0) / 2.0))
+    big = work.shape
     h = np.asarray(voxel_size, np.float32)
     cf = physics.centre_frequency_hz(field_strength) * 1e-6
     dr_mean = 0.5 * (dr_para + dr_dia)
+
+    def pad(a, fill=0.0):
+        return work.embed(np.where(mask, a, fill) if np.ndim(a) else np.full(mask.shape, a), fill)
+
     m = pad(mask)
     wf = pad(field_weight) if field_weight is not None else m
     wr = pad(r2prime_weight) if r2prime_weight is not None else m
     if edge_weight is None:
         edge = (np.ones(big, np.float32),) * 3
     else:
-        edge = tuple(pad(e, 1.0) for e in np.asarray(edge_weight))
-    kernel = physics.dipole_kernel(big, voxel_size, b0_direction)[:, :, : big[2] // 2 + 1]
+        edge = tuple(work.embed(e, fill=1.0) for e in np.asarray(edge_weight))
+    h_j, b0_j = grid.as_jax(h), grid.as_jax(b0_direction)
     prob = dict(
-        phi=jnp.asarray(pad(np.where(mask, local_field_hz, 0.0)) / cf),
-        rp=jnp.asarray(pad(np.where(mask, r2prime, 0.0)) / dr_mean),
+        phi=jnp.asarray(pad(local_field_hz) / cf),
+        rp=jnp.asarray(pad(r2prime) / dr_mean),
         wf2=jnp.asarray((wf * m) ** 2), wr2=jnp.asarray((wr * m) ** 2),
-        mask=jnp.asarray(m), csf=jnp.asarray(pad(csf_mask) * m), edge=tuple(jnp.asarray(e) for e in edge),
-        kernel=jnp.asarray(kernel), lap=jnp.asarray(_laplacian_symbol(big, h)), h=jnp.asarray(h),
+        mask=jnp.asarray(m), csf=jnp.asarray(pad(csf_mask if csf_mask is not None else 0.0) * m),
+        edge=tuple(jnp.asarray(e) for e in edge),
+        kernel=_dipole(big, h_j, b0_j), lap=_laplacian(big, h_j), h=h_j,
     )
-    return prob, grid
+    return prob, work
 
 
 def solve_chi_separation(
@@ -552,19 +511,23 @@ def solve_chi_separation(
     if solver not in SOLVERS:
         raise InputError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
     mask = np.asarray(mask, bool)
-    prob, grid = _padded_problem(
+    prob, work = _padded_problem(
         local_field_hz, r2prime, mask, field_strength=field_strength, voxel_size=voxel_size,
         b0_direction=b0_direction, dr_para=dr_para, dr_dia=dr_dia, field_weight=field_weight,
         r2prime_weight=r2prime_weight, edge_weight=edge_weight, csf_mask=csf_mask, pad_factor=pad_factor,
     )
-    pad, unpad, big, kernel = grid.pad, grid.unpad, grid.shape, prob["kernel"]
+    big, kernel = work.shape, prob["kernel"]
+
+    def unpad(a):
+        return np.where(mask, work.extract(np.asarray(a, np.float32)), 0.0).astype(np.float32)
+
     cf = physics.centre_frequency_hz(field_strength) * 1e-6
     dr_mean = 0.5 * (dr_para + dr_dia)
     a_p, a_d = dr_para / dr_mean, dr_dia / dr_mean
     if chi_init is None:
         chi0 = _tkd(prob["phi"], prob["mask"], kernel, 0.19)
     else:
-        chi0 = jnp.asarray(pad(np.where(mask, chi_init, 0.0)))
+        chi0 = jnp.asarray(work.embed(np.where(mask, chi_init, 0.0)))
     x_p, x_d = closed_form(chi0, prob["rp"] * dr_mean, dr_para=dr_para, dr_dia=dr_dia)
     x_p = jnp.minimum(x_p, chi_max[0]) * prob["mask"]
     x_d = jnp.minimum(x_d, chi_max[1]) * prob["mask"]
@@ -577,7 +540,7 @@ def solve_chi_separation(
     )
     run = _admm if solver == "admm" else _fista
     v_p, v_d, k, history = run(prob, x_p, x_d, params)
-    d_chi = _apply_dipole(v_p - v_d, kernel) * cf
+    d_chi = grid.conv(v_p - v_d, kernel) * cf
     value = objective(v_p, v_d, prob, lam=lam, lam_csf=lam_csf, a_p=a_p, a_d=a_d)
     k = int(k)
     return dict(
@@ -612,31 +575,6 @@ def r2prime_weight(r2prime, mask, *, low: float, high: float, out_of_band: float
     r2prime = np.asarray(r2prime)
     inside = (r2prime >= low) & (r2prime <= high)
     return (np.where(inside, 1.0, out_of_band) * mask).astype(np.float32)
-
-
-def edge_weight(image, mask, voxel_size, *, edge_fraction: float) -> np.ndarray:
-    """MEDI-style binary gradient mask (Liu et al., MRM 2011): 0 on edges, 1 elsewhere.
-
-    The forward differences (per mm) of ``image`` (normalised by its 99th
-    percentile in the mask) are computed along each axis; the largest
-    ``edge_fraction`` of the 3 x N components inside the mask are edges.
-
-    Returns
-    -------
-    (3, x, y, z) float32 array of 0/1.
-    """
-    img = np.where(mask, np.asarray(image, np.float32), 0.0)
-    scale = np.percentile(np.abs(img[mask]), 99) if mask.any() else 1.0
-    img = img / (scale if scale > 0 else 1.0)
-    h = np.asarray(voxel_size, np.float32)
-    grads = np.stack([np.abs(np.roll(img, -1, axis=i) - img) / h[i] for i in range(3)])
-    if edge_fraction <= 0:
-        return np.ones(grads.shape, np.float32)
-    values = grads[:, mask]
-    threshold = np.quantile(values, 1.0 - edge_fraction)
-    # ">=" so that tied maxima (piecewise-constant images) are all edges; a zero gradient never is
-    edges = (grads >= threshold) & (grads > 0)
-    return np.where(edges, 0.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -703,251 +641,144 @@ def estimate_noise(image, mask) -> float:
 
 
 # ---------------------------------------------------------------------------
-# input validation
+# unit checks (the model's own: values the other models do not see)
 # ---------------------------------------------------------------------------
-def _as_volume(name, value, shape=None, *, dtype=np.float32):
-    arr = np.asarray(value)
-    if arr.ndim != 3:
-        raise InputError(f"{name} must be a 3D (x, y, z) array; got shape {arr.shape}. "
-                         "Pass one echo-combined volume.")
-    if shape is not None and arr.shape != shape:
-        raise InputError(f"{name} has shape {arr.shape} but the local field has shape {shape}; "
-                         "all maps must be on the same voxel grid (resample or crop them first).")
-    return arr.astype(dtype) if dtype is not None else arr
-
-
-def _check_finite(name, arr, mask, fix):
-    bad = ~np.isfinite(arr) & mask
-    if bad.any():
-        raise InputError(f"{name} has {int(bad.sum())} NaN/inf voxels inside the mask; {fix}")
-
-
-def _validate_inputs(local_field_hz, r2prime, mask, field_strength):
-    field = _as_volume("local_field_hz", local_field_hz)
-    shape = field.shape
-    r2p = _as_volume("r2prime", r2prime, shape)
-    m = _as_volume("mask", mask, shape, dtype=None)
-    if m.dtype != bool:
-        values = np.unique(m)
-        if not np.all(np.isin(values, (0, 1))):
-            raise InputError(f"mask must be boolean or 0/1; found values such as {values[:5].tolist()}. "
-                             "Threshold it first (e.g. mask > 0.5).")
-        m = m == 1
-    if not m.any():
-        raise InputError("mask is empty (no voxel is True); nothing to separate. "
-                         "Check the brain mask (e.g. chisep.qsm.mask).")
-    _check_finite("local_field_hz", field, m, "remove them from the mask or fill them.")
-    _check_finite("r2prime", r2p, m,
-                  "R2' = max(R2* - R2, 0) must be finite where the mask is True; fix the R2* fit or the mask.")
-    negative = (r2p < 0) & m
-    if negative.any():
-        raise InputError(
-            f"r2prime has {int(negative.sum())} negative voxels inside the mask (min {float(r2p[m].min()):.3g} 1/s); "
-            "R2' is a non-negative rate: use R2' = max(R2* - R2, 0) (chisep.relax does this)."
-        )
+def _warn_on_units(field, r2p, m, field_strength, chi_init):
     cf = physics.centre_frequency_hz(field_strength) * 1e-6
     p99_ppm = float(np.percentile(np.abs(field[m]), 99)) / cf
     if p99_ppm == 0:
         warnings.warn("local_field_hz is zero everywhere in the mask; chi_para - chi_dia will be ~0.",
-                      stacklevel=3)
+                      stacklevel=4)
     elif p99_ppm < 2e-3:
         warnings.warn(
             f"local_field_hz looks too small for a local field in Hz at {field_strength:g} T (99th percentile "
             f"{p99_ppm * cf:.3g} Hz = {p99_ppm:.2g} ppm). If it is in ppm, multiply by CF*1e-6 = "
-            f"{cf:.1f} Hz/ppm; if it is phase in rad, divide by 2*pi*TE.", stacklevel=3)
+            f"{cf:.1f} Hz/ppm; if it is phase in rad, divide by 2*pi*TE.", stacklevel=4)
     elif p99_ppm > 3.0:
         warnings.warn(
             f"local_field_hz looks too large for a local (background-removed) field in Hz at {field_strength:g} T "
             f"(99th percentile {p99_ppm * cf:.3g} Hz = {p99_ppm:.2g} ppm). If it is in rad/s divide by 2*pi; "
-            "if the background field was not removed, run chisep.qsm.background first.", stacklevel=3)
+            "if the background field was not removed, run chisep.qsm.background first.", stacklevel=4)
     p99_r2p = float(np.percentile(r2p[m], 99))
     if 0 < p99_r2p < 0.5:
         warnings.warn(f"r2prime looks like it is in 1/ms (99th percentile {p99_r2p:.3g}); chisep expects 1/s "
-                      "(multiply by 1000).", stacklevel=3)
-    return field, r2p, m
+                      "(multiply by 1000).", stacklevel=4)
+    if chi_init is not None and np.percentile(np.abs(chi_init[m]), 99) > 5:
+        warnings.warn("chi has values above 5 ppm (99th percentile); chisep expects ppm, not ppb "
+                      "(divide by 1000).", stacklevel=4)
 
 
 # ---------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------
-class ChiSeparation:
-    """chi-separation model (Shin et al., NeuroImage 2021): settings and constants; ``fit`` runs it.
+@MODELS.register("chi-separation")
+class ChiSeparation(SeparationModel):
+    """chi-separation (Shin et al., NeuroImage 2021): chi_para, chi_dia from the local field and R2'.
+
+    Uses ``local_field_hz`` and R2' (``r2prime``, or ``r2star`` with ``r2``
+    or the R2*-only rule) of the :class:`SeparationInputs`; ``chi`` (QSM)
+    when given is the start (its closed-form split; TKD otherwise),
+    ``field_noise_hz`` weights the field term, the first echo of
+    ``magnitude`` adds MEDI edges to R2''s, ``csf_mask`` the CSF term.
 
     Parameters
     ----------
-    field_strength : float, T
+    acquisition : Acquisition
+        Field strength, voxel size and B0 direction.
     dr_para, dr_dia : float, Hz/ppm, optional
-        Relaxometric constants at ``field_strength``; default: the model file's
-        value (137 Hz/ppm at 3 T) scaled linearly with B0.
+        Relaxometric constants at the field strength; default: the model
+        file's value (137 Hz/ppm at 3 T) scaled linearly with B0.
     constants : str, Path or dict, optional
         A user TOML file (same keys as models/chi_separation.toml) or a parsed dict.
+    lam, lam_csf, max_iter, tol, pad_factor : optional
+        Override the model file's [regularisation] and [solver] values
+        (pad_factor: FFT grid size relative to the mask's bounding box, >= 1).
+    solver : {"admm", "fista"}
+    r2prime_noise : float or (x, y, z) array, 1/s, optional
+        R2' noise for the uncertainty maps; default: ``estimate_noise`` of R2'.
 
     Examples
     --------
-    >>> model = ChiSeparation(3.0)
+    >>> from chisep.acquisition import Acquisition
+    >>> model = ChiSeparation(Acquisition(echo_times=(), field_strength=3.0))
     >>> round(model.constants.dr_para, 1)
     137.0
-    >>> round(ChiSeparation(7.0).constants.dr_para, 1)
+    >>> round(ChiSeparation(Acquisition(echo_times=(), field_strength=7.0)).constants.dr_para, 1)
     319.7
     """
 
-    def __init__(self, field_strength: float, *, dr_para: float | None = None, dr_dia: float | None = None,
-                 constants: str | Path | Mapping | None = None):
-        try:
-            b0 = float(field_strength)
-        except (TypeError, ValueError):
-            raise InputError(f"field_strength must be a number in tesla; got {field_strength!r}") from None
-        if not (np.isfinite(b0) and 0 < b0 <= 20):
-            raise InputError(f"field_strength must be in (0, 20] T; got {field_strength!r} "
-                             "(give tesla, e.g. 3.0, not mT or Hz).")
-        c = load_constants(b0, constants)
+    name = "chi-separation"
+    requires = ("local_field_hz", "r2prime")
+
+    def __init__(self, acquisition: Acquisition, *, dr_para: float | None = None, dr_dia: float | None = None,
+                 constants: str | Path | Mapping | None = None, lam: float | None = None,
+                 lam_csf: float | None = None, max_iter: int | None = None, tol: float | None = None,
+                 solver: str = "admm", pad_factor: float | None = None, r2prime_noise=None):
+        super().__init__(acquisition)
+        c = load_constants(acquisition.field_strength, constants)
         for name, value in (("dr_para", dr_para), ("dr_dia", dr_dia)):
-            if value is not None and not (np.isfinite(value) and value > 0):
-                raise InputError(f"{name} must be a positive number in Hz/ppm; got {value!r}")
+            if value is not None:
+                validate.check_positive(value, f"{name} (Hz/ppm)")
         self.constants = replace(c, dr_para=float(dr_para) if dr_para is not None else c.dr_para,
                                  dr_dia=float(dr_dia) if dr_dia is not None else c.dr_dia)
-
-    @property
-    def field_strength(self) -> float:
-        return self.constants.field_strength_t
+        self.solver = validate.check_choice(solver, SOLVERS, "solver")
+        self.lam = validate.check_positive(c.lam if lam is None else lam, "lam", allow_zero=True)
+        self.lam_csf = validate.check_positive(c.lam_csf if lam_csf is None else lam_csf, "lam_csf", allow_zero=True)
+        self.tol = validate.check_positive(c.tol if tol is None else tol, "tol", allow_zero=True)
+        self.max_iter = validate.check_count(c.max_iter if max_iter is None else max_iter, "max_iter")
+        self.pad_factor = c.pad_factor if pad_factor is None else validate.check_positive(pad_factor, "pad_factor")
+        if self.pad_factor < 1:
+            raise InputError(f"pad_factor must be >= 1; got {pad_factor!r}")
+        if r2prime_noise is not None:
+            noise = np.asarray(r2prime_noise, np.float32)
+            if np.any(~np.isfinite(noise)) or np.any(noise < 0):
+                raise InputError("r2prime_noise must be finite and >= 0 (1/s)")
+        self.r2prime_noise = r2prime_noise
 
     def __repr__(self) -> str:
         c = self.constants
         return f"ChiSeparation(field_strength={c.field_strength_t:g}, dr_para={c.dr_para:.4g}, dr_dia={c.dr_dia:.4g})"
 
-    def fit(
-        self,
-        local_field_hz,
-        r2prime,
-        mask,
-        *,
-        voxel_size: Sequence[float],
-        b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
-        chi_init=None,
-        field_noise_hz=None,
-        r2prime_noise=None,
-        magnitude=None,
-        csf_mask=None,
-        lam: float | None = None,
-        lam_csf: float | None = None,
-        max_iter: int | None = None,
-        tol: float | None = None,
-        solver: str = "admm",
-        pad_factor: float | None = None,
-    ):
-        """Separate chi_para and chi_dia from a local field map and an R2' map.
+    def predict(self, fit) -> dict[str, np.ndarray]:
+        """Local field (Hz, CF 1e-6 D (chi_para - chi_dia), zero-padded FFT) and R2' (1/s) of ``fit``'s maps."""
+        c, acq = self.constants, self.acquisition
+        mask = fit.inputs.mask if fit.inputs is not None else np.ones(np.shape(fit.chi_para), bool)
+        field = physics.forward_field_hz(np.asarray(fit.chi_total, np.float32), acq.field_strength,
+                                         acq.voxel_size, acq.b0_direction)
+        r2prime = c.dr_para * np.asarray(fit.chi_para) + c.dr_dia * np.asarray(fit.chi_dia)
+        return {"local_field_hz": np.where(mask, np.asarray(field), 0.0).astype(np.float32),
+                "r2prime": np.where(mask, r2prime, 0.0).astype(np.float32)}
 
-        Parameters
-        ----------
-        local_field_hz : (x, y, z) array, Hz
-            Background-removed field, CF * 1e-6 * D * chi_total.
-        r2prime : (x, y, z) array, 1/s
-            R2' = max(R2* - R2, 0) (see chisep.relax; nominal R2 13 1/s at 3 T).
-        mask : (x, y, z) bool array
-        voxel_size : 3 floats, mm
-        b0_direction : 3 floats
-            B0 direction in voxel axes (physics.b0_direction_from_affine).
-        chi_init : (x, y, z) array, ppm, optional
-            A QSM map to start from (its closed-form split); default: TKD.
-        field_noise_hz : (x, y, z) array or float, Hz, optional
-            Field noise; weights the field term (inverse noise, normalised)
-            and feeds the uncertainty maps. Default: uniform weight, and the
-            robust standard deviation of the field residual for the uncertainty.
-        r2prime_noise : (x, y, z) array or float, 1/s, optional
-            R2' noise for the uncertainty maps; default: ``estimate_noise``.
-        magnitude : (x, y, z) array, optional
-            Magnitude image for the MEDI edge mask (R2' edges are always used).
-        csf_mask : (x, y, z) bool array, optional
-            CSF voxels whose chi_para and chi_dia are pulled to their mean.
-        lam, lam_csf, max_iter, tol, pad_factor : optional
-            Override the model file's [regularisation] and [solver] values
-            (pad_factor: FFT grid size relative to the mask's bounding box, >= 1).
-        solver : {"admm", "fista"}
+    def _fit(self, inputs: SeparationInputs, *, progress=None) -> SeparationFit:
+        """Solve the joint problem (module docstring); see the class docstring for the inputs used.
 
-        Returns
-        -------
-        SeparationResult
-            chi_para, chi_dia (ppm, >= 0), their std (ppm, voxelwise
-            linearisation, see ``voxelwise_std``), residual (ppm: root sum of
-            squares of the field misfit / (CF 1e-6) and the R2' misfit / mean
-            Dr), extra maps ``residual_field_hz`` and ``residual_r2prime``
-            (1/s), info (settings, constants, iterations, units).
-
-        Raises
-        ------
-        InputError
-            Shape mismatch, empty mask, NaN inside the mask, negative R2',
-            invalid settings.
+        Returns a fit with chi_para, chi_dia (ppm, >= 0), their std (ppm,
+        voxelwise linearisation, see ``voxelwise_std``), residual (ppm: root
+        sum of squares of the field misfit / (CF 1e-6) and the R2' misfit /
+        mean Dr), extra maps ``residual_field_hz`` and ``residual_r2prime``
+        (1/s), info (settings, constants, iterations, units).
         """
-        from chisep.separation.result import SeparationResult
-
-        c = self.constants
+        c, acq = self.constants, self.acquisition
         b0 = c.field_strength_t
-        field, r2p, m = _validate_inputs(local_field_hz, r2prime, mask, b0)
-        shape = field.shape
-        voxel_size = np.asarray(voxel_size, np.float64).reshape(-1)
-        if voxel_size.shape != (3,) or not np.all(np.isfinite(voxel_size)) or np.any(voxel_size <= 0):
-            raise InputError(f"voxel_size must be three positive numbers in mm; got {voxel_size.tolist()}")
-        try:
-            b0_dir = physics.normalise_direction(b0_direction)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
-        if solver not in SOLVERS:
-            raise InputError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
-        lam = c.lam if lam is None else float(lam)
-        lam_csf = c.lam_csf if lam_csf is None else float(lam_csf)
-        max_iter = c.max_iter if max_iter is None else max_iter
-        tol = c.tol if tol is None else float(tol)
-        for name, value in (("lam", lam), ("lam_csf", lam_csf), ("tol", tol)):
-            if not (np.isfinite(value) and value >= 0):
-                raise InputError(f"{name} must be a finite number >= 0; got {value!r}")
-        if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
-            raise InputError(f"max_iter must be a positive integer; got {max_iter!r}")
-        pad_factor = c.pad_factor if pad_factor is None else pad_factor
-        if not (np.isfinite(pad_factor) and pad_factor >= 1):
-            raise InputError(f"pad_factor must be >= 1; got {pad_factor!r}")
-
-        if chi_init is not None:
-            chi_init = _as_volume("chi_init", chi_init, shape)
-            _check_finite("chi_init", chi_init, m, "fill or mask them.")
-            if np.percentile(np.abs(chi_init[m]), 99) > 5:
-                warnings.warn("chi_init has values above 5 ppm (99th percentile); chisep expects ppm, "
-                              "not ppb (divide by 1000).", stacklevel=2)
-        noise_map = None
-        if field_noise_hz is not None:
-            if np.ndim(field_noise_hz) == 3:
-                noise_map = _as_volume("field_noise_hz", field_noise_hz, shape)
-            elif np.ndim(field_noise_hz) == 0:
-                noise_map = np.full(shape, float(field_noise_hz), np.float32)
-            else:
-                raise InputError(f"field_noise_hz must be a number or a 3D map; got shape {np.shape(field_noise_hz)}")
-            if np.any(np.isnan(noise_map[m])) or np.any(noise_map[m] < 0):
-                raise InputError("field_noise_hz must be >= 0 Hz (inf allowed for unusable voxels) inside the mask; "
-                                 "found NaN or negative values.")
-        if r2prime_noise is not None:
-            if np.ndim(r2prime_noise) == 3:
-                _as_volume("r2prime_noise", r2prime_noise, shape)
-            elif np.ndim(r2prime_noise) != 0:
-                raise InputError(f"r2prime_noise must be a number or a 3D map; got shape {np.shape(r2prime_noise)}")
-            if np.any(~np.isfinite(r2prime_noise)) or np.any(np.asarray(r2prime_noise) < 0):
-                raise InputError("r2prime_noise must be finite and >= 0 (1/s).")
-        csf = None
-        if csf_mask is not None:
-            csf = _as_volume("csf_mask", csf_mask, shape, dtype=None).astype(bool) & m
+        m = inputs.mask
+        shape = m.shape
+        field, r2p, chi_init = inputs.local_field_hz, inputs.r2prime, inputs.chi
+        voxel_size, b0_dir = validate.check_geometry(acq.voxel_size, acq.b0_direction)
+        _warn_on_units(field, r2p, m, b0, chi_init)
+        noise_map = inputs.field_noise_hz
         weight_f = field_weight_from_noise(noise_map, m) if noise_map is not None else None
         weight_r = r2prime_weight(r2p, m, low=c.r2prime_low, high=c.r2prime_high, out_of_band=c.out_of_band_weight)
-        edges = edge_weight(r2p, m, voxel_size, edge_fraction=c.edge_fraction)
-        if magnitude is not None:
-            mag = _as_volume("magnitude", magnitude, shape)
-            _check_finite("magnitude", mag, m, "fill or mask them.")
-            edges = edges * edge_weight(mag, m, voxel_size, edge_fraction=c.edge_fraction)
+        edges = grid.edge_mask(r2p, m, voxel_size, edge_fraction=c.edge_fraction)
+        if inputs.magnitude is not None:
+            edges = edges * grid.edge_mask(inputs.magnitude[..., 0], m, voxel_size, edge_fraction=c.edge_fraction)
 
         out = solve_chi_separation(
             field, r2p, m, field_strength=b0, voxel_size=voxel_size, b0_direction=b0_dir,
             dr_para=c.dr_para, dr_dia=c.dr_dia, chi_init=chi_init, field_weight=weight_f,
-            r2prime_weight=weight_r, edge_weight=edges, csf_mask=csf, lam=lam, lam_csf=lam_csf,
-            max_iter=int(max_iter), tol=tol, solver=solver, chi_max=(c.chi_para_max, c.chi_dia_max),
-            pad_factor=pad_factor, tv_epsilon=c.tv_epsilon, rho=c.rho, over_relaxation=c.over_relaxation,
+            r2prime_weight=weight_r, edge_weight=edges, csf_mask=inputs.csf_mask, lam=self.lam,
+            lam_csf=self.lam_csf, max_iter=self.max_iter, tol=self.tol, solver=self.solver,
+            chi_max=(c.chi_para_max, c.chi_dia_max), pad_factor=self.pad_factor, tv_epsilon=c.tv_epsilon,
+            rho=c.rho, over_relaxation=c.over_relaxation,
         )
         chi_p, chi_d = out["chi_para"], out["chi_dia"]
         cf = physics.centre_frequency_hz(b0) * 1e-6
@@ -958,27 +789,27 @@ class ChiSeparation:
         # field: the fit residual (the dipole term cannot follow white noise); R2': the map's
         # own high-pass (the R2' term is matched almost exactly, so its residual would not do)
         sigma_f = noise_map if noise_map is not None else _robust_std(res_f[m])
-        sigma_r = r2prime_noise if r2prime_noise is not None else estimate_noise(r2p, m)
+        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p, m)
         # voxels with infinite field noise (unusable) get an infinite std
         std_p, std_d = voxelwise_std(sigma_f, sigma_r, field_strength=b0, dr_para=c.dr_para, dr_dia=c.dr_dia)
         std_p = np.where(m, np.broadcast_to(std_p, shape), 0.0).astype(np.float32)
         std_d = np.where(m, np.broadcast_to(std_d, shape), 0.0).astype(np.float32)
         info = dict(
-            model="chi-separation",
+            model=self.name,
             reference="Shin H-G et al., NeuroImage 2021;240:118371",
             units=dict(chi_para="ppm", chi_dia="ppm (non-negative magnitude; chi_total = chi_para - chi_dia)",
                        chi_para_std="ppm", chi_dia_std="ppm",
                        residual="ppm (sqrt((field misfit / (CF*1e-6))^2 + (R2' misfit / mean Dr)^2))",
                        residual_field_hz="Hz", residual_r2prime="1/s"),
-            constants=asdict(c), solver=solver, lam=lam, lam_csf=lam_csf, max_iter=int(max_iter), tol=tol,
-            iterations=out["iterations"], update_history=out["history"].tolist(),
+            constants=asdict(c), solver=self.solver, lam=self.lam, lam_csf=self.lam_csf, max_iter=self.max_iter,
+            tol=self.tol, iterations=out["iterations"], update_history=out["history"].tolist(),
             padded_shape=list(out["padded_shape"]), voxel_size=voxel_size.tolist(),
-            b0_direction=b0_dir.tolist(), initialiser="chi_init closed form" if chi_init is not None else "TKD closed form",
+            b0_direction=b0_dir.tolist(), initialiser="chi closed form" if chi_init is not None else "TKD closed form",
             field_noise_hz_used=float(np.median(np.asarray(sigma_f)[m])) if np.ndim(sigma_f) == 3 else float(sigma_f),
             r2prime_noise_used=float(np.median(np.asarray(sigma_r))) if np.ndim(sigma_r) else float(sigma_r),
             std_note="voxelwise linearisation of the closed form; ignores regularisation and spatial coupling",
         )
-        return SeparationResult(
+        return SeparationFit(
             chi_para=chi_p, chi_dia=chi_d, chi_para_std=std_p, chi_dia_std=std_d,
             residual=residual, extra=dict(residual_field_hz=res_f, residual_r2prime=res_r), info=info,
         )

@@ -47,13 +47,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chisep.acquisition import check_echo_times
+from chisep import validate
+from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
 from chisep.fit import FitResult, VoxelModel, _effective_chunk, _pad_rows, fit_voxelwise
 from chisep.physics import centre_frequency_hz
+from chisep.separation.base import (
+    MODELS,
+    SeparationFit,
+    SeparationInputs,
+    SeparationModel,
+)
 from chisep.separation.constants import load_model_file, require_number
 from chisep.separation.linear import check_chi_ppm
-from chisep.separation.result import SeparationResult
 
 PARAM_NAMES = ("c_para", "c_dia", "c_0", "r2star0", "chi_para", "chi_dia")
 CONSTANT_KEYS = ("dephasing_factor", "frequency_factor", "chi_para_max_ppm", "chi_dia_max_ppm",
@@ -158,7 +164,7 @@ def _components_with_errors(params, aux, sigma2):
     return jax.vmap(one)(params, sigma2)
 
 
-def bound_by_qsm(result: SeparationResult, chi_ppm, mask) -> SeparationResult:
+def bound_by_qsm(result: SeparationFit, chi_ppm, mask) -> SeparationFit:
     """chi_para >= max(chi, 0) and chi_dia >= max(-chi, 0): the published PCS/DCS made consistent with QSM.
 
     Non-negative sources with chi = chi_para - chi_dia cannot have chi_para below chi nor
@@ -181,15 +187,14 @@ def bound_by_qsm(result: SeparationResult, chi_ppm, mask) -> SeparationResult:
     return dataclasses.replace(result, chi_para=para, chi_dia=dia, extra=extra, info=info)
 
 
-class DecomposeModel:
-    """DECOMPOSE-QSM model (build once for an acquisition, ``fit`` many volumes).
+@MODELS.register("decompose")
+class DecomposeModel(SeparationModel):
+    """DECOMPOSE-QSM (Chen et al. 2021): three pools fitted to the multi-echo ``magnitude`` and the QSM ``chi``.
 
     Parameters
     ----------
-    field_strength : float
-        B0 in T.
-    echo_times : sequence of float
-        Echo times in s, at least ``min_echoes`` (4) of them.
+    acquisition : Acquisition
+        Field strength and echo times (s), at least ``min_echoes`` (4) of them.
     constants : mapping, optional
         Overrides of the model-file keys (``dephasing_factor``,
         ``frequency_factor``, ``chi_para_max_ppm``, ``chi_dia_max_ppm``,
@@ -197,6 +202,11 @@ class DecomposeModel:
         ``max_abs_chi_ppm``).
     constants_file : path, optional
         A TOML file with the layout of ``models/decompose.toml``.
+    n_starts : int, optional
+        Number of best grid points refined per voxel (default from the model file).
+    optimizer : {"gauss-newton", "lbfgs", "adam"}
+    chunk_size : int
+        Voxels per compiled batch.
 
     Raises
     ------
@@ -206,24 +216,29 @@ class DecomposeModel:
         The model file lacks a constant (the message names it).
     """
 
-    def __init__(self, field_strength: float, echo_times, *, constants: Mapping[str, float] | None = None,
-                 constants_file: str | Path | None = None):
-        field_strength = float(field_strength)
-        if not np.isfinite(field_strength) or field_strength <= 0:
-            raise InputError(f"field_strength must be a positive number in T, got {field_strength}")
-        self.field_strength = field_strength
+    name = "decompose"
+    requires = ("magnitude", "chi")
+
+    def __init__(self, acquisition: Acquisition, *, constants: Mapping[str, float] | None = None,
+                 constants_file: str | Path | None = None, n_starts: int | None = None,
+                 optimizer: str = "gauss-newton", chunk_size: int = 65536):
+        super().__init__(acquisition)
+        field_strength = acquisition.field_strength
         self.constants, self.grid, self.source = _load_constants(constants_file)
         for key, value in dict(constants or {}).items():
             if key not in CONSTANT_KEYS:
                 raise InputError(f"constants: unknown key {key!r}; valid keys: {', '.join(CONSTANT_KEYS)}")
             self.constants[key] = float(value)
-        te = check_echo_times(echo_times)
+        te = np.asarray(acquisition.echo_times, np.float64)
         min_echoes = int(self.constants["min_echoes"])
         if te.size < min_echoes:
             raise InputError(
                 f"echo_times: DECOMPOSE-QSM needs at least {min_echoes} echoes (6 real parameters per voxel), "
                 f"got {te.size}; use a multi-echo acquisition or another separation model (linear, chi-separation)")
         self.echo_times = te
+        self.n_starts = validate.check_count(self.constants["n_starts"] if n_starts is None else n_starts,
+                                             "n_starts")
+        self.optimizer, self.chunk_size = optimizer, validate.check_count(chunk_size, "chunk_size")
         omega0 = 2.0 * np.pi * centre_frequency_hz(field_strength) * 1e-6  # rad/s per ppm
         self.omega0 = omega0
         self.a = self.constants["dephasing_factor"] * omega0  # 1/s per ppm
@@ -243,7 +258,7 @@ class DecomposeModel:
         return {"te": jnp.asarray(self.echo_times, dtype), "omega": jnp.asarray(self.omega, dtype),
                 "a": jnp.asarray(self.a, dtype)}
 
-    def predict(self, c_para, c_dia, c_0, r2star0, chi_para, chi_dia) -> np.ndarray:
+    def forward(self, c_para, c_dia, c_0, r2star0, chi_para, chi_dia) -> np.ndarray:
         """Complex signal (..., n_echoes) for parameter maps (any common shape); NumPy, float64."""
         p = np.broadcast_arrays(*[np.asarray(v, np.float64) for v in (c_para, c_dia, c_0, r2star0, chi_para, chi_dia)])
         te = self.echo_times
@@ -251,68 +266,39 @@ class DecomposeModel:
         return np.exp(-r0 * te) * (cp * np.exp(-self.a * xp * te + 1j * self.omega * xp * te)
                                    + cd * np.exp(-self.a * xd * te - 1j * self.omega * xd * te) + c0)
 
+    def predict(self, fit) -> dict[str, np.ndarray]:
+        """Multi-echo magnitude (x, y, z, echo) of the fitted pools and the chi they imply, PCS - DCS (ppm)."""
+        e = fit.extra
+        signal = self.forward(e["c_para"], e["c_dia"], e["c_0"], e["r2star0"], e["pool_chi_para"],
+                              e["pool_chi_dia"])
+        return {"magnitude": np.abs(signal).astype(np.float32), "chi": (e["pcs"] - e["dcs"]).astype(np.float32)}
+
     def data_from_qsm(self, magnitude, chi_ppm) -> np.ndarray:
         """Complex data: magnitude with the phase k omega0 chi TE implied by the QSM map."""
         phase = self.omega * np.asarray(chi_ppm, np.float64)[..., None] * self.echo_times
         return np.asarray(magnitude, np.float64) * np.exp(1j * phase)
 
-    def fit(self, magnitude, chi_ppm, mask=None, *, n_starts: int | None = None, optimizer: str = "gauss-newton",
-            chunk_size: int = 65536, progress: Callable[[int, int], None] | None = None) -> SeparationResult:
-        """Fit DECOMPOSE-QSM to multi-echo magnitude and a QSM map.
-
-        Parameters
-        ----------
-        magnitude : ndarray (..., n_echoes)
-            Multi-echo magnitude (any scale, >= 0).
-        chi_ppm : ndarray (...)
-            QSM map in ppm (positive = paramagnetic).
-        mask : ndarray of bool (...), optional
-            Voxels to fit; outputs are 0 outside.
-        n_starts : int, optional
-            Number of best grid points refined per voxel (default from the model file).
-        optimizer : {"gauss-newton", "lbfgs", "adam"}
-        chunk_size : int
-            Voxels per compiled batch.
-        progress : callable(done, total), optional
-
-        Returns
-        -------
-        SeparationResult
-            chi_para = max(PCS, chi, 0), chi_dia = max(DCS, -chi, 0) (ppm, magnitude;
-            :func:`bound_by_qsm`), the standard errors of PCS and DCS, residual (RMS
-            complex residual, magnitude units) and extra maps pcs, dcs (as published),
-            bound_active, c_para, c_dia, c_0 (magnitude units), r2star0 (1/s), their
-            ``*_std``, ``converged`` and ``steps``.
+    def _fit(self, inputs: SeparationInputs, *, progress=None) -> SeparationFit:
+        """Returns chi_para = max(PCS, chi, 0), chi_dia = max(DCS, -chi, 0) (ppm, magnitude;
+        :func:`bound_by_qsm`), the standard errors of PCS and DCS, residual (RMS complex residual,
+        magnitude units) and extra maps pcs, dcs (as published), bound_active, c_para, c_dia, c_0
+        (magnitude units), r2star0 (1/s), their ``*_std``, ``converged`` and ``steps``.
         """
-        magnitude = np.asarray(magnitude)
-        chi = np.asarray(chi_ppm)
+        magnitude, chi, mask = inputs.magnitude, inputs.chi, inputs.mask
         self._check_shapes(magnitude, chi.shape)
-        mask = _check_mask(mask, chi.shape)
-        for name, arr in (("magnitude", magnitude), ("chi", chi)):
-            bad = ~np.isfinite(arr[mask])
-            if bad.any():
-                raise InputError(f"{name} holds NaN or inf in {int(bad.reshape(bad.shape[0], -1).any(-1).sum())} masked "
-                                 "voxel(s); fix the input or exclude those voxels from the mask")
-        if np.any(magnitude[mask] < 0):
-            raise InputError("magnitude has negative values; pass the magnitude images, not real parts or phase")
         check_chi_ppm(chi, mask, self.constants["max_abs_chi_ppm"])
-        result = self.fit_signal(self.data_from_qsm(magnitude, chi), mask, n_starts=n_starts, optimizer=optimizer,
-                                 chunk_size=chunk_size, progress=progress)
+        result = self.fit_signal(self.data_from_qsm(magnitude, chi), mask, progress=progress)
         result.info["data"] = "magnitude with QSM-implied phase k*omega0*chi*TE"
         return bound_by_qsm(result, chi, mask)
 
-    def fit_signal(self, signal, mask=None, *, n_starts: int | None = None, optimizer: str = "gauss-newton",
-                   chunk_size: int = 65536, progress: Callable[[int, int], None] | None = None,
-                   init=None) -> SeparationResult:
-        """Fit the model to complex multi-echo data (..., n_echoes) directly (see :meth:`fit`)."""
+    def fit_signal(self, signal, mask=None, *, progress: Callable[[int, int], None] | None = None,
+                   init=None) -> SeparationFit:
+        """Fit the pools to complex multi-echo data (..., n_echoes) directly: the published PCS/DCS, no QSM bound."""
         signal = np.asarray(signal)
         self._check_shapes(signal, signal.shape[:-1])
-        mask = _check_mask(mask, signal.shape[:-1])
-        if not np.all(np.isfinite(signal[mask])):
-            raise InputError("signal holds NaN or inf in masked voxels")
-        n_starts = int(self.constants["n_starts"] if n_starts is None else n_starts)
-        if n_starts < 1:
-            raise InputError(f"n_starts must be >= 1, got {n_starts}")
+        mask = validate.as_mask(mask, signal.shape[:-1], default_all=True, allow_empty=True)
+        validate.check_finite(signal, "signal", mask)
+        n_starts, optimizer, chunk_size = self.n_starts, self.optimizer, self.chunk_size
         use64 = bool(jax.config.jax_enable_x64) and signal.dtype == np.complex128
         real_dtype = np.float64 if use64 else np.float32
         cplx_dtype = np.complex128 if use64 else np.complex64
@@ -399,7 +385,7 @@ class DecomposeModel:
         out_v[mask], out_e[mask] = values, errors
         return out_v, out_e
 
-    def _to_result(self, fit: FitResult, scale, mask, n_starts) -> SeparationResult:
+    def _to_result(self, fit: FitResult, scale, mask, n_starts) -> SeparationFit:
         p, se = fit.params, fit.std_errors
         extra = {}
         for name in ("c_para", "c_dia", "c_0"):
@@ -418,7 +404,7 @@ class DecomposeModel:
         # which fails in most voxels along directions PCS/DCS do not depend on (an empty pool's chi)
         limit = self.constants["max_component_std_ppm"]
         extra["separable"] = (mask & np.all(np.isfinite(error) & (error <= limit), axis=-1)).astype(np.uint8)
-        return SeparationResult(
+        return SeparationFit(
             chi_para=np.maximum(value[..., 0], 0.0) * mask,
             chi_dia=np.maximum(value[..., 1], 0.0) * mask,
             chi_para_std=error[..., 0],
@@ -471,15 +457,6 @@ def _varpro_grid(data, cands, aux, n_best):
     cost = jnp.sum((pred - y[:, None, :]) ** 2, axis=-1)  # (N, G)
     _, idx = jax.lax.top_k(-cost, n_best)
     return idx, jnp.take_along_axis(amps, idx[..., None], axis=1)
-
-
-def _check_mask(mask, shape):
-    if mask is None:
-        return np.ones(shape, bool)
-    mask = np.asarray(mask)
-    if mask.shape != tuple(shape):
-        raise InputError(f"mask shape {mask.shape} does not match the data's spatial shape {tuple(shape)}")
-    return mask.astype(bool)
 
 
 def _load_constants(path) -> tuple[dict, dict, str]:

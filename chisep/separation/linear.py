@@ -31,9 +31,19 @@ from typing import Mapping
 
 import numpy as np
 
+from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
-from chisep.separation.constants import load_model_file, require_number, scale_with_field
-from chisep.separation.result import SeparationResult
+from chisep.separation.base import (
+    MODELS,
+    SeparationFit,
+    SeparationInputs,
+    SeparationModel,
+)
+from chisep.separation.constants import (
+    load_model_file,
+    require_number,
+    scale_with_field,
+)
 
 COEFFICIENT_KEYS = ("a_para", "a_dia", "b_para", "b_dia", "r2star0", "chi0")
 
@@ -68,37 +78,48 @@ def _load_coefficients(field_strength: float, path) -> tuple[dict, dict, dict, s
     return coefficients, noise, checks, source
 
 
-class LinearModel:
-    """Linear R2*/chi separation model (dipy style: build once, ``fit`` many).
+@MODELS.register("linear")
+class LinearModel(SeparationModel):
+    """Linear R2*/chi separation, per voxel in closed form (uses ``r2star``, ``chi`` and ``r2`` of the inputs).
+
+    With a measured R2 (or the R2*-only rule of :class:`SeparationInputs`),
+    R2* - R2 = R2' drives the relaxometric equation in place of the nominal
+    R2*_0.
 
     Parameters
     ----------
-    field_strength : float
-        B0 in T; relaxometric coefficients from the model file are scaled
-        linearly from its reference field.
+    acquisition : Acquisition
+        Field strength (relaxometric coefficients from the model file are
+        scaled linearly from its reference field).
     coefficients : mapping, optional
         Overrides of ``a_para``, ``a_dia`` (Hz/ppm at this field, no scaling),
         ``b_para``, ``b_dia`` (dimensionless), ``r2star0`` (1/s), ``chi0`` (ppm).
     coefficients_file : path, optional
         A TOML file with the keys of ``models/linear_r2star_chi.toml``
         (calibrated coefficients); default: the packaged file.
+    r2star_sigma, chi_sigma : float or (x, y, z) array, optional
+        Noise standard deviations (1/s, ppm) used as weights and for the
+        uncertainty maps; default from the model file's ``[noise]``.
 
     Examples
     --------
     >>> import numpy as np
-    >>> model = LinearModel(3.0)
-    >>> r2s, chi = model.predict(np.array([0.1]), np.array([0.02]))
-    >>> res = model.fit(r2s, chi)
-    >>> bool(np.allclose([res.chi_para[0], res.chi_dia[0]], [0.1, 0.02], atol=1e-5))
+    >>> from chisep.acquisition import Acquisition
+    >>> from chisep.separation.base import SeparationInputs
+    >>> model = LinearModel(Acquisition(echo_times=(), field_strength=3.0))
+    >>> r2s, chi = model.forward(np.full((1, 1, 1), 0.1), np.full((1, 1, 1), 0.02), r2=np.full((1, 1, 1), 12.0))
+    >>> fit = model.fit(SeparationInputs(mask=np.ones((1, 1, 1), bool), r2star=r2s, chi=chi, r2=np.full((1, 1, 1), 12.0)))
+    >>> bool(np.allclose([fit.chi_para[0, 0, 0], fit.chi_dia[0, 0, 0]], [0.1, 0.02], atol=1e-5))
     True
     """
 
-    def __init__(self, field_strength: float, *, coefficients: Mapping[str, float] | None = None,
-                 coefficients_file: str | Path | None = None):
-        field_strength = float(field_strength)
-        if not np.isfinite(field_strength) or field_strength <= 0:
-            raise InputError(f"field_strength must be a positive number in T, got {field_strength}")
-        self.field_strength = field_strength
+    name = "linear"
+    requires = ("r2star", "chi")
+
+    def __init__(self, acquisition: Acquisition, *, coefficients: Mapping[str, float] | None = None,
+                 coefficients_file: str | Path | None = None, r2star_sigma=None, chi_sigma=None):
+        super().__init__(acquisition)
+        field_strength = acquisition.field_strength
         coef, noise, checks, source = _load_coefficients(field_strength, coefficients_file)
         for key, value in dict(coefficients or {}).items():
             if key not in COEFFICIENT_KEYS:
@@ -111,10 +132,11 @@ class LinearModel:
         self.noise = noise
         self.checks = checks
         self.source = source
+        self.r2star_sigma, self.chi_sigma = r2star_sigma, chi_sigma
 
     # ------------------------------------------------------------------
-    def predict(self, chi_para, chi_dia, *, r2=None):
-        """Forward model: (R2* in 1/s, chi in ppm) from the two components (ppm)."""
+    def forward(self, chi_para, chi_dia, *, r2=None):
+        """The model's equations: (R2* in 1/s, chi in ppm) from the two components (ppm)."""
         c = self.coefficients
         chi_para, chi_dia = np.asarray(chi_para, float), np.asarray(chi_dia, float)
         r2star0 = c["r2star0"] if r2 is None else np.asarray(r2, float)
@@ -122,53 +144,29 @@ class LinearModel:
         chi = c["chi0"] + c["b_para"] * chi_para - c["b_dia"] * chi_dia
         return r2star.astype(np.float32), chi.astype(np.float32)
 
-    def fit(self, r2star, chi, mask=None, r2=None, *, r2star_sigma=None, chi_sigma=None) -> SeparationResult:
-        """Separate chi_para and chi_dia per voxel.
+    def predict(self, fit) -> dict[str, np.ndarray]:
+        """R2* (1/s) and chi (ppm) implied by ``fit``'s components (0 outside the mask)."""
+        mask = fit.inputs.mask if fit.inputs is not None else np.ones(np.shape(fit.chi_para), bool)
+        r2 = fit.inputs.r2 if fit.inputs is not None else None
+        r2star, chi = self.forward(fit.chi_para, fit.chi_dia, r2=r2)
+        return {"r2star": np.where(mask, r2star, 0.0).astype(np.float32),
+                "chi": np.where(mask, chi, 0.0).astype(np.float32)}
 
-        Parameters
-        ----------
-        r2star : ndarray (...)
-            R2* map, 1/s.
-        chi : ndarray (...)
-            QSM map, ppm (positive = paramagnetic).
-        mask : ndarray of bool (...), optional
-            Voxels to solve (default all); outputs are 0 outside.
-        r2 : ndarray (...), optional
-            Measured R2 map (1/s); replaces the nominal R2*_0, so that
-            R2* - R2 = R2' drives the relaxometric equation.
-        r2star_sigma, chi_sigma : float or ndarray (...), optional
-            Noise standard deviations (1/s, ppm) used as weights and for the
-            uncertainty maps; default from the model file's ``[noise]``.
-
-        Returns
-        -------
-        SeparationResult
-            chi_para, chi_dia (ppm, >= 0), chi_para_std / chi_dia_std (ppm,
-            first-order propagation of the two noise levels through the
-            unconstrained 2 x 2 inverse), residual (normalised weighted
-            residual sqrt(r_R2*^2/s_R2*^2 + r_chi^2/s_chi^2), noise units; 0
-            where both components are positive), extra maps ``r2star_fit`` and
-            ``chi_fit``, info with coefficients and sources.
-
-        Raises
-        ------
-        InputError
-            Shape mismatch, NaN/inf in the mask, chi that looks like Hz or ppb,
-            R2* that looks like 1/ms, R2 above R2* in most voxels.
+    def _fit(self, inputs: SeparationInputs, *, progress=None) -> SeparationFit:
+        """Returns chi_para, chi_dia (ppm, >= 0), chi_para_std / chi_dia_std (ppm, first-order
+        propagation of the two noise levels through the unconstrained 2 x 2 inverse), residual
+        (normalised weighted residual sqrt(r_R2*^2/s_R2*^2 + r_chi^2/s_chi^2), noise units; 0 where
+        both components are positive), extra maps ``r2star_fit`` and ``chi_fit``, info with
+        coefficients and sources. Refuses chi that looks like Hz or ppb, R2* that looks like
+        1/ms, R2 above R2* in most voxels.
         """
-        r2star = np.asarray(r2star, dtype=np.float64)
-        chi = np.asarray(chi, dtype=np.float64)
-        if r2star.shape != chi.shape:
-            raise InputError(f"r2star shape {r2star.shape} and chi shape {chi.shape} differ; both must be on the same grid")
-        shape = chi.shape
-        mask = np.ones(shape, bool) if mask is None else np.asarray(mask)
-        if mask.shape != shape:
-            raise InputError(f"mask shape {mask.shape} does not match the maps' shape {shape}")
-        mask = mask.astype(bool)
-        r2_arr = None if r2 is None else np.asarray(r2, dtype=np.float64)
-        if r2_arr is not None and r2_arr.shape != shape:
-            raise InputError(f"r2 shape {r2_arr.shape} does not match the maps' shape {shape}")
+        r2star = inputs.r2star.astype(np.float64)
+        chi = inputs.chi.astype(np.float64)
+        mask = inputs.mask
+        shape = mask.shape
+        r2_arr = None if inputs.r2 is None else inputs.r2.astype(np.float64)
         self._check_inputs(r2star, chi, r2_arr, mask)
+        r2star_sigma, chi_sigma = self.r2star_sigma, self.chi_sigma
 
         c = self.coefficients
         s1 = self._sigma(r2star_sigma, self.noise["r2star"], shape, mask, "r2star_sigma")
@@ -183,16 +181,16 @@ class LinearModel:
         std_para = np.sqrt((c["b_dia"] * s1) ** 2 + (c["a_dia"] * s2) ** 2) / det
         std_dia = np.sqrt((c["b_para"] * s1) ** 2 + (c["a_para"] * s2) ** 2) / det
 
-        def to_map(v):
+        def to_map(values):
             out = np.zeros(shape, np.float32)
-            out[mask] = v
+            out[mask] = values
             return out
 
         chi_para_m, chi_dia_m = to_map(c_para), to_map(c_dia)
-        r2s_fit, chi_fit = self.predict(chi_para_m, chi_dia_m, r2=r2_arr)
+        r2s_fit, chi_fit = self.forward(chi_para_m, chi_dia_m, r2=r2_arr)
         r2s_fit[~mask] = 0
         chi_fit[~mask] = 0
-        return SeparationResult(
+        return SeparationFit(
             chi_para=chi_para_m,
             chi_dia=chi_dia_m,
             chi_para_std=to_map(np.broadcast_to(std_para, c_para.shape)),
@@ -200,7 +198,7 @@ class LinearModel:
             residual=to_map(resid),
             extra={"r2star_fit": r2s_fit, "chi_fit": chi_fit},
             info={
-                "model": "linear",
+                "model": self.name,
                 "field_strength_t": self.field_strength,
                 "coefficients": dict(c),
                 "coefficient_units": {"a_para": "Hz/ppm", "a_dia": "Hz/ppm", "b_para": "1", "b_dia": "1",
@@ -219,10 +217,6 @@ class LinearModel:
 
     # ------------------------------------------------------------------
     def _check_inputs(self, r2star, chi, r2, mask):
-        for name, arr in (("r2star", r2star), ("chi", chi), ("r2", r2)):
-            if arr is not None and not np.all(np.isfinite(arr[mask])):
-                n = int((~np.isfinite(arr[mask])).sum())
-                raise InputError(f"{name} holds NaN or inf in {n} masked voxel(s); fix the map or exclude them from the mask")
         if not mask.any():
             return
         check_chi_ppm(chi, mask, self.checks["max_abs_chi_ppm"])
@@ -253,7 +247,7 @@ class LinearModel:
 
 
 def check_chi_ppm(chi, mask, limit_ppm: float) -> None:
-    """Refuse a chi map whose 99th percentile of |chi| in the mask exceeds ``limit_ppm`` (Hz or ppb)."""
+    """Refuse a chi map whose 99th percentile of ``|chi|`` in the mask exceeds ``limit_ppm`` (Hz or ppb)."""
     if not np.any(mask):
         return
     chi99 = float(np.percentile(np.abs(np.asarray(chi)[mask]), 99))

@@ -9,7 +9,7 @@ the reconstruction grid (fast, for unit tests of mechanics).
 >>> sim = simulate_head(2.0, head="A", scenario="all", snr=100, seed=0)  # doctest: +SKIP
 """
 
-from importlib import import_module
+from chisep._lazy import lazy_attributes
 
 #: public name -> submodule. Imported on first use, so that ``chisep --help`` and
 #: ``from chisep.sim.phantom import SCENARIOS`` do not load JAX.
@@ -24,17 +24,7 @@ _SOURCES = {
 }
 
 
-def __getattr__(name: str):
-    if name in _SOURCES:
-        value = getattr(import_module(f"chisep.sim.{_SOURCES[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'chisep.sim' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_SOURCES))
-
+__getattr__, __dir__ = lazy_attributes("chisep.sim", _SOURCES, globals())
 
 __all__ = [
     "DEFAULT_ECHO_TIMES",

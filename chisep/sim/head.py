@@ -87,11 +87,17 @@ def load_head_settings() -> dict:
 class HeadModel:
     """A whole head on the simulation (fine) grid.
 
-    phantom : Phantom; its ``brain_mask`` is the intracranial volume (brain, ventricles,
-        subarachnoid CSF), chi relative to water, fat included in ``chi``
-    fat_fraction : (x, y, z) float32, share of the proton density in fat
-    fibre : (x, y, z, 3) float16 unit vectors (axon direction, used for cylinders)
-    dia_spheres : (x, y, z) bool, where diamagnetic sources are spheres (calcifications)
+    Attributes
+    ----------
+    phantom : Phantom
+        Its ``brain_mask`` is the intracranial volume (brain, ventricles, subarachnoid
+        CSF), chi relative to water, fat included in ``chi``.
+    fat_fraction : (x, y, z) float32
+        Share of the proton density in fat.
+    fibre : (x, y, z, 3) float16
+        Unit vectors (axon direction, used for cylinders).
+    dia_spheres : (x, y, z) bool
+        Where diamagnetic sources are spheres (calcifications).
     head : "A" or "B"
     """
 
