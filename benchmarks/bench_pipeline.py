@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from chisep import metrics, pipeline
+from chisep import metrics, pipeline, workflows
 from chisep.separation.baseline import THRESHOLDED_QSM, thresholded_qsm
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    sim = pipeline.simulate(resolution=args.resolution, scenario=args.scenario, snr=args.snr)
+    sim = workflows.simulate(resolution=args.resolution, scenario=args.scenario, snr=args.snr)
     t_sim = time.perf_counter() - t0
     truth = sim.truth
     settings = pipeline.QsmSettings(background=args.background, inversion=args.inversion)

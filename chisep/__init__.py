@@ -25,8 +25,8 @@ _SOURCES = {
     **dict.fromkeys(("load_gre", "load_bids", "load_map", "save_map", "write_bids_megre", "GreData"), "io"),
     "Acquisition": "acquisition",
     # the pipeline's stages and settings
-    **dict.fromkeys(("reconstruct_qsm", "qsm_from_field", "separate", "run_files", "QsmMaps", "quality_map"),
-                    "pipeline"),
+    **dict.fromkeys(("reconstruct_qsm", "qsm_from_field", "separate", "QsmMaps", "quality_map"), "pipeline"),
+    **dict.fromkeys(("run_files", "separate_files", "simulate_dataset", "demo"), "workflows"),
     **dict.fromkeys(("QsmSettings", "SeparationSettings", "PipelineSettings"), "settings"),
     # separation models
     **dict.fromkeys(("SeparationInputs", "SeparationFit", "SeparationModel", "MODELS", "ChiSeparation",
@@ -38,7 +38,7 @@ _SOURCES = {
     **dict.fromkeys(("ChisepError", "InputError", "ModelFileError", "OutputExistsError"), "errors"),
     # subpackages and modules
     **dict.fromkeys(("qsm", "separation", "sim", "metrics", "physics", "relax", "denoise", "grid", "validate",
-                     "registry", "report", "io"), ""),
+                     "registry", "report", "io", "pipeline", "outputs", "workflows"), ""),
 }
 
 __getattr__, __dir__ = lazy_attributes("chisep", _SOURCES, globals())

@@ -4,7 +4,7 @@ Workflow
     :func:`plan_batch` (pure, no Dask) lists every multi-echo GRE run of a BIDS
     dataset as a :class:`Job` and decides whether it still needs to run: a run
     is complete when its ``provenance.json`` exists (written last by
-    :func:`chisep.pipeline.run_files`), the SHA-256 of every input recorded
+    :func:`chisep.workflows.run_files`), the SHA-256 of every input recorded
     there still matches the input files, every output it lists exists and
     (optionally) its settings equal the requested ones.
     :func:`run_batch` submits the jobs that need to run to a Dask cluster (a
@@ -38,9 +38,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -380,7 +378,7 @@ def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1,
            "attempt": attempt, "started_unix": round(time.time(), 3), "worker": _worker_name(), "error": None,
            "timings": {}}
     try:
-        from chisep import pipeline
+        from chisep import workflows
 
         if compilation_cache is not None:
             use_compilation_cache(compilation_cache)
@@ -394,7 +392,7 @@ def run_subject(job: Job, settings: Mapping | None = None, *, attempt: int = 1,
         sources["bids"] = {"subject": job.subject, "session": job.session, "prefix": job.prefix, "root": None}
         data = dataclasses.replace(data, sources=sources)
         # run_files reads the label names from the .tsv beside the label image
-        run = pipeline.run_files(data, job.out_dir, settings=settings_from_dict(settings),
+        run = workflows.run_files(data, job.out_dir, settings=settings_from_dict(settings),
                                  labels_path=job.labels, bids_prefix=job.prefix, overwrite=True)
         row.update(status="done", timings=run.timings)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a result row, reported, not raised
@@ -741,7 +739,7 @@ def _run_jobs(client, jobs: Sequence[Job], settings: dict, retries: int, poll_s:
 # cohort outputs
 # ---------------------------------------------------------------------------
 def _roi_rows(job: Job) -> list[dict]:
-    from chisep.pipeline import ROI_TABLE_SUFFIX
+    from chisep.outputs import ROI_TABLE_SUFFIX
 
     rows = io.read_csv_rows(job.out_dir / f"{job.prefix}_{ROI_TABLE_SUFFIX}.tsv")
     # the per-run TSV writes missing values as BIDS's n/a; the cohort CSV keeps nan (it reads back as float)
@@ -832,7 +830,7 @@ def cohort_figure(rows: Sequence[Mapping], *, failed: Sequence[str] = ()):
 
 def _write_cohort(root: Path, jobs, complete, rows, settings, *, wall_s, dashboard, workers, progress):
     from chisep import __version__, report
-    from chisep.pipeline import write_derivatives_description
+    from chisep.outputs import write_derivatives_description
 
     out = root / DERIVATIVES
     write_derivatives_description(out)
@@ -893,7 +891,7 @@ def cohort_outliers(table: Sequence[Mapping], threshold: float = OUTLIER_ROBUST_
 def _thumbnail(job: Job) -> bytes | None:
     """Axial chi slice of a run through the brain's centre, as a small PNG (None if unreadable)."""
     from chisep import report
-    from chisep.pipeline import output_name
+    from chisep.outputs import output_name
 
     try:
         chi, _, _ = io.load_map(job.out_dir / f"{output_name('chi', job.prefix)}.nii.gz", name="chi")
@@ -941,13 +939,13 @@ def simulate_cohort(bids_root: PathLike, subjects: Sequence[str] = ("01", "02", 
         Labels without ``sub-``.
     overwrite : bool
     **simulation
-        Keywords of :func:`chisep.pipeline.simulate` (``resolution``, ``snr``, ``seed``, ...).
+        Keywords of :func:`chisep.workflows.simulate` (``resolution``, ``snr``, ``seed``, ...).
 
     Returns
     -------
     list of Path, each subject's truth folder.
     """
-    from chisep import pipeline
+    from chisep import workflows
     from chisep.errors import OutputExistsError
 
     root = Path(bids_root)
@@ -958,15 +956,7 @@ def simulate_cohort(bids_root: PathLike, subjects: Sequence[str] = ("01", "02", 
         target, truth = root / f"sub-{label}", root / "derivatives" / "truth" / f"sub-{label}"
         if (target.exists() or truth.exists()) and not overwrite:
             raise OutputExistsError(f"{target} exists; pass overwrite=True or choose another folder")
-        with tempfile.TemporaryDirectory(dir=root.parent if root.parent.exists() else None) as tmp:
-            # simulate_dataset writes one subject and a flat truth folder; move both into place
-            pipeline.simulate_dataset(tmp, subject=label, seed=base_seed + i, **simulation)
-            for src, dst in ((Path(tmp) / f"sub-{label}", target), (Path(tmp) / "derivatives" / "truth", truth)):
-                if dst.exists():
-                    shutil.rmtree(dst)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(src), str(dst))
-            if not (root / "dataset_description.json").exists():
-                shutil.copy(Path(tmp) / "dataset_description.json", root / "dataset_description.json")
+        workflows.simulate_dataset(root, subject=label, seed=base_seed + i, truth_dir=truth, overwrite=overwrite,
+                                   **simulation)
         truths.append(truth)
     return truths

@@ -275,9 +275,9 @@ def _say(args, text: str) -> None:
 
 
 def cmd_simulate(args) -> int:
-    from chisep import pipeline
+    from chisep import workflows
 
-    out = pipeline.simulate_dataset(
+    out = workflows.simulate_dataset(
         args.out,
         resolution=args.resolution,
         snr=args.snr,
@@ -317,11 +317,11 @@ def _load_inputs(args, *, phase_unwrapped: bool = False):
 
 
 def _run(args, settings) -> None:
-    from chisep import pipeline
+    from chisep import outputs, workflows
 
     data = _load_inputs(args, phase_unwrapped=settings.qsm.unwrap == "none")
-    out, prefix = pipeline.bids_output_dir(data.sources, args.out)
-    run = pipeline.run_files(data, out, settings=settings, mask_path=args.mask,
+    out, prefix = outputs.bids_output_dir(data.sources, args.out)
+    run = workflows.run_files(data, out, settings=settings, mask_path=args.mask,
                              r2_path=getattr(args, "r2", None), labels_path=getattr(args, "labels", None),
                              bids_prefix=prefix, overwrite=args.overwrite, log=lambda s: _say(args, s),
                              progress_bars=not args.quiet)
@@ -347,9 +347,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_separate(args) -> int:
-    from chisep import pipeline
+    from chisep import workflows
 
-    summary = pipeline.separate_files(
+    summary = workflows.separate_files(
         chi=args.chi, local_field=args.local_field, r2star=args.r2star, r2=args.r2,
         field_noise=args.field_noise, mask=args.mask, field_strength=args.field_strength,
         magnitude=args.magnitude, phase=args.phase, echo_times=args.echo_times,
@@ -360,9 +360,9 @@ def cmd_separate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from chisep import pipeline
+    from chisep import pipeline, workflows
 
-    summary = pipeline.demo(args.out, resolution=args.resolution, overwrite=args.overwrite,
+    summary = workflows.demo(args.out, resolution=args.resolution, overwrite=args.overwrite,
                             models=args.models or pipeline.DEFAULT_MODELS, phantom=args.phantom, head=args.head,
                             log=lambda s: _say(args, s))
     _say(args, summary)

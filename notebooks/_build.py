@@ -93,19 +93,19 @@ QUICKSTART = [
         import numpy as np
         from IPython.display import Image, display
 
-        from chisep import pipeline, report
+        from chisep import pipeline, report, workflows
 
         t_start = time.perf_counter()
     """),
     ("md", """
         ## 1. Simulate
 
-        `pipeline.simulate` builds the head phantom (labels resampled from a 1 mm MNI-space label map, tissue
+        `workflows.simulate` builds the head phantom (labels resampled from a 1 mm MNI-space label map, tissue
         properties at 3 T from the literature) and simulates six echoes with complex Gaussian noise (SNR 100
         in white matter). `sim.truth` holds every true map.
     """),
     ("code", """
-        sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="healthy", snr=100.0, seed=0)
+        sim = workflows.simulate(phantom="simple", resolution=3.0, scenario="healthy", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         print("magnitude / phase:", sim.magnitude.shape, sim.magnitude.dtype, "(x, y, z, echo)")
         print("echo times (s):", acq.echo_times)
@@ -260,12 +260,12 @@ IRON_VS_MYELIN = [
         import matplotlib.pyplot as plt
         import numpy as np
 
-        from chisep import pipeline, report
+        from chisep import pipeline, report, workflows
 
         %matplotlib inline
         t_start = time.perf_counter()
 
-        sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="healthy", snr=100.0, seed=0)
+        sim = workflows.simulate(phantom="simple", resolution=3.0, scenario="healthy", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, acq)
         results = pipeline.separate(acq, qsm.separation_inputs(),
@@ -418,12 +418,12 @@ PARADOXICAL = [
         import numpy as np
         from scipy import ndimage
 
-        from chisep import pipeline, report
+        from chisep import pipeline, report, workflows
 
         %matplotlib inline
         t_start = time.perf_counter()
 
-        sim = pipeline.simulate(phantom="simple", resolution=3.0, scenario="all", snr=100.0, seed=0)
+        sim = workflows.simulate(phantom="simple", resolution=3.0, scenario="all", snr=100.0, seed=0)
         acq, truth = sim.acquisition, sim.truth
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, acq)
         results = pipeline.separate(acq, qsm.separation_inputs(),

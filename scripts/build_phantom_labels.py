@@ -28,7 +28,7 @@ Usage::
     pip download --no-deps nilearn==0.14.1 -d /tmp/nl
     python scripts/build_phantom_labels.py /tmp/nl/nilearn-0.14.1-py3-none-any.whl
 
-Only this script imports nibabel outside chisep/io.py: it runs at development
+Only this script imports nibabel outside chisep/io/: it runs at development
 time, never inside the package. The template's copyright notice is written
 next to the label map (LICENSE_MNI.txt).
 """

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from chisep import batch, io, pipeline
@@ -165,8 +164,17 @@ def test_cli_batch_with_nothing_to_do_starts_no_cluster(cohort, capsys):
 def test_default_workers_follow_cores_and_memory(cohort):
     jobs = batch.plan_batch(cohort["root"])
     need = batch.estimate_job_memory(jobs[0])
-    n_vox_echo = 6 * int(np.prod(io.load_map(jobs[0].magnitude[0])[0].shape))
-    assert need == batch.WORKER_BASE_BYTES + n_vox_echo * batch.BYTES_PER_VOXEL_ECHO
+    # the estimate sizes workers: it must cover what a run takes (a worker over its limit is killed) without
+    # wasting the machine. Measured: the peak memory of one run of this cohort in its own process
+    run = [sys.executable, "-m", "chisep", "run", "--bids", str(cohort["root"]), "--subject", "01",
+           "--out", str(cohort["root"].parent / "memory-probe"), "--quiet", *CLI_SETTINGS]
+    # a fresh parent whose only child is the run: RUSAGE_CHILDREN is then that run's peak (Linux: kB)
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", probe, *run], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak = int(done.stdout.split()[-1]) * 1024
+    assert 0.4 * need < peak < need, (peak / 2**20, need / 2**20)  # measured 370 MB of 665 MB
     assert batch.default_workers(jobs, cores=8, memory=10**12) == (3, 2)  # never more workers than jobs
     assert batch.default_workers(jobs, cores=2, memory=10**12) == (2, 1)
     assert batch.default_workers(jobs, cores=8, memory=int(2.6 * need)) == (2, 4)  # memory-bound: 80 % of it

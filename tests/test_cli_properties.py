@@ -9,6 +9,7 @@ only files are under pytest's tmp_path.
 import argparse
 import json
 import math
+import re
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chisep import cli, io, pipeline
+from chisep import cli, io, workflows
 from chisep.acquisition import Acquisition
 from chisep.errors import ChisepError
 from chisep.sim import phantom as _phantom
@@ -42,6 +43,18 @@ def echo_text(draw):
     return draw(separator).join(values)
 
 
+def _acceptable_ms(text: str) -> bool:
+    """The rule in words: numbers in ms separated by commas or spaces, finite, positive, strictly
+    increasing, the longest between 0.5 and 1000 ms (below: seconds given; above: not a GRE echo)."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        return False
+    return (bool(values) and all(math.isfinite(v) and v > 0 for v in values) and 0.5 <= max(values) <= 1000
+            and all(b > a for a, b in zip(values, values[1:])))
+
+
 @SETTINGS
 @given(text=echo_text())
 def test_echo_times_parse_to_valid_seconds_or_a_usage_error(text):
@@ -49,7 +62,9 @@ def test_echo_times_parse_to_valid_seconds_or_a_usage_error(text):
         values = cli.parse_echo_times_ms(text)
     except argparse.ArgumentTypeError as exc:
         assert str(exc).startswith("--echo-times")
+        assert not _acceptable_ms(text), f"{text!r} is acceptable yet refused: {exc}"
         return
+    assert _acceptable_ms(text), f"{text!r} was accepted"
     assert len(values) >= 1 and all(b > a for a, b in zip(values, values[1:])) and values[0] > 0
     if not all(math.isfinite(v) for v in values):
         return  # known gap, see test_infinite_echo_times_are_a_usage_error
@@ -97,7 +112,7 @@ def _main_outcome(argv) -> int:
                                                      .map(",".join)),
        snr=number_text, angle=number_text)
 def test_simulate_command_line_ends_with_0_or_2(tmp_path, monkeypatch, capsys, tes, b0, res, snr, angle):
-    monkeypatch.setattr(pipeline, "simulate_dataset", lambda out, **kw: _stub_simulate(**kw))
+    monkeypatch.setattr(workflows, "simulate_dataset", lambda out, **kw: _stub_simulate(**kw))
     argv = ["simulate", "--out", str(tmp_path / "sim"), "--quiet", f"--echo-times={tes}", f"--field-strength={b0}",
             f"--resolution={res}", f"--snr={snr}", f"--b0-angle={angle}"]
     code = _main_outcome(argv)

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from chisep import cli, io, pipeline
+from chisep import cli, io, pipeline, workflows
 
 # 8 mm keeps each run at a second or two; the checks here are about files, not accuracy
 FAST = ["--background", "pdf", "--inversion", "tikhonov", "--quiet"]
@@ -29,7 +29,7 @@ FAST = ["--background", "pdf", "--inversion", "tikhonov", "--quiet"]
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults") / "bids"
-    pipeline.simulate_dataset(root, resolution=8.0, seed=3, phantom="simple", echo_times=(0.003, 0.006, 0.009, 0.012))
+    workflows.simulate_dataset(root, resolution=8.0, seed=3, phantom="simple", echo_times=(0.003, 0.006, 0.009, 0.012))
     return root
 
 
@@ -74,9 +74,11 @@ def test_disk_full_mid_run_leaves_no_partial_file_and_rerun_completes(dataset, t
     full = OSError(errno.ENOSPC, "No space left on device")
     if where == "rename":
         # the 5th file reaches its final name: the failure hits after a few maps are finished
-        monkeypatch.setattr(io.os, "replace", _fail_on_call(5, full, os.replace))
+        monkeypatch.setattr(os, "replace", _fail_on_call(5, full, os.replace))
     else:
-        real_writer = io._nifti_writer
+        from chisep.io import write as io_write
+
+        real_writer = io_write._nifti_writer
 
         def half_then_full(img, path):
             write = real_writer(img, path)
@@ -89,7 +91,7 @@ def test_disk_full_mid_run_leaves_no_partial_file_and_rerun_completes(dataset, t
 
             return partial
 
-        monkeypatch.setattr(io, "_nifti_writer", half_then_full)
+        monkeypatch.setattr(io_write, "_nifti_writer", half_then_full)
     assert cli.main(_args(dataset, out)) == cli.EXIT_ERROR
     assert "No space left on device" in capsys.readouterr().err
     _assert_only_complete_files(out)
@@ -139,7 +141,7 @@ def test_ctrl_c_swallowed_by_a_finaliser_still_stops_the_run(dataset, tmp_path, 
 
 def test_interrupt_while_writing_exits_130_and_rerun_finishes(dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(io.os, "replace", _fail_on_call(4, KeyboardInterrupt(), os.replace))
+    monkeypatch.setattr(os, "replace", _fail_on_call(4, KeyboardInterrupt(), os.replace))
     assert cli.main(_args(dataset, out)) == cli.EXIT_INTERRUPTED
     _assert_only_complete_files(out)
     monkeypatch.undo()
@@ -166,7 +168,7 @@ def test_read_only_output_folder_is_refused_before_any_work(dataset, tmp_path, m
     def must_not_run(*a, **k):
         raise AssertionError("the computation started although the output folder is not writable")
 
-    monkeypatch.setattr(pipeline, "reconstruct_qsm", must_not_run)
+    monkeypatch.setattr(workflows, "reconstruct_qsm", must_not_run)
     try:
         assert cli.main(_args(dataset, out)) == cli.EXIT_ERROR
         err = capsys.readouterr().err
@@ -180,7 +182,7 @@ def test_finished_run_is_not_touched_without_overwrite(dataset, tmp_path, monkey
     out = tmp_path / "out"
     assert cli.main(_args(dataset, out)) == 0
     before = _snapshot(out)
-    monkeypatch.setattr(pipeline, "reconstruct_qsm",
+    monkeypatch.setattr(workflows, "reconstruct_qsm",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran although outputs exist")))
     assert cli.main(_args(dataset, out)) == cli.EXIT_ERROR
     assert "provenance.json" in capsys.readouterr().err
@@ -221,7 +223,7 @@ def test_same_inputs_give_bit_identical_maps_and_provenance_reproduces_the_run(d
     settings = pipeline.PipelineSettings(qsm=pipeline.QsmSettings(**prov["settings"]["qsm"]),
                                          separation=pipeline.SeparationSettings(**prov["settings"]["separation"]))
     data = io.load_bids(dataset, phase_sign=acq["phase_sign"])
-    pipeline.run_files(data, tmp_path / "d", settings=settings, bids_prefix=prov["sources"]["bids"]["prefix"])
+    workflows.run_files(data, tmp_path / "d", settings=settings, bids_prefix=prov["sources"]["bids"]["prefix"])
     # (the first run used --out, so names are BIDS-prefixed there as here)
     assert _maps(tmp_path / "d") == first
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+import chisep
 from chisep import io, physics
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, OutputExistsError
@@ -280,17 +281,160 @@ def test_rescale_rejects_nan():
     with pytest.raises(InputError, match="NaN"):
         io.rescale_phase(np.array([0.0, np.nan]))
 
+# ---------------------------------------------------------------------------
+# bad inputs to load_gre: each refused, naming the problem and the file at fault
+# ---------------------------------------------------------------------------
+def _four_d(tmp, mag=None, phase=None, **kw):
+    m0, p0 = make_data()
+    return write_4d(tmp, m0 if mag is None else mag, p0 if phase is None else phase, **kw)
+
+
+def _echoes(tmp, **kw):
+    return write_per_echo(tmp, *make_data(), **kw)
+
+
+def _replace(path, array, affine=AFFINE, sidecar=None):
+    write_nifti(path, array, affine, sidecar)
+    return path
+
+
+def _cut(path, keep):
+    raw = path.read_bytes()
+    path.write_bytes(keep(raw))
+    return path
+
+
+def _case_shape_mismatch(tmp):
+    mag, phase = make_data()
+    return (write_nifti(tmp / "m.nii.gz", mag), write_nifti(tmp / "p.nii.gz", phase[:, :, :4]),
+            dict(echo_times=TES, field_strength=3))
+
+
+def _case_nan_magnitude(tmp):
+    mag, phase = make_data()
+    mag[1, 2, 3, 1] = np.nan
+    return (*write_4d(tmp, mag, phase), {})
+
+
+def _case_inf_phase(tmp):
+    mag, phase = make_data()
+    phase[0, 0, 0, 2] = np.inf
+    return (*write_4d(tmp, mag, phase), {})
+
+
+def _case_different_shapes(tmp):
+    mags, phases = _echoes(tmp)
+    _replace(mags[1], make_data()[0][:, :, :5, 1], sidecar={"EchoTime": TES[1], "MagneticFieldStrength": 3})
+    return mags, phases, {}
+
+
+def _case_different_affines(tmp):
+    mags, phases = _echoes(tmp)
+    other = AFFINE.copy()
+    other[2, 2] = 2.5
+    _replace(phases[2], make_data()[1][..., 2], other)
+    return mags, phases, {}
+
+
+def _case_per_echo_file_4d(tmp):
+    mags, phases = _echoes(tmp)
+    _replace(mags[0], make_data()[0][..., :2])
+    return mags, phases, {}
+
+
+def _case_missing_echo_time_one_sidecar(tmp):
+    mags, phases = _echoes(tmp)
+    io.sidecar_path(mags[1]).write_text(json.dumps({"MagneticFieldStrength": 3}))
+    io.sidecar_path(phases[1]).unlink()
+    return mags, phases, {}
+
+
+def _case_not_nifti(tmp):
+    m, _ = _four_d(tmp)
+    fake = tmp / "notes.nii.gz"
+    fake.write_text("this is not an image")
+    return m, fake, {}
+
+
+def _case_mgh(tmp):
+    m, _ = _four_d(tmp)
+    mgh = tmp / "phase.mgz"
+    nib.save(nib.MGHImage(make_data()[1], AFFINE), str(mgh))
+    return m, mgh, dict(echo_times=TES)
+
+
+def _case_truncated_uncompressed(tmp):
+    mag, phase = make_data()
+    p = _cut(write_nifti(tmp / "p.nii", phase), lambda raw: raw[: len(raw) - 500])
+    return write_nifti(tmp / "m.nii", mag), p, dict(echo_times=TES, field_strength=3)
+
+
+LOAD_ERRORS = [
+    # id, files and arguments, expected message, file named in it
+    ("shape mismatch", _case_shape_mismatch, "differ in shape", "p.nii.gz"),
+    ("echo time count", lambda t: (*_four_d(t, sidecar=False), dict(echo_times=[0.004, 0.008], field_strength=3)),
+     r"expected 3 echo time.*found 2: 4, 8 ms", "mag.nii.gz"),
+    ("sidecar echo time count", lambda t: (*_four_d(t, tes=[0.004, 0.008]), {}), "echo time", "mag.json"),
+    ("echo times not increasing",
+     lambda t: (*_four_d(t, sidecar=False), dict(echo_times=[0.004, 0.012, 0.008], field_strength=3)),
+     "strictly increasing", None),
+    ("per-echo files in wrong order", lambda t: (*[f[::-1] for f in _echoes(t)], {}), "strictly increasing",
+     "mag_e3.nii.gz"),
+    ("echo times in ms", lambda t: (*_four_d(t, sidecar=False), dict(echo_times=[4, 8, 12], field_strength=3)),
+     "milliseconds", None),
+    ("sidecar echo times in ms", lambda t: (*_echoes(t, tes=[4.0, 8.0, 12.0]), {}), "milliseconds", "mag_e1.json"),
+    ("NaN in magnitude", _case_nan_magnitude, "NaN.*magnitude|magnitude.*NaN", "mag.nii.gz"),
+    ("inf in phase", _case_inf_phase, "NaN/Inf", "phase.nii.gz"),
+    ("all-zero magnitude", lambda t: (*_four_d(t, mag=np.zeros(SHAPE + (3,), np.float32)), {}), "all voxels 0",
+     "mag.nii.gz"),
+    ("2D data", lambda t: (write_nifti(t / "m.nii.gz", np.ones((8, 8), np.float32)),
+                           write_nifti(t / "p.nii.gz", np.zeros((8, 8), np.float32)),
+                           dict(echo_times=[0.01], field_strength=3)), "2D", "m.nii.gz"),
+    ("single slice", lambda t: (write_nifti(t / "m.nii.gz", np.ones((8, 8, 1, 2), np.float32)),
+                                write_nifti(t / "p.nii.gz", np.zeros((8, 8, 1, 2), np.float32)),
+                                dict(echo_times=[0.01, 0.02], field_strength=3)), "single-slice", None),
+    ("5D data", lambda t: (write_nifti(t / "m.nii.gz", np.ones((4, 4, 4, 1, 3), np.float32)),
+                           write_nifti(t / "p.nii.gz", np.zeros((4, 4, 4, 1, 3), np.float32)),
+                           dict(echo_times=TES, field_strength=3)), "5D", "m.nii.gz"),
+    ("per-echo files of different shapes", _case_different_shapes, "different shapes", "mag_e2.nii.gz"),
+    ("per-echo files on different grids", _case_different_affines, "different grids", "phase_e3.nii.gz"),
+    ("a per-echo file that is 4D", _case_per_echo_file_4d, "must each be 3D", "mag_e1.nii.gz"),
+    ("echo times missing", lambda t: (*_four_d(t, sidecar=False), dict(field_strength=3)), "echo times missing",
+     "mag.json"),
+    ("echo time missing in one sidecar", _case_missing_echo_time_one_sidecar, "echo times missing", "mag_e2.json"),
+    ("field strength missing", lambda t: (*_four_d(t, sidecar=False), dict(echo_times=TES)),
+     "field strength missing", "mag.json"),
+    ("field strength 3000 T", lambda t: (*_four_d(t, sidecar=False), dict(echo_times=TES, field_strength=3000.0)),
+     "between 0.1 and 20", None),
+    ("field strength 0.05 T", lambda t: (*_four_d(t, sidecar=False), dict(echo_times=TES, field_strength=0.05)),
+     "between 0.1 and 20", None),
+    ("field strength NaN", lambda t: (*_four_d(t, sidecar=False), dict(echo_times=TES, field_strength=float("nan"))),
+     "between 0.1 and 20", None),
+    ("field strength in sidecar out of range", lambda t: (*_four_d(t, b0=3000), {}), "between 0.1 and 20",
+     "mag.json"),
+    ("truncated gzip", lambda t: (lambda m, p: (_cut(m, lambda raw: raw[: len(raw) // 2]), p, {}))(
+        *write_4d(t, *make_data(shape=(16, 16, 16)))), "truncated", "mag.nii.gz"),
+    ("truncated uncompressed", _case_truncated_uncompressed, "truncated", "p.nii"),
+    ("cut inside the header", lambda t: (lambda m, p: (
+        _cut(m, lambda raw: gzip.compress(gzip.decompress(raw)[:100])), p, {}))(*_four_d(t)),
+     "could not be read as NIfTI", "mag.nii.gz"),
+    ("not a NIfTI file", _case_not_nifti, "could not be read as NIfTI", "notes.nii.gz"),
+    ("another image format", _case_mgh, "MGHImage", "phase.mgz"),
+]
+
+
+@pytest.mark.parametrize("make, match, named", [c[1:] for c in LOAD_ERRORS], ids=[c[0] for c in LOAD_ERRORS])
+def test_bad_inputs_are_refused_naming_the_problem_and_the_file(tmp_path, make, match, named):
+    magnitude, phase, kwargs = make(tmp_path)
+    with pytest.raises(InputError, match=match) as err:
+        io.load_gre(magnitude, phase, **kwargs)
+    if named is not None:
+        assert named in str(err.value)
+
 
 # ---------------------------------------------------------------------------
-# bad inputs: each names the file and the problem
+# bad inputs with more to check than the message
 # ---------------------------------------------------------------------------
-def test_magnitude_phase_shape_mismatch(tmp_path):
-    mag, phase = make_data()
-    m = write_nifti(tmp_path / "m.nii.gz", mag)
-    p = write_nifti(tmp_path / "p.nii.gz", phase[:, :, :4])
-    with pytest.raises(InputError, match="differ in shape") as err:
-        io.load_gre(m, p, echo_times=TES, field_strength=3)
-    assert "m.nii.gz" in str(err.value) and "p.nii.gz" in str(err.value)
 
 
 def test_swapped_magnitude_and_phase_are_refused_naming_both_files(tmp_path):
@@ -345,35 +489,12 @@ def test_magnitude_phase_affine_mismatch(tmp_path):
     io.load_gre(m, p2, echo_times=TES, field_strength=3)
 
 
-def test_echo_time_count_mismatch(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase, sidecar=False)
-    with pytest.raises(InputError, match="expected 3 echo time") as err:
-        io.load_gre(m, p, echo_times=[0.004, 0.008], field_strength=3)
-    assert "mag.nii.gz" in str(err.value)
-    assert "found 2: 4, 8 ms" in str(err.value)  # the unit the command line speaks
 
 
-def test_sidecar_echo_time_count_mismatch(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase, tes=[0.004, 0.008])
-    with pytest.raises(InputError, match="mag.json"):
-        io.load_gre(m, p)
 
 
-def test_non_increasing_echo_times(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase, sidecar=False)
-    with pytest.raises(InputError, match="strictly increasing"):
-        io.load_gre(m, p, echo_times=[0.004, 0.012, 0.008], field_strength=3)
 
 
-def test_per_echo_files_in_wrong_order(tmp_path):
-    mag, phase = make_data()
-    mags, phases = write_per_echo(tmp_path, mag, phase)
-    with pytest.raises(InputError, match="strictly increasing") as err:
-        io.load_gre(mags[::-1], phases[::-1])
-    assert "mag_e3.nii.gz" in str(err.value)
 
 
 def test_echo_times_in_milliseconds(tmp_path):
@@ -387,108 +508,28 @@ def test_echo_times_in_milliseconds(tmp_path):
     assert "mag_e1.json" in str(err.value)
 
 
-def test_nan_in_magnitude(tmp_path):
-    mag, phase = make_data()
-    mag[1, 2, 3, 1] = np.nan
-    m, p = write_4d(tmp_path, mag, phase)
-    with pytest.raises(InputError, match="NaN") as err:
-        io.load_gre(m, p)
-    assert "mag.nii.gz" in str(err.value) and "magnitude" in str(err.value)
 
 
-def test_inf_in_phase(tmp_path):
-    mag, phase = make_data()
-    phase[0, 0, 0, 2] = np.inf
-    m, p = write_4d(tmp_path, mag, phase)
-    with pytest.raises(InputError, match="NaN/Inf") as err:
-        io.load_gre(m, p)
-    assert "phase.nii.gz" in str(err.value)
 
 
-def test_all_zero_magnitude(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, np.zeros_like(mag), phase)
-    with pytest.raises(InputError, match="all voxels 0") as err:
-        io.load_gre(m, p)
-    assert "mag.nii.gz" in str(err.value)
 
 
-def test_two_d_data(tmp_path):
-    m = write_nifti(tmp_path / "m.nii.gz", np.ones((8, 8), np.float32))
-    p = write_nifti(tmp_path / "p.nii.gz", np.zeros((8, 8), np.float32))
-    with pytest.raises(InputError, match="2D") as err:
-        io.load_gre(m, p, echo_times=[0.01], field_strength=3)
-    assert "m.nii.gz" in str(err.value)
 
 
-def test_single_slice_is_refused(tmp_path):
-    m = write_nifti(tmp_path / "m.nii.gz", np.ones((8, 8, 1, 2), np.float32))
-    p = write_nifti(tmp_path / "p.nii.gz", np.zeros((8, 8, 1, 2), np.float32))
-    with pytest.raises(InputError, match="single-slice"):
-        io.load_gre(m, p, echo_times=[0.01, 0.02], field_strength=3)
 
 
-def test_five_d_data(tmp_path):
-    m = write_nifti(tmp_path / "m.nii.gz", np.ones((4, 4, 4, 1, 3), np.float32))
-    p = write_nifti(tmp_path / "p.nii.gz", np.zeros((4, 4, 4, 1, 3), np.float32))
-    with pytest.raises(InputError, match="5D") as err:
-        io.load_gre(m, p, echo_times=TES, field_strength=3)
-    assert "m.nii.gz" in str(err.value)
 
 
-def test_per_echo_files_different_shapes(tmp_path):
-    mag, phase = make_data()
-    mags, phases = write_per_echo(tmp_path, mag, phase)
-    write_nifti(mags[1], mag[:, :, :5, 1], sidecar={"EchoTime": TES[1], "MagneticFieldStrength": 3})
-    with pytest.raises(InputError, match="different shapes") as err:
-        io.load_gre(mags, phases)
-    assert "mag_e2.nii.gz" in str(err.value)
 
 
-def test_per_echo_files_different_affines(tmp_path):
-    mag, phase = make_data()
-    mags, phases = write_per_echo(tmp_path, mag, phase)
-    other = AFFINE.copy()
-    other[2, 2] = 2.5
-    write_nifti(phases[2], phase[..., 2], other)
-    with pytest.raises(InputError, match="different grids") as err:
-        io.load_gre(mags, phases)
-    assert "phase_e3.nii.gz" in str(err.value)
 
 
-def test_per_echo_file_that_is_4d(tmp_path):
-    mag, phase = make_data()
-    mags, phases = write_per_echo(tmp_path, mag, phase)
-    write_nifti(mags[0], mag[..., :2])
-    with pytest.raises(InputError, match="must each be 3D") as err:
-        io.load_gre(mags, phases)
-    assert "mag_e1.nii.gz" in str(err.value)
 
 
-def test_missing_echo_times(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase, sidecar=False)
-    with pytest.raises(InputError, match="echo times missing") as err:
-        io.load_gre(m, p, field_strength=3)
-    assert "mag.nii.gz" in str(err.value) and "mag.json" in str(err.value)
 
 
-def test_missing_echo_time_in_one_per_echo_sidecar(tmp_path):
-    mag, phase = make_data()
-    mags, phases = write_per_echo(tmp_path, mag, phase)
-    io.sidecar_path(mags[1]).write_text(json.dumps({"MagneticFieldStrength": 3}))
-    io.sidecar_path(phases[1]).unlink()
-    with pytest.raises(InputError, match="echo times missing") as err:
-        io.load_gre(mags, phases)
-    assert "mag_e2.json" in str(err.value)
 
 
-def test_missing_field_strength(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase, sidecar=False)
-    with pytest.raises(InputError, match="field strength missing") as err:
-        io.load_gre(m, p, echo_times=TES)
-    assert "mag.json" in str(err.value)
 
 
 @pytest.mark.parametrize("value", [3000.0, 0.05, float("nan")])
@@ -499,62 +540,16 @@ def test_field_strength_out_of_range(tmp_path, value):
         io.load_gre(m, p, echo_times=TES, field_strength=value)
 
 
-def test_field_strength_out_of_range_in_sidecar(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase, b0=3000)
-    with pytest.raises(InputError, match="between 0.1 and 20") as err:
-        io.load_gre(m, p)
-    assert "mag.json" in str(err.value)
 
 
-def test_truncated_gzip_file(tmp_path):
-    mag, phase = make_data(shape=(16, 16, 16))
-    m, p = write_4d(tmp_path, mag, phase)
-    raw = m.read_bytes()
-    m.write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(InputError, match="truncated") as err:
-        io.load_gre(m, p)
-    assert "mag.nii.gz" in str(err.value)
 
 
-def test_truncated_uncompressed_file(tmp_path):
-    mag, phase = make_data()
-    m = write_nifti(tmp_path / "m.nii", mag)
-    p = write_nifti(tmp_path / "p.nii", phase)
-    raw = p.read_bytes()
-    p.write_bytes(raw[: len(raw) - 500])
-    with pytest.raises(InputError) as err:
-        io.load_gre(m, p, echo_times=TES, field_strength=3)
-    assert "p.nii" in str(err.value) and "truncated" in str(err.value)
 
 
-def test_file_cut_inside_header(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase)
-    m.write_bytes(gzip.compress(gzip.decompress(m.read_bytes())[:100]))
-    with pytest.raises(InputError, match="could not be read as NIfTI") as err:
-        io.load_gre(m, p)
-    assert "mag.nii.gz" in str(err.value)
 
 
-def test_non_nifti_file(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase)
-    fake = tmp_path / "notes.nii.gz"
-    fake.write_text("this is not an image")
-    with pytest.raises(InputError, match="could not be read as NIfTI") as err:
-        io.load_gre(m, fake)
-    assert "notes.nii.gz" in str(err.value)
 
 
-def test_other_image_format_refused(tmp_path):
-    mag, phase = make_data()
-    m, p = write_4d(tmp_path, mag, phase)
-    mgh = tmp_path / "phase.mgz"
-    nib.save(nib.MGHImage(phase, AFFINE), str(mgh))
-    with pytest.raises(InputError, match="MGHImage") as err:
-        io.load_gre(m, mgh, echo_times=TES)
-    assert "phase.mgz" in str(err.value)
 
 
 def test_missing_files(tmp_path):
@@ -751,7 +746,7 @@ def test_save_and_load_map_round_trip(tmp_path):
     assert header.get_data_dtype() == np.float32
     side = json.loads((tmp_path / "out" / "chi.json").read_text())
     assert side == {"Units": "ppm", "Description": "QSM", "Convention": "positive = paramagnetic",
-                    "ChisepVersion": io.chisep.__version__, "Method": "tkd"}
+                    "ChisepVersion": chisep.__version__, "Method": "tkd"}
 
 
 def test_save_map_integer_types(tmp_path):
@@ -787,7 +782,7 @@ def test_atomic_write_removes_temp_file_on_failure(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         io.save_map(tmp_path / "chi.nii.gz", np.ones(SHAPE), affine=AFFINE, unit="ppm", description="x")
     assert list(tmp_path.iterdir()) == []
@@ -801,7 +796,7 @@ def test_temp_file_name_does_not_look_final(tmp_path, monkeypatch):
         seen.append(Path(src).name)
         real_replace(src, dst)
 
-    monkeypatch.setattr(io.os, "replace", spy)
+    monkeypatch.setattr(os, "replace", spy)
     io.write_json(tmp_path / "a.json", {"x": 1}, overwrite=False)
     assert seen and seen[0].startswith(".a.json.tmp-") and not seen[0].endswith(".json")
 
@@ -853,7 +848,7 @@ def test_write_provenance(tmp_path):
                               timings={"inversion": 1.25}, extra={"acquisition": Acquisition(
                                   echo_times=TES, field_strength=3.0)})
     doc = json.loads(out.read_text())
-    assert doc["chisep_version"] == io.chisep.__version__
+    assert doc["chisep_version"] == chisep.__version__
     for key in ("python", "numpy", "jax", "nibabel"):
         assert doc["versions"][key]
     assert doc["created_utc"].endswith("+00:00")

@@ -111,11 +111,15 @@ def test_kernel_symmetry_magic_angle_and_range():
     # D(k) = D(-k): real kernel for a real field
     flipped = np.roll(np.flip(d, axis=(0, 1, 2)), shift=(1, 1, 1), axis=(0, 1, 2))
     np.testing.assert_allclose(d, flipped, atol=1e-6)
-    # k parallel to B0 gives -2/3, perpendicular gives 1/3, magic angle gives 0
-    for theta, expected in [(0.0, -2 / 3), (90.0, 1 / 3), (np.degrees(np.arccos(1 / np.sqrt(3))), 0.0)]:
-        t = np.deg2rad(theta)
-        k = np.array([np.sin(t), 0, np.cos(t)])
-        assert 1 / 3 - (k @ np.array([0, 0, 1.0])) ** 2 == pytest.approx(expected, abs=1e-9)
+    # chisep's kernel at k parallel to B0 is -2/3, perpendicular 1/3, at the magic angle 0: on an
+    # 8^3 grid with voxels (1, 1, sqrt 2) mm, k = (1/8, 0, 1/(8 sqrt 2)) cycles/mm makes
+    # tan(angle to z) = sqrt 2, i.e. cos^2 = 1/3
+    magic = physics.dipole_kernel((8, 8, 8), (1.0, 1.0, np.sqrt(2.0)), (0, 0, 1))
+    assert magic[1, 0, 1] == pytest.approx(0.0, abs=1e-6)
+    assert magic[0, 0, 1] == pytest.approx(-2 / 3) and magic[0, 1, 0] == pytest.approx(1 / 3)
+    # and the same k with B0 tilted onto it is parallel: -2/3
+    tilted = physics.dipole_kernel((8, 8, 8), (1.0, 1.0, np.sqrt(2.0)), (np.sqrt(2 / 3), 0, np.sqrt(1 / 3)))
+    assert tilted[1, 0, 1] == pytest.approx(-2 / 3, abs=1e-6)
     axial = physics.dipole_kernel((8, 8, 8), (1, 1, 1))
     assert axial[0, 0, 1] == pytest.approx(-2 / 3)
     assert axial[1, 0, 0] == pytest.approx(1 / 3)

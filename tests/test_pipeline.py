@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from chisep import cli, io, metrics, pipeline
+from chisep import cli, io, metrics, outputs, pipeline, workflows
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, OutputExistsError
 
@@ -19,7 +19,7 @@ def _load(path):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim") / "bids"
-    pipeline.simulate_dataset(root, resolution=5.0, phantom="simple", scenario="paradoxical-calcification", seed=1)
+    workflows.simulate_dataset(root, resolution=5.0, phantom="simple", scenario="paradoxical-calcification", seed=1)
     return root
 
 
@@ -114,15 +114,15 @@ def test_bids_run_writes_derivatives(dataset):
 
 
 def test_every_output_has_a_unit_and_a_bids_name():
-    for stem in pipeline.MAP_SPECS:
-        assert pipeline.MAP_SPECS[stem][0] in KNOWN_UNITS, stem
+    for stem in outputs.MAP_SPECS:
+        assert outputs.MAP_SPECS[stem][0] in KNOWN_UNITS, stem
         for model in ("", "chi-separation/", "linear/", "decompose/"):
-            name = pipeline.output_name(model + stem, "sub-01_ses-2")
+            name = outputs.output_name(model + stem, "sub-01_ses-2")
             assert BIDS_DERIVATIVE_NAME.match(name + ".nii.gz"), name
-    for model, (unit, _) in pipeline.RESIDUAL_UNITS.items():
+    for model, (unit, _) in outputs.RESIDUAL_UNITS.items():
         assert unit in KNOWN_UNITS, model
     with pytest.raises(KeyError, match="no unit"):
-        pipeline._spec("made_up_map")
+        outputs._spec("made_up_map")
 
 
 def test_separate_from_qsm_outputs(dataset, tmp_path):
@@ -151,7 +151,7 @@ def test_separate_refuses_chi_in_hz(dataset, tmp_path, capsys):
 def test_missing_inputs_for_model_are_named(dataset, tmp_path):
     truth = dataset / "derivatives/truth"
     with pytest.raises(InputError, match="local_field"):
-        pipeline.separate_files(chi=truth / "chi.nii.gz", r2star=truth / "r2star.nii.gz", field_strength=3.0,
+        workflows.separate_files(chi=truth / "chi.nii.gz", r2star=truth / "r2star.nii.gz", field_strength=3.0,
                                 models=["chi-separation"], out_dir=tmp_path / "y")
 
 
@@ -173,7 +173,7 @@ def test_config_file_sets_methods_and_rejects_unknown(tmp_path):
 
 def test_oblique_acquisition_end_to_end(tmp_path):
     root = tmp_path / "obl"
-    pipeline.simulate_dataset(root, resolution=5.0, phantom="simple", b0_angle_deg=20.0)
+    workflows.simulate_dataset(root, resolution=5.0, phantom="simple", b0_angle_deg=20.0)
     data = io.load_bids(root)
     assert data.acquisition.b0_angle_deg == pytest.approx(20.0, abs=1e-3)
     settings = pipeline.QsmSettings(background="resharp", inversion="medi")
@@ -190,11 +190,11 @@ def test_oblique_acquisition_end_to_end(tmp_path):
 
 
 def test_output_name_mapping():
-    assert pipeline.output_name("chi") == "chi"
-    assert pipeline.output_name("chi", "sub-01") == "sub-01_Chimap"
-    assert pipeline.output_name("decompose/chi_para", "sub-01_ses-2") == "sub-01_ses-2_desc-decomposeParamagnetic_Chimap"
-    assert pipeline.output_name("r2prime", "sub-01") == "sub-01_R2primemap"
-    assert pipeline.output_name("chi-separation/residual", "sub-01") == "sub-01_desc-chiSeparationResidual_MEGRE"
+    assert outputs.output_name("chi") == "chi"
+    assert outputs.output_name("chi", "sub-01") == "sub-01_Chimap"
+    assert outputs.output_name("decompose/chi_para", "sub-01_ses-2") == "sub-01_ses-2_desc-decomposeParamagnetic_Chimap"
+    assert outputs.output_name("r2prime", "sub-01") == "sub-01_R2primemap"
+    assert outputs.output_name("chi-separation/residual", "sub-01") == "sub-01_desc-chiSeparationResidual_MEGRE"
 
 
 def test_prepare_output_refuses_finished_run(tmp_path):
@@ -289,9 +289,9 @@ def test_every_map_a_model_returns_has_a_unit():
     results = {"decompose": DecomposeModel(acq).fit(inputs), "linear": LinearModel(acq).fit(inputs)}
     for model, result in results.items():
         for name in list(result.extra) + ["chi_para", "chi_dia", "chi_para_std", "chi_dia_std", "residual"]:
-            unit, description, _ = pipeline._spec(name, model)
+            unit, description, _ = outputs._spec(name, model)
             assert unit and description, (model, name)
-    assert pipeline._spec("residual_field_hz", "chi-separation")[0] == "Hz"
+    assert outputs._spec("residual_field_hz", "chi-separation")[0] == "Hz"
 
 
 def test_qsm_from_a_total_field_made_elsewhere():

@@ -1,7 +1,7 @@
 """Robustness matrix at 5 mm: each acquisition variant against the standard case, with ground truth.
 
-The cases are defined once in ``benchmarks/bench_robustness.py`` (which runs
-them at full size). Here every case is simulated once at 5 mm and run with
+The cases are defined once in :mod:`chisep.robustness` (``benchmarks/bench_robustness.py``
+runs them at full size). Here every case is simulated once at 5 mm and run with
 fast settings (PDF background removal, which works at coarse voxels, and
 Tikhonov inversion). Bounds are stated relative to the standard case (3 T,
 6 echoes, SNR 100): at 5 mm the standard chi correlates with the truth at
@@ -9,22 +9,15 @@ about 0.43, the total field is within 0.06 Hz (median), R2* within 2.5 %.
 Measured values at 5 mm are noted next to each bound.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_robustness", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_robustness.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("bench_robustness", bench)  # dataclasses look their module up there
-_spec.loader.exec_module(bench)
+from chisep import robustness
 
 RESOLUTION = 5.0
-CASES = {c.name: c for c in bench.CASES}
+CASES = {c.name: c for c in robustness.CASES}
 
 # case -> (chi correlation may drop by at most, field: median error Hz at most,
 #          fraction of mask voxels > 5 Hz off at most, R2* median relative error at most)
@@ -66,7 +59,8 @@ def results(tmp_path_factory):
     work = tmp_path_factory.mktemp("robustness")
     out = {}
     for name, case in CASES.items():
-        out[name] = bench.run_case(bench.prepare(case, RESOLUTION, workdir=work), bench.fast_settings())
+        prepared = robustness.prepare(case, RESOLUTION, workdir=work)
+        out[name] = robustness.run_case(prepared, robustness.fast_settings())
     return out
 
 
@@ -110,8 +104,9 @@ def test_single_echo_runs_with_a_warning_and_no_r2star(results):
     assert any("no R2*" in n for n in r["notes"])
     assert not r["qsm"].r2star.any() and math.isnan(r["r2star_median_rel_err"])
     assert "chi_para" not in r["maps"]  # the separation models need R2*
-    # phi0 cannot be separated from the field with one echo; its smooth part goes with the background
-    assert r["chi_corr"] > 0.05
+    # phi0 cannot be separated from the field with one echo; its smooth part goes with the background,
+    # the rest costs accuracy: measured 0.25 against the standard 0.44 at 5 mm
+    assert 0.15 < r["chi_corr"] < results["standard"]["chi_corr"]
 
 
 def test_wrong_phase_sign_is_a_documented_failure_mode(results):
