@@ -136,6 +136,25 @@ def oblique_affine(affine, tilt_deg: float) -> np.ndarray:
     return rot @ affine
 
 
+def check_phase_sign(phase_sign) -> None:
+    """+1 (chisep's convention) or -1 (the conjugate phase some vendors store)."""
+    if phase_sign not in (1, -1) or isinstance(phase_sign, bool):
+        raise InputError(f"phase_sign must be 1 (chisep convention) or -1 (conjugate phase), got {phase_sign!r}")
+
+
+def b0_and_affine(affine, b0_direction) -> tuple[np.ndarray, np.ndarray]:
+    """The simulation's B0 direction in voxel axes and the affine that says so: from the affine when
+    ``b0_direction`` is None, else the affine rotated so that scanner z is ``b0_direction``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if b0_direction is None:
+        return physics.b0_direction_from_affine(affine), affine
+    try:
+        b0 = physics.normalise_direction(b0_direction)
+    except ValueError as exc:
+        raise InputError(f"{exc}; give b0_direction as 3 numbers in voxel axes, e.g. (0, 0, 1)") from exc
+    return b0, _affine_with_b0(affine, b0)
+
+
 def _affine_with_b0(affine: np.ndarray, b0_direction: np.ndarray) -> np.ndarray:
     """Smallest world rotation of ``affine`` after which its B0 direction is ``b0_direction``.
 
@@ -404,17 +423,8 @@ def simulate_gre(
     """
     tes = _validated_settings(phantom, field_strength, echo_times, repetition_time, flip_angle_deg,
                               snr, seed, phase_offset, pad_factor)
-    if phase_sign not in (1, -1) or isinstance(phase_sign, bool):
-        raise InputError(f"phase_sign must be 1 (chisep convention) or -1 (conjugate phase), got {phase_sign!r}")
-    affine = np.asarray(phantom.affine, dtype=np.float64)
-    if b0_direction is None:
-        b0 = physics.b0_direction_from_affine(affine)
-    else:
-        try:
-            b0 = physics.normalise_direction(b0_direction)
-        except ValueError as exc:
-            raise InputError(f"{exc}; give b0_direction as 3 numbers in voxel axes, e.g. (0, 0, 1)") from exc
-        affine = _affine_with_b0(affine, b0)
+    check_phase_sign(phase_sign)
+    b0, affine = b0_and_affine(phantom.affine, b0_direction)
     field_strength = float(field_strength)
     dr_p, dr_d = relaxometric_constants(field_strength, dr_para, dr_dia)
 

@@ -51,10 +51,11 @@ from chisep.sim.gre import (
     DEFAULT_PAD_FACTOR,
     GreSimulation,
     GroundTruth,
-    _affine_with_b0,
     _block_mean,
     _smooth_phase_offset,
     _validated_settings,
+    b0_and_affine,
+    check_phase_sign,
     relaxometric_constants,
     simulate_fields,
 )
@@ -594,8 +595,7 @@ def simulate_head(
         raise InputError(f"r2prime must be one of {R2PRIME_MODELS}, got {r2prime!r}")
     if not (np.isfinite(r2_noise) and r2_noise >= 0):
         raise InputError(f"r2_noise is a relative standard deviation (>= 0), got {r2_noise!r}")
-    if phase_sign not in (1, -1) or isinstance(phase_sign, bool):
-        raise InputError(f"phase_sign must be 1 (chisep convention) or -1 (conjugate phase), got {phase_sign!r}")
+    check_phase_sign(phase_sign)
     out_res = _phantom._validate_resolution(resolution)
     fine_res = out_res / oversampling
     if np.any(fine_res < 0.25):
@@ -603,15 +603,7 @@ def simulate_head(
     settings = load_head_settings()
     model = head_model(fine_res, head=head, scenario=scenario)
     ph = model.phantom
-    affine = np.asarray(ph.affine, np.float64)
-    if b0_direction is None:
-        b0 = physics.b0_direction_from_affine(affine)
-    else:
-        try:
-            b0 = physics.normalise_direction(b0_direction)
-        except ValueError as exc:
-            raise InputError(f"{exc}; give b0_direction as 3 numbers in voxel axes, e.g. (0, 0, 1)") from exc
-        affine = _affine_with_b0(affine, b0)
+    b0, affine = b0_and_affine(ph.affine, b0_direction)
     field_strength = float(field_strength)
     total, local = simulate_fields(ph, field_strength=field_strength, b0_direction=b0, pad_factor=pad_factor)
     if shim:
