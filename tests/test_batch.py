@@ -17,7 +17,9 @@ from chisep import batch, io, pipeline
 from chisep.cli import main
 from chisep.errors import InputError
 
-pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # a Dask cluster over a simulated cohort
+
+import distributed  # noqa: E402,F401  the test extra installs Dask: missing, it is a failure, not a skip
 
 LABELS = "derivatives/truth/sub-{subject}/labels.nii.gz"
 # cheap but complete pipeline: every stage runs, on 8 mm voxels

@@ -154,7 +154,6 @@ def test_invalid_inputs_give_clear_errors():
 # ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def phantom_sim():
-    pytest.importorskip("chisep.sim.gre")
     from chisep.sim.gre import simulate_gre
     from chisep.sim.phantom import head_phantom
 

@@ -164,7 +164,6 @@ def test_refine_mask_removes_noisy_rim_and_keeps_interior():
 
 
 def test_brain_mask_on_head_phantom():
-    pytest.importorskip("chisep.sim.gre")
     from chisep.sim.gre import simulate_gre
     from chisep.sim.phantom import head_phantom
 

@@ -51,6 +51,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_report_renders_in_a_browser_with_every_image_and_no_console_error(run_dir, tmp_path):
     page = run_dir / "report.html"
     assert page.exists() and "report.html" in (run_dir / "provenance.json").read_text()

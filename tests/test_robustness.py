@@ -16,6 +16,8 @@ import pytest
 
 from chisep import robustness
 
+pytestmark = pytest.mark.slow  # the whole acquisition matrix, simulated and reconstructed
+
 RESOLUTION = 5.0
 CASES = {c.name: c for c in robustness.CASES}
 

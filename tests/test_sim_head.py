@@ -10,6 +10,8 @@ from chisep.qsm import mask as qsm_mask
 from chisep.sim import head_model, simulate_head
 from chisep.sim.head import coil_sensitivity, dephasing_decay, dephasing_functions
 
+pytestmark = pytest.mark.slow  # realistic heads simulated on the fine grid
+
 
 @pytest.fixture(scope="module")
 def head_a():
