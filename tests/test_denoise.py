@@ -121,8 +121,10 @@ def test_invalid_inputs_are_refused():
         mppca(noisy, np.zeros(noisy.shape[:3], bool))
     bad = noisy.copy()
     bad[5, 5, 5, 0] = np.nan
-    with pytest.raises(InputError, match="finite and >= 0"):
+    with pytest.raises(InputError, match="NaN or inf"):
         mppca(bad)
+    with pytest.raises(InputError, match="negative"):
+        mppca(-noisy)
     with pytest.raises(InputError, match="stride must be an integer from 1 to patch_radius"):
         mppca(noisy, patch_radius=2, stride=3)
     with pytest.raises(InputError, match="too small"):
