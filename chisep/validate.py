@@ -18,7 +18,7 @@ from chisep.errors import InputError
 __all__ = [
     "as_volume", "as_mask", "as_multi_echo", "as_magnitude", "check_finite", "check_non_negative", "check_choice",
     "check_volume_and_mask", "check_optional_map", "check_voxel_size", "check_b0_direction", "check_geometry",
-    "check_positive", "check_count", "check_same_grid",
+    "check_positive", "check_count", "check_same_grid", "check_chi_ppm",
 ]
 
 
@@ -240,6 +240,20 @@ def check_count(value, name: str) -> int:
     if not ok:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_chi_ppm(chi, mask, limit_ppm: float, *, name: str = "chi") -> None:
+    """Refuse a susceptibility map whose 99th percentile of ``|chi|`` in ``mask`` exceeds ``limit_ppm``:
+    brain tissue stays within about +-1 ppm, so such a map is in Hz or ppb."""
+    values = np.abs(np.asarray(chi)[np.asarray(mask, bool)])
+    if not values.size:
+        return
+    chi99 = float(np.percentile(values, 99))
+    if chi99 > limit_ppm:
+        raise InputError(
+            f"{name}: 99th percentile of |chi| in the mask is {chi99:.3g}, expected below {limit_ppm:g} ppm for "
+            "brain tissue; the map looks like it is in Hz or ppb. Convert Hz to ppm with "
+            "chisep.physics.hz_to_ppm, or divide ppb by 1000")
 
 
 def check_same_grid(shape_a, shape_b, name_a: str, name_b: str) -> None:

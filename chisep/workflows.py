@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from chisep import io, outputs, physics, signals
+from chisep import io, outputs, physics, signals, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, OutputExistsError
 from chisep.pipeline import QUALITY_FLAGS, Log, QsmMaps, _quiet, _stepper, quality_map, reconstruct_qsm, separate
@@ -132,7 +132,7 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
     t0 = time.perf_counter()
     out = io.prepare_output_dir(out_dir, overwrite=overwrite)
     chi_map, affine, header = io.load_map(chi, name="chi")
-    _check_chi_unit(chi_map, chi)
+    validate.check_chi_ppm(chi_map, chi_map != 0, 10.0, name=f"chi {chi}")  # 10 ppm: lesions included
     inputs = [chi]
 
     def load(path, name):
@@ -177,14 +177,6 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
                         extra={"acquisition": acq.to_dict(), "outputs": writer.written,
                                "models": {m: r.info for m, r in results.items()}}, overwrite=overwrite)
     return _summary(out, timings, results)
-
-
-def _check_chi_unit(chi: np.ndarray, path) -> None:
-    """Refuse chi maps in Hz or ppb: brain susceptibility stays within a few ppm."""
-    inside = np.abs(chi[chi != 0])
-    if inside.size and np.percentile(inside, 99) > 10:
-        raise InputError(f"chi {path}: 99% of |values| reach {np.percentile(inside, 99):.3g}, expected ppm "
-                         "(brain tissue within about +-1 ppm); the map looks like Hz or ppb. Convert it to ppm")
 
 
 def _sources_summary(sources: Mapping) -> dict:

@@ -384,7 +384,7 @@ LOAD_ERRORS = [
      "milliseconds", None),
     ("sidecar echo times in ms", lambda t: (*_echoes(t, tes=[4.0, 8.0, 12.0]), {}), "milliseconds", "mag_e1.json"),
     ("NaN in magnitude", _case_nan_magnitude, "NaN.*magnitude|magnitude.*NaN", "mag.nii.gz"),
-    ("inf in phase", _case_inf_phase, "NaN/Inf", "phase.nii.gz"),
+    ("inf in phase", _case_inf_phase, "NaN or inf", "phase.nii.gz"),
     ("all-zero magnitude", lambda t: (*_four_d(t, mag=np.zeros(SHAPE + (3,), np.float32)), {}), "all voxels 0",
      "mag.nii.gz"),
     ("2D data", lambda t: (write_nifti(t / "m.nii.gz", np.ones((8, 8), np.float32)),

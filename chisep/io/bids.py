@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 import chisep
+from chisep import validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError
 from chisep.io.read import BidsRun, GreData, PathLike, load_gre, sidecar_path
@@ -182,8 +183,7 @@ def load_bids(
 
 def _bids_image_dtype(array: np.ndarray, role: str) -> np.dtype:
     if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise InputError(f"{role}: expected finite values, found NaN/Inf")
+        validate.check_finite(array, role, fix="replace them before writing the dataset")
         return np.dtype(np.float32)
     if array.dtype.kind in "iu":
         return array.dtype

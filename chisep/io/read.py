@@ -14,7 +14,7 @@ from typing import Any, Sequence, Union
 import nibabel as nib
 import numpy as np
 
-from chisep import physics
+from chisep import physics, validate
 from chisep.acquisition import FIELD_STRENGTH_RANGE_T, Acquisition
 from chisep.errors import InputError
 
@@ -289,10 +289,8 @@ def rescale_phase(raw) -> tuple[np.ndarray, str]:
         raise InputError(f"phase: expected real numbers, found data type {raw.dtype}")
     if raw.size == 0:
         raise InputError("phase: the array is empty")
-    if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
-        raise InputError(
-            f"phase: expected finite values, found {int(np.count_nonzero(~np.isfinite(raw)))} NaN/Inf"
-        )
+    if raw.dtype.kind == "f":
+        validate.check_finite(raw, "phase", fix="replace them (e.g. by 0) before processing")
     lo, hi = float(raw.min()), float(raw.max())
     found = f"data range [{lo:.6g}, {hi:.6g}]"
     if raw.dtype.kind == "f":
@@ -533,12 +531,7 @@ def _read_series(files: list[Path], imgs: list, role: str, shape4: tuple[int, ..
 
 def _check_finite(data: np.ndarray, role: str, files: Sequence[Path]) -> None:
     if data.dtype.kind == "f":
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            raise InputError(
-                f"{role} ({_names(files)}): expected finite values, found {bad} NaN/Inf voxel(s). "
-                "Fix: replace them (e.g. by 0) before processing."
-            )
+        validate.check_finite(data, f"{role} ({_names(files)})", fix="replace them (e.g. by 0) before processing")
 
 
 #: share of a magnitude's non-zero voxels that may be negative (interpolation ringing) before it is refused

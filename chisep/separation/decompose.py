@@ -59,7 +59,6 @@ from chisep.separation.base import (
     SeparationModel,
 )
 from chisep.separation.constants import load_model_file, require_number
-from chisep.separation.linear import check_chi_ppm
 
 PARAM_NAMES = ("c_para", "c_dia", "c_0", "r2star0", "chi_para", "chi_dia")
 CONSTANT_KEYS = ("dephasing_factor", "frequency_factor", "chi_para_max_ppm", "chi_dia_max_ppm",
@@ -286,7 +285,7 @@ class DecomposeModel(SeparationModel):
         """
         magnitude, chi, mask = inputs.magnitude, inputs.chi, inputs.mask
         self._check_shapes(magnitude, chi.shape)
-        check_chi_ppm(chi, mask, self.constants["max_abs_chi_ppm"])
+        validate.check_chi_ppm(chi, mask, self.constants["max_abs_chi_ppm"])
         result = self.fit_signal(self.data_from_qsm(magnitude, chi), mask, progress=progress)
         result.info["data"] = "magnitude with QSM-implied phase k*omega0*chi*TE"
         return bound_by_qsm(result, chi, mask)

@@ -31,6 +31,7 @@ from typing import Mapping
 
 import numpy as np
 
+from chisep import validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
 from chisep.separation.base import (
@@ -219,7 +220,7 @@ class LinearModel(SeparationModel):
     def _check_inputs(self, r2star, chi, r2, mask):
         if not mask.any():
             return
-        check_chi_ppm(chi, mask, self.checks["max_abs_chi_ppm"])
+        validate.check_chi_ppm(chi, mask, self.checks["max_abs_chi_ppm"])
         med = float(np.median(r2star[mask]))
         if med < self.checks["min_median_r2star_per_s"]:
             raise InputError(
@@ -244,18 +245,6 @@ class LinearModel(SeparationModel):
         if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
             raise InputError(f"{name} must be finite and > 0")
         return arr
-
-
-def check_chi_ppm(chi, mask, limit_ppm: float) -> None:
-    """Refuse a chi map whose 99th percentile of ``|chi|`` in the mask exceeds ``limit_ppm`` (Hz or ppb)."""
-    if not np.any(mask):
-        return
-    chi99 = float(np.percentile(np.abs(np.asarray(chi)[mask]), 99))
-    if chi99 > limit_ppm:
-        raise InputError(
-            f"chi: 99th percentile of |chi| in the mask is {chi99:.3g}, expected below {limit_ppm:g} ppm for "
-            "brain tissue; the map looks like it is in Hz or ppb. Convert Hz to ppm with "
-            "chisep.physics.hz_to_ppm, or divide ppb by 1000")
 
 
 def _nnls_2x2(y1, y2, a_p, a_d, b_p, b_d, s1, s2):
