@@ -281,6 +281,7 @@ def test_rescale_rejects_nan():
     with pytest.raises(InputError, match="NaN"):
         io.rescale_phase(np.array([0.0, np.nan]))
 
+
 # ---------------------------------------------------------------------------
 # bad inputs to load_gre: each refused, naming the problem and the file at fault
 # ---------------------------------------------------------------------------
