@@ -8,9 +8,11 @@ the :class:`~chisep.acquisition.Acquisition` and its settings,
 
 from chisep.separation.base import MODELS, SeparationFit, SeparationInputs, SeparationModel, r2_from_rule
 from chisep.separation.baseline import THRESHOLDED_QSM, thresholded_qsm
-from chisep.separation.chi_separation import ChiSeparation
-from chisep.separation.decompose import DecomposeModel
-from chisep.separation.linear import LinearModel
+
+# imported in the order of settings.MODEL_NAMES: the registry lists the models as the CLI does
+from chisep.separation.chi_separation import ChiSeparation  # isort: skip
+from chisep.separation.linear import LinearModel  # isort: skip
+from chisep.separation.decompose import DecomposeModel  # isort: skip
 
 __all__ = ["MODELS", "SeparationInputs", "SeparationFit", "SeparationModel", "r2_from_rule", "ChiSeparation",
            "LinearModel", "DecomposeModel", "thresholded_qsm", "THRESHOLDED_QSM"]
