@@ -55,7 +55,25 @@ def nrmse(estimate, truth, mask) -> float:
     """Normalised root-mean-square error in percent: ``100 ||a - t|| / ||t||``.
 
     Both maps are demeaned inside ``mask`` first (susceptibility is only
-    defined up to a constant).
+    defined up to a constant), as the QSM challenge 2.0 scores.
+
+    Parameters
+    ----------
+    estimate, truth : arrays of one shape
+    mask : bool array of that shape
+        Voxels scored.
+
+    Returns
+    -------
+    float, percent
+
+    Examples
+    --------
+    >>> truth = np.array([0.0, 1.0, 2.0, 3.0])
+    >>> round(nrmse(truth + 5.0, truth, np.ones(4, bool)), 6)  # a constant offset costs nothing
+    0.0
+    >>> round(nrmse(2 * truth, truth, np.ones(4, bool)), 1)
+    100.0
     """
     est, tru, msk = _inputs(estimate, truth, mask)
     a, t = est[msk], tru[msk]
@@ -67,6 +85,15 @@ def detrended_nrmse(estimate, truth, mask) -> float:
 
     Insensitive to a global scaling of the estimate (e.g. the systematic
     underestimation of strongly regularised methods).
+
+    Parameters
+    ----------
+    estimate, truth : arrays of one shape
+    mask : bool array of that shape
+
+    Returns
+    -------
+    float, percent
     """
     est, tru, msk = _inputs(estimate, truth, mask)
     a, t = est[msk], tru[msk]
@@ -83,6 +110,16 @@ def hfen(estimate, truth, mask, sigma: float = 1.5) -> float:
     Maps are zeroed outside the mask, filtered with
     :func:`scipy.ndimage.gaussian_laplace` (``sigma`` in voxels, 1.5 as in
     the challenge), and compared inside the mask.
+
+    Parameters
+    ----------
+    estimate, truth : 3D arrays of one shape
+    mask : bool array of that shape
+    sigma : float, voxels
+
+    Returns
+    -------
+    float, percent
     """
     est, tru, msk = _inputs(estimate, truth, mask)
     la = ndimage.gaussian_laplace(np.where(msk, est, 0.0), sigma)
@@ -158,9 +195,23 @@ def linear_fit_slope(estimate_values, truth_values) -> tuple[float, float]:
 
 
 def dice(mask_a, mask_b) -> float:
-    """Dice overlap ``2 |A & B| / (|A| + |B|)`` of two masks of one shape (0 when both are empty)."""
+    """Dice overlap ``2 |A & B| / (|A| + |B|)`` of two masks of one shape (0 when both are empty).
+
+    Parameters
+    ----------
+    mask_a, mask_b : arrays of one shape (non-zero = inside)
+
+    Returns
+    -------
+    float in [0, 1]
+
+    Examples
+    --------
+    >>> dice(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0]))
+    0.6666666666666666
+    """
     a, b = np.asarray(mask_a).astype(bool), np.asarray(mask_b).astype(bool)
     if a.shape != b.shape:
         raise InputError(f"masks of shapes {a.shape} and {b.shape} cannot be compared; resample one first")
     total = np.count_nonzero(a) + np.count_nonzero(b)
-    return 2.0 * np.count_nonzero(a & b) / total if total else 0.0
+    return float(2.0 * np.count_nonzero(a & b) / total) if total else 0.0

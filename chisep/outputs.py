@@ -122,6 +122,23 @@ def output_name(name: str, bids_prefix: str | None = None) -> str:
     (e.g. ``"sub-01_ses-2"``) every map lands in one folder as
     ``<prefix>_desc-<label>_<suffix>`` (:data:`BIDS_NAMES`); a model's maps carry
     the model in the desc label (``desc-chiSeparationParamagnetic_Chimap``).
+
+    Parameters
+    ----------
+    name : str
+        The flat name, ``"<model>/<map>"`` for a model's map.
+    bids_prefix : str, optional
+
+    Returns
+    -------
+    str, without the ``.nii.gz`` extension
+
+    Examples
+    --------
+    >>> output_name("chi-separation/chi_para", "sub-01")
+    'sub-01_desc-chiSeparationParamagnetic_Chimap'
+    >>> output_name("chi")
+    'chi'
     """
     if bids_prefix is None:
         return name
@@ -333,6 +350,17 @@ def bids_output_dir(sources: Mapping, out_dir: str | Path | None) -> tuple[Path,
 
     BIDS input without ``out_dir`` goes to ``<root>/derivatives/chisep/sub-X[/ses-Y]/anat``;
     with ``out_dir`` the BIDS names go there. Non-BIDS input needs ``out_dir``.
+
+    Parameters
+    ----------
+    sources : dict
+        ``GreData.sources`` (``"bids"`` set by :func:`chisep.io.load_bids`).
+    out_dir : path, optional
+
+    Returns
+    -------
+    folder : Path
+    bids_prefix : str or None
     """
     bids = sources.get("bids")
     if bids is None:
@@ -355,6 +383,15 @@ def write_derivatives_description(out: Path) -> Path | None:
 
     The derivatives root is ``out`` without its trailing ``sub-*/ses-*/anat`` folders
     (``derivatives/chisep/`` by default; ``--out DIR`` itself otherwise).
+
+    Parameters
+    ----------
+    out : path
+        A run's output folder.
+
+    Returns
+    -------
+    Path of the file written, or None when one was there already.
     """
     from chisep import __version__
 

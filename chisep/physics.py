@@ -33,7 +33,21 @@ KERNEL_KINDS = ("continuous", "discrete")
 # unit conversions
 # ---------------------------------------------------------------------------
 def centre_frequency_hz(field_strength_t: float) -> float:
-    """Proton Larmor frequency CF = gamma/2pi * B0 in Hz."""
+    """Proton Larmor frequency CF = gamma/2pi * B0 in Hz.
+
+    Parameters
+    ----------
+    field_strength_t : float, T
+
+    Returns
+    -------
+    float, Hz
+
+    Examples
+    --------
+    >>> round(centre_frequency_hz(3.0) / 1e6, 4)  # MHz
+    127.7324
+    """
     return GAMMA_HZ_PER_T * float(field_strength_t)
 
 
@@ -79,6 +93,20 @@ def b0_direction_from_affine(affine: np.ndarray) -> np.ndarray:
     component of that axis's unit direction: row 3 of the rotation part of the
     affine (voxel scaling divided out). For an axial acquisition this is
     (0, 0, +-1); for an oblique one it is tilted accordingly.
+
+    Parameters
+    ----------
+    affine : (4, 4) array
+        Voxel indices -> scanner RAS+ mm (nibabel's ``img.affine``).
+
+    Returns
+    -------
+    (3,) unit vector in voxel axes
+
+    Examples
+    --------
+    >>> b0_direction_from_affine(np.diag([2.0, 2.0, 2.0, 1.0])).tolist()
+    [0.0, 0.0, 1.0]
     """
     affine = np.asarray(affine, dtype=np.float64)
     rotation = affine[:3, :3] / voxel_size_from_affine(affine)[None, :]
@@ -238,8 +266,17 @@ def sphere_mask(shape, voxel_size, radius_mm: float) -> np.ndarray:
 def smv_kernel(shape, voxel_size, radius_mm: float) -> np.ndarray:
     """k-space kernel of the spherical mean value (normalised sphere) of radius ``radius_mm``.
 
-    Returns S(k) (float32, FFT order) with S(0) = 1. SHARP-type methods use
-    ``1 - S``, which removes harmonic (background) fields inside the mask.
+    SHARP-type methods use ``1 - S``, which removes harmonic (background) fields inside the mask.
+
+    Parameters
+    ----------
+    shape : 3 ints
+    voxel_size : 3 floats, mm
+    radius_mm : float
+
+    Returns
+    -------
+    S : float32 array, FFT order, S(0) = 1
     """
     if not radius_mm > 0:
         raise ValueError(f"radius_mm must be positive, got {radius_mm}")
@@ -270,7 +307,20 @@ def forward_field_ppm(
 
     The map is zero-padded to ``pad_factor`` times its size so that the
     periodic FFT convolution does not wrap the field of one side onto the
-    other. Returns a JAX float array of the input's shape.
+    other.
+
+    Parameters
+    ----------
+    chi_ppm : (x, y, z) array, ppm
+    voxel_size : 3 floats, mm
+    b0_direction : 3 floats, in voxel axes
+    pad_factor : float
+    kind : {"continuous", "discrete"}
+        The dipole kernel (see :func:`dipole_kernel`).
+
+    Returns
+    -------
+    JAX array of the input's shape and dtype, ppm of B0
     """
     import jax.numpy as jnp  # here, not at the top: the CLI imports this module and must start fast
 
@@ -291,5 +341,17 @@ def forward_field_hz(
     b0_direction=(0.0, 0.0, 1.0),
     **kwargs,
 ):
-    """Frequency offset (Hz) produced by a susceptibility map (ppm): CF * 1e-6 * (D * chi)."""
+    """Frequency offset (Hz) produced by a susceptibility map (ppm): CF * 1e-6 * (D * chi).
+
+    Parameters
+    ----------
+    chi_ppm : (x, y, z) array, ppm
+    field_strength_t : float, T
+    voxel_size, b0_direction, **kwargs
+        As in :func:`forward_field_ppm`.
+
+    Returns
+    -------
+    JAX array, Hz; positive chi gives a positive frequency along B0
+    """
     return ppm_to_hz(forward_field_ppm(chi_ppm, voxel_size, b0_direction, **kwargs), field_strength_t)

@@ -172,6 +172,14 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         Replaces the automatic mask as the outer limit of the reconstruction (enclosed holes are
         filled); voxels in it whose field is unreliable are still left out (see QsmMaps).
     settings : QsmSettings
+    log : callable(str)
+        Receives one line per step (and a heartbeat during long ones).
+
+    Returns
+    -------
+    QsmMaps
+        Masks, total and local field, field noise, R2*, chi, the reliability record, timings and notes;
+        :meth:`QsmMaps.separation_inputs` hands them to the separation models.
     """
     from chisep import relax
     from chisep.qsm import echoes
@@ -402,6 +410,23 @@ def separate(acquisition: Acquisition, inputs: SeparationInputs, *,
     Each model states the inputs it needs (chi-separation: the local field and
     R2'; linear: R2* and chi; DECOMPOSE: the multi-echo magnitude and chi); a
     missing one is reported before any model runs.
+
+    Parameters
+    ----------
+    acquisition : Acquisition
+    inputs : SeparationInputs
+        E.g. :meth:`QsmMaps.separation_inputs`.
+    settings : SeparationSettings
+        The models (the first is the run's headline chi_para / chi_dia) and their options.
+    log : callable(str)
+    timings : dict, optional
+        Receives the seconds per model.
+    progress_bars : bool
+
+    Returns
+    -------
+    dict
+        Model name -> :class:`~chisep.separation.base.SeparationFit`.
     """
     from chisep.separation import MODELS
 
@@ -446,6 +471,16 @@ def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationFit] | None 
     flagged. Voxels where a fit failed are flagged rather than trusted: the
     written maps hold 0 where they were non-finite, and this map says where
     that happened.
+
+    Parameters
+    ----------
+    qsm : QsmMaps
+    separations : dict, optional
+        Model name -> SeparationFit.
+
+    Returns
+    -------
+    (x, y, z) uint8 array
     """
     from chisep import relax
 

@@ -32,10 +32,32 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     """Run QSM (and the separation models in ``settings``) on loaded data and write the outputs.
 
     Writes the maps, ``roi_stats.csv`` (per label of ``labels_path``, or the
-    whole mask), ``report.png`` and, last, ``provenance.json``: a folder
-    without it holds an unfinished run. With ``bids_prefix`` (e.g.
-    ``"sub-01_ses-1"``) maps get BIDS-derivatives names (see :func:`output_name`).
-    Returns the maps and a short summary.
+    whole mask), ``report.png``, ``report.html`` and, last, ``provenance.json``:
+    a folder without it holds an unfinished run.
+
+    Parameters
+    ----------
+    data : chisep.io.GreData
+        From :func:`chisep.io.load_gre` or :func:`chisep.io.load_bids`.
+    out_dir : path
+        Output folder (created; an existing run is kept unless ``overwrite``).
+    settings : PipelineSettings
+    mask_path, r2_path, labels_path : path, optional
+        A brain mask (the outer limit of the reconstruction), a measured R2 map
+        (1/s), a label image for the ROI table (names from the ``.tsv`` beside it
+        unless ``label_names``), all on the data's grid.
+    bids_prefix : str, optional
+        E.g. ``"sub-01_ses-1"``: BIDS-derivatives names (:func:`chisep.outputs.output_name`).
+    overwrite : bool
+    log : callable(str)
+        Receives one line per step.
+    progress_bars : bool
+        tqdm bars for the long voxelwise steps.
+
+    Returns
+    -------
+    RunOutput
+        The QSM maps, the separation fits, the timings and a short summary.
     """
     from chisep import references
 
@@ -123,11 +145,28 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
                    r2star=None, r2=None, field_noise=None, mask=None, magnitude=None, phase=None,
                    echo_times: Sequence[float] | None = None, overwrite: bool = False,
                    log: Log = _quiet) -> str:
-    """``chisep separate``: separation models from map files (e.g. the outputs of ``chisep qsm``).
+    """``chisep separate``: separation models from map files (e.g. the outputs of ``chisep qsm`` or another tool).
 
-    All maps must share the grid of ``chi``. The mask defaults to the voxels
-    where chi is non-zero. DECOMPOSE needs the multi-echo magnitude (and echo
-    times from ``echo_times`` or its sidecars).
+    Parameters
+    ----------
+    chi : path
+        QSM map (ppm); every other map must share its grid.
+    field_strength : float, T
+    models : sequence of str
+        Names from :data:`chisep.separation.MODELS`.
+    out_dir : path
+    local_field, r2star, r2, field_noise, mask : path, optional
+        Local field (Hz), R2* and measured R2 (1/s), field noise (Hz), brain mask
+        (default: the voxels where chi is non-zero).
+    magnitude, phase : path or paths, optional
+        The multi-echo magnitude DECOMPOSE needs (with ``echo_times`` in s, or sidecars).
+    overwrite : bool
+    log : callable(str)
+
+    Returns
+    -------
+    str
+        A summary of what was written.
     """
     t0 = time.perf_counter()
     out = io.prepare_output_dir(out_dir, overwrite=overwrite)
@@ -219,12 +258,34 @@ def simulate(*, resolution=2.0, snr: float | None = 100.0, field_strength: float
              phantom: str = "head", head: str = "A"):
     """Simulated GRE data in memory.
 
-    ``phantom="head"`` (default): the realistic whole head of
-    :func:`chisep.sim.simulate_head` (simulated on a twice finer grid, with skull,
-    scalp fat, coil bias, static-dephasing R2' and a measured R2 map; ``head``
-    "A" or the holdout "B"). ``phantom="simple"``: the label phantom simulated on
-    the output grid (:func:`chisep.sim.gre.simulate_gre`), fast and coarse-friendly,
-    for tests of mechanics; it flatters every method (inverse crime).
+    Parameters
+    ----------
+    resolution : float or 3 floats, mm
+    snr : float or None
+        Signal-to-noise ratio of the first echo in white matter; None: noiseless.
+    field_strength : float, T
+    echo_times : sequence of float, s, optional
+        Default: the phantom's (head: 5-29 ms, five echoes).
+    b0_angle_deg : float
+        Tilt of B0 from the slice axis (oblique acquisition).
+    scenario : str
+        ``"healthy"``, ``"paradoxical-calcification"``, ``"microbleeds"``, ``"calcified-lesion"``, ``"all"``.
+    seed : int
+    integer_phase : bool
+        Phase stored as scanner integers (simple phantom only).
+    phantom : {"head", "simple"}
+        ``"head"`` (default): the realistic whole head of :func:`chisep.sim.simulate_head`
+        (simulated on a twice finer grid, with skull, scalp fat, coil bias,
+        static-dephasing R2' and a measured R2 map). ``"simple"``: the label phantom
+        simulated on the output grid (:func:`chisep.sim.gre.simulate_gre`), fast, for
+        tests of mechanics; it flatters every method (inverse crime).
+    head : {"A", "B"}
+        B is the holdout head.
+
+    Returns
+    -------
+    GreSimulation
+        Magnitude, phase, acquisition and the ground truth.
     """
     b0 = physics.direction_from_angles(b0_angle_deg) if b0_angle_deg else None
     if phantom == "head":
@@ -247,10 +308,25 @@ def simulate(*, resolution=2.0, snr: float | None = 100.0, field_strength: float
 
 def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite: bool = False,
                      log: Log = _quiet, truth_dir: str | Path | None = None, **simulation) -> dict:
-    """Simulate the phantom and write it as subject ``subject`` of the BIDS dataset ``out_dir`` (created or
+    """Simulate a head and write it as subject ``subject`` of the BIDS dataset ``out_dir`` (created or
     added to), its ground truth in ``truth_dir`` (default ``derivatives/truth/``), every file atomically.
 
-    ``simulation``: the keywords of :func:`simulate`.
+    Parameters
+    ----------
+    out_dir : path
+    subject : str
+        BIDS label without ``sub-``.
+    overwrite : bool
+    log : callable(str)
+    truth_dir : path, optional
+    **simulation
+        The keywords of :func:`simulate`.
+
+    Returns
+    -------
+    dict
+        ``bids_root``, ``truth_dir``, ``run`` (the written MEGRE run), ``simulation``
+        (the in-memory data) and ``r2_path`` (the measured R2 map, or None).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -297,11 +373,25 @@ def _jsonable_settings(settings: Mapping) -> dict:
 def demo(out_dir: str | Path = "chisep-demo", *, resolution=2.0, scenario: str = "all", snr: float = 100.0,
          models: Sequence[str] = DEFAULT_MODELS, overwrite: bool = False, log: Log = _quiet,
          phantom: str = "head", head: str = "A") -> str:
-    """Simulate the phantom, run the whole pipeline with every model, score it against the truth.
+    """Simulate a head, run the whole pipeline with ``models``, score it against the truth.
 
     Writes ``bids/`` (the simulated dataset and its truth), ``run/`` (the
-    outputs of :func:`run_files`), ``accuracy.md`` and ``comparison.png``;
-    returns the accuracy table as text.
+    outputs of :func:`run_files`), ``accuracy.md`` and ``comparison.png``.
+
+    Parameters
+    ----------
+    out_dir : path
+    resolution, scenario, snr, phantom, head
+        As in :func:`simulate`.
+    models : sequence of str
+        Separation models (default: chi-separation and linear).
+    overwrite : bool
+    log : callable(str)
+
+    Returns
+    -------
+    str
+        The accuracy table for the terminal and where the rest is.
     """
     from chisep import report
 

@@ -144,6 +144,19 @@ def load_bids(
     Keyword overrides take priority over the sidecars, as in :func:`load_gre`.
     ``sources["bids"]`` records the subject, session, prefix and BIDS root.
 
+    Parameters
+    ----------
+    path : path
+        The BIDS root, a subject's or session's folder, or an ``anat`` folder.
+    subject, session : str, optional
+        Labels without ``sub-`` / ``ses-``; needed when the path holds several.
+    echo_times, field_strength, phase_sign, b0_direction, phase_unwrapped
+        As in :func:`load_gre`.
+
+    Returns
+    -------
+    GreData
+
     Raises
     ------
     InputError

@@ -38,7 +38,24 @@ def r2_from_rule(r2star, *, nominal_r2: float = 13.0, r2prime_fraction: float | 
     A nominal R2 alone leaves grey matter and CSF R2' 5-6 1/s too low (their R2 is below 13 1/s);
     a fixed fraction alone (Ji et al., NMR Biomed 2024) halves the globus pallidus' R2'.
 
-    Returns the R2 map (float32) and a sentence saying where it came from.
+    Parameters
+    ----------
+    r2star : array, 1/s
+    nominal_r2 : float, 1/s
+    r2prime_fraction : float in (0, 1) or None
+        R2' is at least this share of R2*; None: R2 = ``nominal_r2`` everywhere.
+
+    Returns
+    -------
+    r2 : float32 array, 1/s
+    source : str
+        Where the R2 came from (for logs and provenance).
+
+    Examples
+    --------
+    >>> r2, source = r2_from_rule(np.array([10.0, 40.0]))
+    >>> r2.tolist(), source
+    ([7.0, 13.0], 'R2*-only: R2 = min(13 1/s, 0.7 R2*)')
     """
     nominal = np.full(np.shape(r2star), nominal_r2, np.float32)
     if r2prime_fraction is None:

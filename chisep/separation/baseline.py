@@ -15,7 +15,23 @@ THRESHOLDED_QSM = "thresholded-qsm"
 
 
 def thresholded_qsm(chi) -> tuple[np.ndarray, np.ndarray]:
-    """(chi_para, chi_dia) = (max(chi, 0), max(-chi, 0)), float32 ppm, both >= 0 (chi_dia a magnitude)."""
+    """(chi_para, chi_dia) = (max(chi, 0), max(-chi, 0)), float32 ppm, both >= 0 (chi_dia a magnitude).
+
+    Parameters
+    ----------
+    chi : array, ppm
+        A QSM map.
+
+    Returns
+    -------
+    chi_para, chi_dia : float32 arrays, ppm
+
+    Examples
+    --------
+    >>> para, dia = thresholded_qsm([0.1, -0.05])
+    >>> para.tolist(), dia.tolist()
+    ([0.10000000149011612, 0.0], [0.0, 0.05000000074505806])
+    """
     chi = np.asarray(chi, dtype=np.float32)
     return np.maximum(chi, 0.0), np.maximum(-chi, 0.0)
 

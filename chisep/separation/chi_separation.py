@@ -595,6 +595,17 @@ def voxelwise_std(field_noise_hz, r2prime_noise, *, field_strength: float, dr_pa
     variance and adds bias), the spatial coupling of the dipole inversion
     (noise near the magic-angle cone is amplified more than g suggests) and
     the bounds (at chi = 0 it describes the unconstrained linearisation).
+
+    Parameters
+    ----------
+    field_noise_hz : float or array, Hz
+    r2prime_noise : float or array, 1/s
+    field_strength : float, T
+    dr_para, dr_dia : float, Hz/ppm
+
+    Returns
+    -------
+    std_para, std_dia : float32 arrays (broadcast of the inputs), ppm
     """
     cf = physics.centre_frequency_hz(field_strength) * 1e-6
     sigma_chi = np.asarray(field_noise_hz, np.float32) / (cf * _DIPOLE_RMS_GAIN)

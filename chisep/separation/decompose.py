@@ -126,6 +126,17 @@ def component_susceptibilities(p, aux):
     (the common decay exp(-R2*0 t) does not change the phase). A pool with
     C ~ 0 thus contributes ~0 whatever its fitted susceptibility, which is then
     undetermined; a voxel holding one pool gets that pool's susceptibility.
+
+    Parameters
+    ----------
+    p : (6,) array
+        c_para, c_dia, c_0, r2star0, chi_para, chi_dia of one voxel.
+    aux : dict
+        ``DecomposeModel.aux()``: echo times, pool frequency and dephasing factors.
+
+    Returns
+    -------
+    (2,) array: PCS, DCS (ppm)
     """
     te, omega, a = aux["te"], aux["omega"], aux["a"]
     c_para, c_dia, c_0, _, x_para, x_dia = (p[i] for i in range(6))
@@ -174,6 +185,19 @@ def bound_by_qsm(result: SeparationFit, chi_ppm, mask) -> SeparationFit:
     and ``dcs``, and ``extra["bound_active"]`` (0 none, 1 chi_para, 2 chi_dia, 3 both lifted)
     says where it acted. On the realistic heads it changes chi_dia's NRMSE from worse
     than the thresholded QSM to better (benchmarks/RESULTS.md).
+
+    Parameters
+    ----------
+    result : SeparationFit
+        With PCS / DCS as chi_para / chi_dia.
+    chi_ppm : array, ppm
+        The QSM map the fit used.
+    mask : bool array
+
+    Returns
+    -------
+    SeparationFit
+        chi_para, chi_dia lifted; ``extra`` gains ``pcs``, ``dcs`` and ``bound_active``.
     """
     chi = np.where(mask, np.asarray(chi_ppm, np.float32), 0.0)
     para = np.maximum(result.chi_para, np.maximum(chi, 0.0)).astype(np.float32)
