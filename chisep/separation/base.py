@@ -96,6 +96,13 @@ class SeparationInputs:
     r2_rule : dict
         ``nominal_r2`` (1/s) and ``r2prime_fraction`` of :func:`r2_from_rule`.
 
+    Attributes
+    ----------
+    r2prime : (x, y, z) float32 array, 1/s, or None
+        The R2' every model sees (given, or made here).
+    r2 : the R2 used (measured, or from the rule); r2_source : str
+        Where R2' came from ("measured", "R2*-only: ...", "R2' given").
+
     Examples
     --------
     >>> mask = np.ones((2, 2, 2), bool)
@@ -114,7 +121,7 @@ class SeparationInputs:
     magnitude: np.ndarray | None = None
     csf_mask: np.ndarray | None = None
     r2_rule: Mapping = field(default_factory=lambda: dict(R2_RULE_DEFAULT))
-    r2_source: str | None = None
+    r2_source: str | None = field(default=None, init=False)
 
     def __post_init__(self):
         mask = np.asarray(self.mask)
@@ -155,14 +162,14 @@ class SeparationInputs:
         if self.r2prime is not None:
             v.check_non_negative(self.r2prime, "r2prime", mask,
                                  fix="R2' is a non-negative rate: use R2' = max(R2* - R2, 0)")
-            object.__setattr__(self, "r2_source", self.r2_source or "R2' given")
+            object.__setattr__(self, "r2_source", "R2' given")
         elif self.r2star is not None:
             if self.r2 is None:
                 r2, source = r2_from_rule(self.r2star, **dict(self.r2_rule))
                 object.__setattr__(self, "r2", r2)
                 object.__setattr__(self, "r2_source", source)
             else:
-                object.__setattr__(self, "r2_source", self.r2_source or "measured")
+                object.__setattr__(self, "r2_source", "measured")
             rp = np.where(mask, np.maximum(self.r2star - self.r2, 0.0), 0.0).astype(np.float32)
             object.__setattr__(self, "r2prime", rp)
 
