@@ -46,8 +46,8 @@ from chisep.settings import (  # noqa: F401  (re-exported: the settings are part
 Log = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
-    pass
+def quiet(_: str) -> None:
+    """The default ``log``: says nothing."""
 
 
 def select_device(name: str) -> None:
@@ -124,7 +124,7 @@ class QsmMaps:
 HEARTBEAT_S = 15.0
 
 
-def _stepper(timings: dict, log: Log):
+def stepper(timings: dict, log: Log):
     """``with step(name):`` logs the step, a line every HEARTBEAT_S while it runs, its duration when it
     took more than a second, and records its wall time in ``timings``."""
 
@@ -139,7 +139,7 @@ def _stepper(timings: dict, log: Log):
             while not done.wait(HEARTBEAT_S):
                 log(f"  {name} ... still running ({time.perf_counter() - t0:.0f} s)")
 
-        beat = threading.Thread(target=heartbeat, daemon=True) if log is not _quiet else None
+        beat = threading.Thread(target=heartbeat, daemon=True) if log is not quiet else None
         if beat is not None:
             beat.start()
         try:
@@ -158,7 +158,7 @@ def _stepper(timings: dict, log: Log):
 
 def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acquisition, *,
                     mask: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
-                    log: Log = _quiet) -> QsmMaps:
+                    log: Log = quiet) -> QsmMaps:
     """Mask -> MP-PCA denoising of the magnitude -> unwrapping and multi-echo field fit ->
     reliability (voxels whose field is unreliable are left out) -> for an automatic mask, the brain cut
     from the head (:func:`chisep.qsm.mask.brain_region`) and field fit and reliability redone on it ->
@@ -194,7 +194,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                          f"(x, y, z, {acquisition.n_echoes}) for {acquisition.n_echoes} echo times")
     timings: dict = {}
     notes: list = []
-    step = _stepper(timings, log)
+    step = stepper(timings, log)
     vs = acquisition.voxel_size
 
     with step("mask"):
@@ -299,7 +299,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
 def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisition, *,
                    field_noise_hz: np.ndarray | None = None, magnitude: np.ndarray | None = None,
                    r2star: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
-                   log: Log = _quiet, step=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   log: Log = quiet, step=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The QSM stages after the field fit: background removal -> dipole inversion -> reference.
 
     The entry point for a total field made elsewhere (a scanner's field map, MEDI's or ROMEO's
@@ -327,7 +327,7 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     output_mask : (x, y, z) bool array, the mask after background removal's erosion
     chi : (x, y, z) float32 array, ppm, referenced, zero outside ``output_mask``
     """
-    step = _stepper({}, log) if step is None else step
+    step = stepper({}, log) if step is None else step
     vs, b0 = acquisition.voxel_size, acquisition.b0_direction
     field, region = validate.check_volume_and_mask(field_hz, mask, name="field_hz")
     noise = None if field_noise_hz is None else validate.as_volume(field_noise_hz, "field_noise_hz",
@@ -403,7 +403,7 @@ class _ProgressBar:
 
 
 def separate(acquisition: Acquisition, inputs: SeparationInputs, *,
-             settings: SeparationSettings = SeparationSettings(), log: Log = _quiet, timings: dict | None = None,
+             settings: SeparationSettings = SeparationSettings(), log: Log = quiet, timings: dict | None = None,
              progress_bars: bool = False) -> dict[str, SeparationFit]:
     """Run the separation models of ``settings`` on ``inputs``, by name from the model registry.
 
@@ -431,7 +431,7 @@ def separate(acquisition: Acquisition, inputs: SeparationInputs, *,
     from chisep.separation import MODELS
 
     timings = {} if timings is None else timings
-    step = _stepper(timings, log)
+    step = stepper(timings, log)
     for name in settings.models:
         inputs.require(MODELS.get(name).requires, name)
     if inputs.r2_source is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from chisep import io, outputs, physics, signals, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, OutputExistsError
-from chisep.pipeline import QUALITY_FLAGS, Log, QsmMaps, _quiet, _stepper, quality_map, reconstruct_qsm, separate
+from chisep.pipeline import QUALITY_FLAGS, Log, QsmMaps, quality_map, quiet, reconstruct_qsm, separate, stepper
 from chisep.separation.base import SeparationInputs
 from chisep.separation.baseline import THRESHOLDED_QSM, thresholded_qsm
 from chisep.settings import DEFAULT_MODELS, PipelineSettings, SeparationSettings
@@ -27,7 +27,7 @@ from chisep.settings import DEFAULT_MODELS, PipelineSettings, SeparationSettings
 def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSettings = PipelineSettings(),
               mask_path: str | Path | None = None, r2_path: str | Path | None = None,
               labels_path: str | Path | None = None, label_names: Mapping[int, str] | None = None,
-              bids_prefix: str | None = None, overwrite: bool = False, log: Log = _quiet,
+              bids_prefix: str | None = None, overwrite: bool = False, log: Log = quiet,
               progress_bars: bool = False) -> "RunOutput":
     """Run QSM (and the separation models in ``settings``) on loaded data and write the outputs.
 
@@ -101,7 +101,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
         if i == 0:
             writer.separation(None, result, with_extras=False)
         writer.separation(model, result, with_extras=True)
-    with _stepper(timings, log)("report"):
+    with stepper(timings, log)("report"):
         maps = {"magnitude": data.magnitude[..., 0], "chi": qsm.chi, "r2star": qsm.r2star, "r2prime": r2prime}
         for model, result in results.items():
             maps[f"{model}:chi_para"], maps[f"{model}:chi_dia"] = result.chi_para, result.chi_dia
@@ -116,7 +116,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     timings["total"] = round(time.perf_counter() - t_start, 3)
     settings_record = settings.to_dict()
     cited = references.references_for(settings_record["qsm"], tuple(results))
-    with _stepper(timings, log)("report.html"):
+    with stepper(timings, log)("report.html"):
         writer.written.append(outputs.write_html_report(
             out, data=data, qsm=qsm, results=results, r2prime=r2prime, quality=quality, roi_rows=roi_rows,
             timings=timings, settings=settings_record, references=cited, bids_prefix=bids_prefix,
@@ -144,7 +144,7 @@ class RunOutput:
 def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir, local_field=None,
                    r2star=None, r2=None, field_noise=None, mask=None, magnitude=None, phase=None,
                    echo_times: Sequence[float] | None = None, overwrite: bool = False,
-                   log: Log = _quiet) -> str:
+                   log: Log = quiet) -> str:
     """``chisep separate``: separation models from map files (e.g. the outputs of ``chisep qsm`` or another tool).
 
     Parameters
@@ -307,7 +307,7 @@ def simulate(*, resolution=2.0, snr: float | None = 100.0, field_strength: float
 
 
 def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite: bool = False,
-                     log: Log = _quiet, truth_dir: str | Path | None = None, **simulation) -> dict:
+                     log: Log = quiet, truth_dir: str | Path | None = None, **simulation) -> dict:
     """Simulate a head and write it as subject ``subject`` of the BIDS dataset ``out_dir`` (created or
     added to), its ground truth in ``truth_dir`` (default ``derivatives/truth/``), every file atomically.
 
@@ -337,7 +337,7 @@ def simulate_dataset(out_dir: str | Path, *, subject: str = "phantom", overwrite
         raise OutputExistsError(f"{out} already holds a simulation; pass --overwrite or choose another --out")
     log("simulating: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in simulation.items()
                                    if v is not None and v is not False))
-    with _stepper({}, log)("simulation"):  # minutes at 1 mm: say it is alive
+    with stepper({}, log)("simulation"):  # minutes at 1 mm: say it is alive
         sim = simulate(**simulation)
     run = io.write_bids_megre(out, subject, sim.magnitude, sim.phase, sim.acquisition, overwrite=overwrite,
                               extra_sidecar={"ChisepSimulation": _jsonable_settings(simulation)})
@@ -371,7 +371,7 @@ def _jsonable_settings(settings: Mapping) -> dict:
 # demo
 # ---------------------------------------------------------------------------
 def demo(out_dir: str | Path = "chisep-demo", *, resolution=2.0, scenario: str = "all", snr: float = 100.0,
-         models: Sequence[str] = DEFAULT_MODELS, overwrite: bool = False, log: Log = _quiet,
+         models: Sequence[str] = DEFAULT_MODELS, overwrite: bool = False, log: Log = quiet,
          phantom: str = "head", head: str = "A") -> str:
     """Simulate a head, run the whole pipeline with ``models``, score it against the truth.
 
@@ -412,7 +412,7 @@ def demo(out_dir: str | Path = "chisep-demo", *, resolution=2.0, scenario: str =
     run = run_files(data, out / "run", settings=PipelineSettings(separation=SeparationSettings(models=tuple(models))),
                     labels_path=sim["truth_dir"] / "labels.nii.gz", label_names=truth.label_names,
                     r2_path=sim["r2_path"],
-                    overwrite=overwrite, log=log, progress_bars=log is not _quiet)
+                    overwrite=overwrite, log=log, progress_bars=log is not quiet)
     log("3/3 scoring against the ground truth")
     mask = run.qsm.mask & truth.brain_mask
     true_maps = {"chi": truth.chi, "chi_para": truth.chi_para, "chi_dia": truth.chi_dia}

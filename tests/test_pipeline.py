@@ -260,13 +260,13 @@ def test_long_stages_say_they_are_alive_and_how_long_they_took(monkeypatch):
 
     monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.05)
     lines, timings = [], {}
-    with pipeline._stepper(timings, lines.append)("slow stage"):
+    with pipeline.stepper(timings, lines.append)("slow stage"):
         time.sleep(1.1)
     assert lines[0] == "  slow stage ..."
     assert sum("still running" in line for line in lines) >= 5
     assert lines[-1].startswith("  slow stage: 1.") and timings["slow stage"] >= 1.1
     quiet = {}
-    with pipeline._stepper(quiet, pipeline._quiet)("quiet stage"):  # no thread when nothing is shown
+    with pipeline.stepper(quiet, pipeline.quiet)("quiet stage"):  # no thread when nothing is shown
         time.sleep(0.06)
     assert quiet["quiet stage"] >= 0.06
 
