@@ -45,4 +45,11 @@ from chisep.io.read import (
 )
 from chisep.io.write import prepare_output_dir, save_map, versions, write_bytes, write_json, write_provenance
 
-__all__ = ["PathLike", "AFFINE_TOLERANCE_MM", "MAX_ECHO_TIME_S", "ECHO_TIME_TOLERANCE_S", "GZIP_LEVEL", "NIFTI_SUFFIXES", "MAGNITUDE_NEGATIVE_SHARE", "PHASE_MIN_CIRCLE_SHARE", "GreData", "BidsRun", "sidecar_path", "file_sha256", "rescale_phase", "load_gre", "load_label_names", "read_json_or_none", "read_csv_rows", "image_shape", "load_map", "bids_label", "find_megre_runs", "load_bids", "write_bids_megre", "write_json", "write_bytes", "save_map", "prepare_output_dir", "write_provenance", "versions"]
+__all__ = [
+    "PathLike", "AFFINE_TOLERANCE_MM", "MAX_ECHO_TIME_S", "ECHO_TIME_TOLERANCE_S", "GZIP_LEVEL",
+    "NIFTI_SUFFIXES", "MAGNITUDE_NEGATIVE_SHARE", "PHASE_MIN_CIRCLE_SHARE", "GreData", "BidsRun",
+    "sidecar_path", "file_sha256", "rescale_phase", "load_gre", "load_label_names", "read_json_or_none",
+    "read_csv_rows", "image_shape", "load_map", "bids_label", "find_megre_runs", "load_bids",
+    "write_bids_megre", "write_json", "write_bytes", "save_map", "prepare_output_dir", "write_provenance",
+    "versions",
+]
