@@ -3,8 +3,9 @@
 A :class:`Registry` maps names to callables (functions or classes). Stages
 register their methods where they are defined; the pipeline, the command line
 and users pick them by the same names, and an unknown name gets one error
-message listing the valid ones. Imports only the standard library and
-chisep.errors, so :mod:`chisep.settings` can list names without JAX.
+message listing the valid ones. (:mod:`chisep.settings` keeps the same names as
+plain tuples, so the command line starts without loading the stages; a test keeps
+the two equal.)
 """
 
 from __future__ import annotations
