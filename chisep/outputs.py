@@ -203,6 +203,14 @@ class MapWriter:
             self.map(prefix + name, value, extra={"Model": subdir})
 
 
+def write_separations(writer: MapWriter, results: Mapping[str, SeparationFit]) -> None:
+    """Each model's maps in its own name space; the first model's chi_para/chi_dia also as the run's own."""
+    for i, (model, result) in enumerate(results.items()):
+        if i == 0:
+            writer.separation(None, result, with_extras=False)
+        writer.separation(model, result, with_extras=True)
+
+
 def write_qsm_maps(writer: MapWriter, qsm: QsmMaps, r2prime: np.ndarray | None = None) -> None:
     writer.map("mask", qsm.mask)
     writer.map("head_mask", qsm.head_mask)

@@ -289,7 +289,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                                                             acquisition.echo_times, region)
             r2star = relax.r2star_map(decay, acquisition.echo_times, head, method=method)
     local, eroded, chi = qsm_from_field(fit.field_hz, region, acquisition, field_noise_hz=fit.field_noise_hz,
-                                        magnitude=magnitude[..., 0], r2star=r2star, settings=settings, step=step)
+                                        magnitude=magnitude[..., 0], r2star=r2star, settings=settings, log=log,
+                                        timings=timings)
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
@@ -299,7 +300,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
 def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisition, *,
                    field_noise_hz: np.ndarray | None = None, magnitude: np.ndarray | None = None,
                    r2star: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
-                   log: Log = quiet, step=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   log: Log = quiet, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The QSM stages after the field fit: background removal -> dipole inversion -> reference.
 
     The entry point for a total field made elsewhere (a scanner's field map, MEDI's or ROMEO's
@@ -320,6 +321,10 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
         Needed by MEDI (edge prior).
     r2star : (x, y, z) array, 1/s, optional
         Needed by ``reference="csf"`` (CSF = R2* below 5 1/s).
+    settings : QsmSettings
+    log : callable(str)
+    timings : dict, optional
+        Receives the seconds of each stage.
 
     Returns
     -------
@@ -327,7 +332,7 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     output_mask : (x, y, z) bool array, the mask after background removal's erosion
     chi : (x, y, z) float32 array, ppm, referenced, zero outside ``output_mask``
     """
-    step = stepper({}, log) if step is None else step
+    step = stepper({} if timings is None else timings, log)
     vs, b0 = acquisition.voxel_size, acquisition.b0_direction
     field, region = validate.check_volume_and_mask(field_hz, mask, name="field_hz")
     noise = None if field_noise_hz is None else validate.as_volume(field_noise_hz, "field_noise_hz",
@@ -441,8 +446,8 @@ def separate(acquisition: Acquisition, inputs: SeparationInputs, *,
         if name in EXPERIMENTAL_MODELS:
             log(f"warning: {EXPERIMENTAL_MODELS[name]}")
         model = MODELS.build(name, acquisition, **settings.options(name))
-        with step(f"separation:{name}"), _ProgressBar(f"{name} voxels",
-                                                        enabled=progress_bars and name == "decompose") as bar:
+        # a bar appears only for a model that reports progress (DECOMPOSE's voxel fits)
+        with step(f"separation:{name}"), _ProgressBar(f"{name} voxels", enabled=progress_bars) as bar:
             results[name] = model.fit(inputs, progress=bar.update)
     return results
 

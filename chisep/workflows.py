@@ -97,10 +97,7 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
     outputs.write_qsm_maps(writer, qsm, r2prime)
     quality = quality_map(qsm, results)
     writer.map("quality", quality, extra={"Flags": {str(k): v for k, v in QUALITY_FLAGS.items()}})
-    for i, (model, result) in enumerate(results.items()):
-        if i == 0:
-            writer.separation(None, result, with_extras=False)
-        writer.separation(model, result, with_extras=True)
+    outputs.write_separations(writer, results)
     with stepper(timings, log)("report"):
         maps = {"magnitude": data.magnitude[..., 0], "chi": qsm.chi, "r2star": qsm.r2star, "r2prime": r2prime}
         for model, result in results.items():
@@ -108,10 +105,10 @@ def run_files(data: "io.GreData", out_dir: str | Path, *, settings: PipelineSett
         if results:  # the number every model has to beat, in the same table
             maps[f"{THRESHOLDED_QSM}:chi_para"], maps[f"{THRESHOLDED_QSM}:chi_dia"] = thresholded_qsm(qsm.chi)
         report_files, roi_rows = outputs.write_report(out, maps, qsm.mask, acq.voxel_size, labels=labels,
-                                              label_names=label_names, overwrite=overwrite,
-                                              first_model=next(iter(results), None), bids_prefix=bids_prefix,
-                                              excluded=qsm.excluded_mask, affine=acq.affine,
-                                              subject=outputs.subject_name(data.sources, bids_prefix))
+                                                      label_names=label_names, overwrite=overwrite,
+                                                      first_model=next(iter(results), None), bids_prefix=bids_prefix,
+                                                      excluded=qsm.excluded_mask, affine=acq.affine,
+                                                      subject=outputs.subject_name(data.sources, bids_prefix))
         writer.written += report_files
     timings["total"] = round(time.perf_counter() - t_start, 3)
     settings_record = settings.to_dict()
@@ -206,10 +203,7 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
                                   magnitude=mag, r2_rule=settings.r2_rule)
     results = separate(acq, sep_inputs, settings=settings, log=log, timings=timings)
     writer = outputs.MapWriter(out, affine, header, overwrite)
-    for i, (model, result) in enumerate(results.items()):
-        if i == 0:
-            writer.separation(None, result, with_extras=False)
-        writer.separation(model, result, with_extras=True)
+    outputs.write_separations(writer, results)
     timings["total"] = round(time.perf_counter() - t0, 3)
     signals.checkpoint()  # a swallowed Ctrl-C must not mark the run finished
     io.write_provenance(out, inputs=inputs, settings=dataclasses.asdict(settings), timings=timings,

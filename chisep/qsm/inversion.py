@@ -34,6 +34,7 @@ import numpy as np
 from chisep import grid as g
 from chisep import physics
 from chisep import validate as v
+from chisep.acquisition import FIELD_STRENGTH_RANGE_T
 from chisep.errors import InputError
 from chisep.registry import Registry
 
@@ -53,8 +54,9 @@ class _Problem:
         field, msk = v.check_volume_and_mask(local_field_hz, mask, name="local_field_hz")
         vs, b0 = v.check_geometry(voxel_size, b0_direction)
         b0_t = v.check_positive(field_strength, "field_strength")
-        if not 0.1 <= b0_t <= 20.0:
-            raise InputError(f"field_strength must be in tesla (0.1-20), got {field_strength!r}")
+        lo, hi = FIELD_STRENGTH_RANGE_T
+        if not lo <= b0_t <= hi:
+            raise InputError(f"field_strength must be in tesla ({lo:g}-{hi:g}), got {field_strength!r}")
         frac = v.check_positive(pad_fraction, "pad_fraction", allow_zero=True)
         w = v.check_optional_map(weights, msk.shape, name="weights")
         if w is not None:

@@ -20,6 +20,7 @@ from typing import Callable, ClassVar, Mapping
 
 import numpy as np
 
+from chisep import relax
 from chisep import validate as v
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError
@@ -170,8 +171,7 @@ class SeparationInputs:
                 object.__setattr__(self, "r2_source", source)
             else:
                 object.__setattr__(self, "r2_source", "measured")
-            rp = np.where(mask, np.maximum(self.r2star - self.r2, 0.0), 0.0).astype(np.float32)
-            object.__setattr__(self, "r2prime", rp)
+            object.__setattr__(self, "r2prime", relax.r2prime_map(self.r2star, self.r2, mask=mask)[0])
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -508,8 +508,7 @@ def solve_chi_separation(
     field-term map ``d_chi_hz`` (CF 1e-6 D (x_p - x_d), Hz) for residuals,
     ``objective`` (its value at the result, TV not smoothed) and ``padded_shape``.
     """
-    if solver not in SOLVERS:
-        raise InputError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
+    validate.check_choice(solver, SOLVERS, "solver")
     mask = np.asarray(mask, bool)
     prob, work = _padded_problem(
         local_field_hz, r2prime, mask, field_strength=field_strength, voxel_size=voxel_size,
@@ -741,9 +740,8 @@ class ChiSeparation(SeparationModel):
         if self.pad_factor < 1:
             raise InputError(f"pad_factor must be >= 1; got {pad_factor!r}")
         if r2prime_noise is not None:
-            noise = np.asarray(r2prime_noise, np.float32)
-            if np.any(~np.isfinite(noise)) or np.any(noise < 0):
-                raise InputError("r2prime_noise must be finite and >= 0 (1/s)")
+            validate.check_finite(r2prime_noise, "r2prime_noise (1/s)")
+            validate.check_non_negative(r2prime_noise, "r2prime_noise (1/s)", fix="give a noise level, >= 0")
         self.r2prime_noise = r2prime_noise
 
     def __repr__(self) -> str:
