@@ -16,7 +16,7 @@ import numpy as np
 from chisep.errors import InputError
 
 __all__ = [
-    "as_volume", "as_mask", "as_multi_echo", "as_magnitude", "check_finite", "check_non_negative", "check_choice",
+    "as_volume", "as_mask", "as_multi_echo", "as_magnitude", "as_phase", "check_finite", "check_non_negative", "check_choice",
     "check_volume_and_mask", "check_optional_map", "check_voxel_size", "check_b0_direction", "check_geometry",
     "check_positive", "check_count", "check_same_grid", "check_chi_ppm",
 ]
@@ -133,6 +133,13 @@ def as_magnitude(value, name: str = "magnitude", *, shape=None, ndims: Sequence[
     check_finite(arr, name, mask, fix="replace them by 0 or exclude those voxels with the mask")
     check_non_negative(arr, name, mask, fix="pass |S|, the magnitude images (not real parts or phase)")
     return arr
+
+
+def as_phase(value, name: str = "phase") -> np.ndarray:
+    """Phase in rad, one volume (x, y, z) or echoes on the last axis (x, y, z, echo), real and finite, float32."""
+    phase = as_volume(value, name, ndims=(3, 4), hint="pass np.angle(z) for complex data")
+    check_finite(phase, name, fix="replace them (e.g. by 0) and exclude those voxels with the mask")
+    return phase
 
 
 def check_finite(arr, name: str, mask=None, *, fix: str = "replace them or exclude those voxels with the mask") -> None:

@@ -79,10 +79,9 @@ class FieldFit:
 # validation
 # ---------------------------------------------------------------------------
 def _validate(magnitude, phase, echo_times, mask):
-    ph = validate.as_volume(phase, "phase", ndims=(3, 4), hint="pass np.angle(z) for complex data")
+    ph = validate.as_phase(phase)
     if ph.ndim == 3:
         ph = ph[..., None]
-    validate.check_finite(ph, "phase", fix="replace them (e.g. by 0) and exclude those voxels with the mask")
     mag = np.asarray(magnitude)
     mag = mag[..., None] if mag.ndim == 3 else mag
     if mag.shape != ph.shape:

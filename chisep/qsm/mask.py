@@ -288,11 +288,10 @@ def refine_mask_by_phase_quality(
     -------
     (x, y, z) bool array, a subset of ``mask``.
     """
-    phi = validate.as_volume(phase, "phase", ndims=(3, 4))
+    phi = validate.as_phase(phase)
     if phi.ndim == 4:
         phi = phi[..., 0]
     m = validate.as_mask(mask, phi.shape)
-    validate.check_finite(phi, "phase", fix="replace them by 0")
     if not 0.0 < threshold < 1.0:
         raise InputError(f"threshold must lie in (0, 1) (0.5 = noise, 1 = smooth), got {threshold}")
     keep = m & (phase_quality(phi, voxel_size=voxel_size) >= threshold)

@@ -32,11 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import (
-    breadth_first_order,
-    connected_components,
-    minimum_spanning_tree,
-)
+from scipy.sparse.csgraph import breadth_first_order, connected_components, minimum_spanning_tree
 
 from chisep import validate
 from chisep.acquisition import check_echo_times
@@ -52,12 +48,6 @@ _TWO_PI = 2.0 * np.pi
 # ---------------------------------------------------------------------------
 # validation shared by the public functions
 # ---------------------------------------------------------------------------
-def _check_phase(phase) -> np.ndarray:
-    phi = validate.as_volume(phase, "phase", ndims=(3, 4), hint="pass np.angle(z) for complex data")
-    validate.check_finite(phi, "phase", fix="replace them (e.g. by 0) and exclude those voxels with the mask")
-    return phi
-
-
 def _check_mask(mask, shape3) -> np.ndarray:
     return validate.as_mask(mask, shape3, default_all=True)
 
@@ -501,7 +491,7 @@ def unwrap_romeo(
     True
     """
     validate.check_voxel_size(voxel_size)
-    phi = _check_phase(phase)
+    phi = validate.as_phase(phase)
     msk = _check_mask(mask, phi.shape[:3])
     mag = _check_magnitude(magnitude, phi.shape)
     tes = None if phi.ndim == 3 else _check_echo_times(echo_times, phi.shape[-1])
@@ -592,7 +582,7 @@ def temporal_unwrap(phase, echo_times, mask=None, *, template_echo: int = 0) -> 
     -------
     (x, y, z, echo) float32 array, rad (0 outside the mask).
     """
-    phi = _check_phase(phase)
+    phi = validate.as_phase(phase)
     if phi.ndim != 4:
         raise InputError(f"temporal_unwrap needs 4D phase (x, y, z, echo), got shape {phi.shape}")
     n_echoes = phi.shape[-1]
@@ -742,7 +732,7 @@ def unwrap_laplacian(
     unwrapping that uses fast transforms and iterative methods. JOSA A 1994;11:107.
     """
     vs = validate.check_voxel_size(voxel_size)
-    phi = _check_phase(phase)
+    phi = validate.as_phase(phase)
     msk = _check_mask(mask, phi.shape[:3])
     _check_magnitude(magnitude, phi.shape)
     # solve in the bounding box of the mask: the DCTs dominate the cost
@@ -801,7 +791,7 @@ def _laplacian_echo_by_echo(phase, mask=None, *, voxel_size, magnitude=None, ech
 @UNWRAP_METHODS.register("none")
 def already_unwrapped(phase, mask=None, *, voxel_size=None, magnitude=None, echo_times=None):
     """Phase unwrapped elsewhere (ROMEO, a scanner's or another toolbox's unwrapping) passes as it is."""
-    return _check_phase(phase)
+    return validate.as_phase(phase)
 
 
 __all__ = [

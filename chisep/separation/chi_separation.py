@@ -59,17 +59,8 @@ import numpy as np
 from chisep import grid, physics, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
-from chisep.separation.base import (
-    MODELS,
-    SeparationFit,
-    SeparationInputs,
-    SeparationModel,
-)
-from chisep.separation.constants import (
-    load_model_file,
-    require_number,
-    scale_with_field,
-)
+from chisep.separation.base import MODELS, SeparationFit, SeparationInputs, SeparationModel
+from chisep.separation.constants import load_model_file, require_number, scale_with_field
 
 SOLVERS = ("admm", "fista")
 

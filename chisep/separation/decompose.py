@@ -52,12 +52,7 @@ from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
 from chisep.fit import FitResult, VoxelModel, _effective_chunk, _pad_rows, fit_voxelwise
 from chisep.physics import centre_frequency_hz
-from chisep.separation.base import (
-    MODELS,
-    SeparationFit,
-    SeparationInputs,
-    SeparationModel,
-)
+from chisep.separation.base import MODELS, SeparationFit, SeparationInputs, SeparationModel
 from chisep.separation.constants import load_model_file, require_number
 
 PARAM_NAMES = ("c_para", "c_dia", "c_0", "r2star0", "chi_para", "chi_dia")

@@ -34,17 +34,8 @@ import numpy as np
 from chisep import validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
-from chisep.separation.base import (
-    MODELS,
-    SeparationFit,
-    SeparationInputs,
-    SeparationModel,
-)
-from chisep.separation.constants import (
-    load_model_file,
-    require_number,
-    scale_with_field,
-)
+from chisep.separation.base import MODELS, SeparationFit, SeparationInputs, SeparationModel
+from chisep.separation.constants import load_model_file, require_number, scale_with_field
 
 COEFFICIENT_KEYS = ("a_para", "a_dia", "b_para", "b_dia", "r2star0", "chi0")
 
