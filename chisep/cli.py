@@ -360,11 +360,11 @@ def cmd_separate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from chisep import pipeline, workflows
+    from chisep import settings, workflows
 
     summary = workflows.demo(args.out, resolution=args.resolution, overwrite=args.overwrite,
-                            models=args.models or pipeline.DEFAULT_MODELS, phantom=args.phantom, head=args.head,
-                            log=lambda s: _say(args, s))
+                             models=args.models or settings.DEFAULT_MODELS, phantom=args.phantom, head=args.head,
+                             log=lambda s: _say(args, s))
     _say(args, summary)
     return 0
 
