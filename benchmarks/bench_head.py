@@ -12,7 +12,7 @@ QSM baseline, and deep-grey region means of chi against the truth.
 
 Usage::
 
-    python benchmarks/bench_head.py --resolution 2 [--heads A,B] [--oblique 30] [--snr 30] [--seed 0]
+    python benchmarks/bench_head.py --resolution 2 [--heads A,B] [--oblique 30 [--tilt-axis y]] [--snr 30] [--seed 0]
         [--background lbv] [--inversion tv]
     python benchmarks/bench_head.py --calibrate   # effective Dr of the static-dephasing sources
 """
@@ -140,6 +140,8 @@ def main(argv=None) -> None:
     parser.add_argument("--resolution", type=float, default=2.0, help="output voxel size in mm (default 2)")
     parser.add_argument("--heads", default="A,B", help="heads to run (default A,B; B is the holdout)")
     parser.add_argument("--oblique", type=float, default=0.0, help="B0 angle from voxel z in degrees")
+    parser.add_argument("--tilt-axis", choices=("x", "y"), default="x",
+                        help="voxel axis B0 is tilted about: x (nodding, default) or y (rolling)")
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--calibrate", action="store_true", help="print the sources' effective Dr and stop")
@@ -151,8 +153,9 @@ def main(argv=None) -> None:
         calibrate()
         return
     warnings.simplefilter("ignore")
-    b0 = (0.0, np.sin(np.deg2rad(args.oblique)), np.cos(np.deg2rad(args.oblique))) if args.oblique else None
-    print(f"# {args.resolution} mm, B0 {args.oblique:g} deg, SNR {args.snr:g}, seed {args.seed}, "
+    sin, cos = np.sin(np.deg2rad(args.oblique)), np.cos(np.deg2rad(args.oblique))
+    b0 = None if not args.oblique else (0.0, sin, cos) if args.tilt_axis == "x" else (sin, 0.0, cos)
+    print(f"# {args.resolution} mm, B0 {args.oblique:g} deg about {args.tilt_axis}, SNR {args.snr:g}, seed {args.seed}, "
           f"scenario all, automatic mask, background {args.background or 'default'}, "
           f"inversion {args.inversion or 'default'}; NRMSE % over the true brain\n")
     rows = []

@@ -97,6 +97,13 @@ class QsmMaps:
             self.reconstruction_mask = np.asarray(self.mask, bool)
 
     @property
+    def field_noise_used(self) -> np.ndarray:
+        """The field noise as background removal, inversion and chi-separation use it: ``field_noise``,
+        infinite (no weight) where the field of a dark source enclosed by brain is off by phase wraps
+        (``reliability.off_branch``; measured up to 400 Hz next to a calcified lesion)."""
+        return _field_noise_used(self.field_noise, self.reliability)
+
+    @property
     def excluded_mask(self) -> np.ndarray:
         """Voxels left out of reconstruction because their field is unreliable.
 
@@ -116,7 +123,7 @@ class QsmMaps:
         from chisep.separation.base import R2_RULE_DEFAULT
 
         return SeparationInputs(mask=self.mask, chi=self.chi, local_field_hz=self.field_local, r2star=self.r2star,
-                                r2=r2, field_noise_hz=self.field_noise, magnitude=magnitude,
+                                r2=r2, field_noise_hz=self.field_noise_used, magnitude=magnitude,
                                 r2_rule=dict(R2_RULE_DEFAULT if r2_rule is None else r2_rule))
 
 
@@ -288,7 +295,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                 decay = relax.gradient_dephasing_correction(relax_magnitude, fit.field_hz,
                                                             acquisition.echo_times, region)
             r2star = relax.r2star_map(decay, acquisition.echo_times, head, method=method)
-    local, eroded, chi = qsm_from_field(fit.field_hz, region, acquisition, field_noise_hz=fit.field_noise_hz,
+    local, eroded, chi = qsm_from_field(fit.field_hz, region, acquisition,
+                                        field_noise_hz=_field_noise_used(fit.field_noise_hz, rel),
                                         magnitude=magnitude[..., 0], r2star=r2star, settings=settings, log=log,
                                         timings=timings)
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
@@ -316,7 +324,9 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     acquisition : Acquisition
         Field strength, voxel size and B0 direction (``echo_times`` may be empty).
     field_noise_hz : (x, y, z) array, Hz, optional
-        Standard error of the field: data weights (uniform when None).
+        Standard error of the field: data weights (uniform when None). Where it is infinite
+        (or NaN) the field is not used: no weight in the inversion, and background removal
+        fills it from the neighbours (:func:`chisep.qsm.background.harmonic_fill`).
     magnitude : (x, y, z) array, optional
         Needed by MEDI (edge prior).
     r2star : (x, y, z) array, 1/s, optional
@@ -352,6 +362,12 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
         csf = _csf_mask(r2star, eroded) if settings.reference == "csf" else None
         chi = _inversion.reference(chi, eroded, method=settings.reference, csf_mask=csf)
     return np.asarray(local), np.asarray(eroded, bool), np.asarray(chi)
+
+
+def _field_noise_used(field_noise: np.ndarray, rel: "_reliability.Reliability | None") -> np.ndarray:
+    """Field noise, infinite where the field is on the wrong phase branch (see QsmMaps.field_noise_used)."""
+    noise = np.asarray(field_noise, np.float32)
+    return noise if rel is None else np.where(rel.off_branch, np.float32(np.inf), noise)
 
 
 #: share of a user's mask with an unreliable field above which the log says so
@@ -465,6 +481,9 @@ QUALITY_FLAGS = {
     8: "a map held NaN or Inf here before writing (written as 0)",
     16: "total field unreliable but enclosed by brain (a dark source such as a bleed or calcification): "
         "kept, down-weighted by its field noise",
+    32: "total field of such an enclosed dark source off by phase wraps (more than half a wrap between echoes "
+        "from the harmonic bridge of its neighbours): not used (no weight in background removal, inversion "
+        "and chi-separation); chi there comes from the neighbours' field",
 }
 
 
@@ -495,6 +514,7 @@ def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationFit] | None 
     flags[qsm.excluded_mask | (head & ~np.isfinite(qsm.field_total))] |= 1
     if qsm.reliability is not None:
         flags[qsm.reliability.enclosed & head] |= 16
+        flags[qsm.reliability.off_branch & head] |= 32
     lo, hi = relax.R2STAR_RANGE
     r2s = np.asarray(qsm.r2star)
     if r2s.any():  # single echo: no R2* at all (all zeros), which is not clipping

@@ -41,9 +41,15 @@ __all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "remove_background", "BAC
 # ---------------------------------------------------------------------------
 # shared pieces
 # ---------------------------------------------------------------------------
-def _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=0.0, fraction=0.0):
+def _prepare(field_hz, mask, voxel_size, b0_direction, weights=None, margin_mm=0.0, fraction=0.0):
     field, msk = v.check_volume_and_mask(field_hz, mask, name="field_hz")
     vs, b0 = v.check_geometry(voxel_size, b0_direction)
+    w = v.check_optional_map(weights, msk.shape, name="weights")
+    unknown = msk & ~(w > 0) if w is not None else None
+    if unknown is not None and unknown.any() and (msk & ~unknown).any():
+        # A voxel given no weight has no usable field (e.g. a bleed whose phase wrapped away): every
+        # method filters or differentiates the field, so its value would spread into its neighbours.
+        field = g.harmonic_fill(field, msk & ~unknown, unknown)
     grid = g.Grid.around(msk, g.margin_voxels(msk, vs, margin_mm=margin_mm, fraction=fraction))
     return field, msk, vs, b0, grid
 
@@ -161,8 +167,10 @@ def sharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0,
     b0_direction : 3 floats
         Unused (SMV filtering is isotropic); accepted for a common signature.
     weights : (nx, ny, nz) array, optional
-        Unused: SHARP is a filter without a data term (leave unreliable voxels
-        out of ``mask`` instead); accepted for a common signature.
+        SHARP is a filter without a data term: only voxels of zero weight count,
+        as voxels without a usable field, filled from their neighbours
+        (:func:`chisep.grid.harmonic_fill`) before filtering (leave unreliable
+        voxels at the mask's edge out of ``mask`` instead).
     radius_mm : float, mm
         SMV sphere radius (5 mm by default).
     threshold : float
@@ -179,7 +187,7 @@ def sharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0,
     intrinsic magnetic tissue properties using MRI signal phase. NeuroImage
     2011;54:2789-2807.
     """
-    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=radius_mm)
+    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, weights, margin_mm=radius_mm)
     radius = _radii_check(radius_mm, vs, "radius_mm")
     thr = v.check_positive(threshold, "threshold")
     local, used = _vsharp_core(jnp.asarray(grid.embed(field)), jnp.asarray(grid.embed(msk)),
@@ -201,7 +209,7 @@ def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0
     Parameters
     ----------
     field_hz, mask, voxel_size, b0_direction, weights
-        As in :func:`sharp` (``weights`` are unused).
+        As in :func:`sharp` (only zero weights count: those voxels are filled first).
     max_radius_mm : float, mm
         Largest sphere (12 mm, the STI Suite / chi-separation toolbox default).
     min_radius_mm : float, mm, optional
@@ -222,7 +230,7 @@ def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0
     reflects spatial variation in tissue composition. NeuroImage
     2011;55:1645-1656.
     """
-    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=max_radius_mm)
+    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, weights, margin_mm=max_radius_mm)
     r_max = _radii_check(max_radius_mm, vs, "max_radius_mm")
     r_min = _radii_check(vs.min() if min_radius_mm is None else min_radius_mm, vs, "min_radius_mm")
     step = v.check_positive(vs.min() if step_mm is None else step_mm, "step_mm")
@@ -268,7 +276,8 @@ def resharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.
         As in :func:`sharp`.
     weights : (nx, ny, nz) array, optional
         Data weights (e.g. inverse field noise), normalised to mean 1 in the
-        mask; uniform if None.
+        mask; uniform if None. Zero-weight voxels are filled from their
+        neighbours first (see :func:`sharp`).
     radius_mm : float, mm
         SMV radius (5 mm).
     lam : float
@@ -289,7 +298,7 @@ def resharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.
     Sun H, Wilman AH. Background field removal using spherical mean value
     filtering and Tikhonov regularization. Magn Reson Med 2014;71:1151-1157.
     """
-    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=radius_mm)
+    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, weights, margin_mm=radius_mm)
     radius = _radii_check(radius_mm, vs, "radius_mm")
     w = _normalised_weights(weights, msk)
     local, used, _ = _resharp_core(
@@ -337,6 +346,7 @@ def pdf(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
         B0 direction in voxel axes (the dipole kernel depends on it).
     weights : (nx, ny, nz) array, optional
         Data weights, e.g. inverse field noise; uniform inside the mask if None.
+        Zero-weight voxels are filled from their neighbours first (see :func:`sharp`).
     margin_mm : float, mm
         How far around the mask background sources are modelled (15 mm).
     max_iter : int
@@ -355,7 +365,7 @@ def pdf(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
     removal method for MRI using projection onto dipole fields (PDF). NMR
     Biomed 2011;24:1129-1136.
     """
-    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction,
+    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, weights,
                                         margin_mm=v.check_positive(margin_mm, "margin_mm"))
     w = _normalised_weights(weights, msk)
     local, used, _ = _pdf_core(
@@ -410,9 +420,11 @@ def lbv(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
     field_hz, mask, voxel_size, b0_direction
         As in :func:`sharp` (``b0_direction`` is unused).
     weights : (nx, ny, nz) array, optional
-        Unused: LBV solves Poisson's equation exactly on the interior, with
-        the field on the boundary layer as its condition, so there is no data
-        term to weight; leave unreliable voxels out of ``mask``.
+        LBV solves Poisson's equation exactly on the interior, with the field on
+        the boundary layer as its condition, so there is no data term to weight:
+        only voxels of zero weight count, filled from their neighbours first
+        (:func:`chisep.grid.harmonic_fill`); leave unreliable voxels at the
+        mask's edge out of ``mask``.
     max_iter : int
         Preconditioned CG iteration cap (500).
     tol : float
@@ -431,7 +443,7 @@ def lbv(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1
     unwrapping and background phase removal for quantitative susceptibility
     mapping. NMR Biomed 2014;27:219-227.
     """
-    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, margin_mm=0.0)
+    field, msk, vs, b0, grid = _prepare(field_hz, mask, voxel_size, b0_direction, weights, margin_mm=0.0)
     padded = grid.embed(msk) > 0
     interior = padded.copy()
     for axis in range(3):  # 6-neighbour erosion: the boundary layer carries the boundary condition
@@ -468,7 +480,9 @@ def remove_background(field_hz, mask, *, method: str = "vsharp", voxel_size=(1.0
     b0_direction : 3 floats, unit vector in voxel axes
     weights : (nx, ny, nz) array, optional
         Data weights (inverse field noise) for the methods with a data term
-        (PDF, RESHARP); SHARP, V-SHARP and LBV have none and ignore them.
+        (PDF, RESHARP). Voxels of zero weight have no usable field: every method
+        fills it from the neighbours (:func:`chisep.grid.harmonic_fill`) first,
+        since filters and Laplacians would spread it.
     **settings
         Keyword settings of the chosen method; unknown names are an error.
 
