@@ -30,23 +30,24 @@ OFF = {name: None for name in reliability.CRITERIA}
 # the statistics
 # ---------------------------------------------------------------------------
 def test_echo_spread_is_zero_for_one_frequency_and_sees_two():
+    # zero within float32 precision (1e-4 Hz; the thresholds are tenths of a Hz and more)
     mag = np.exp(-20.0 * TES)[None, :]
     one = 2 * np.pi * 7.0 * TES[None, :] + 0.3
-    assert reliability.echo_spread_hz(mag, one, TES)[0] == pytest.approx(0.0, abs=1e-9)
+    assert reliability.echo_spread_hz(mag, one, TES)[0] == pytest.approx(0.0, abs=1e-4)
     # two equal compartments 40 Hz apart with different decay: the frequency drifts with TE
     s = 0.5 * np.exp(-10 * TES + 2j * np.pi * 0 * TES) + 0.5 * np.exp(-80 * TES + 2j * np.pi * 40 * TES)
     spread = reliability.echo_spread_hz(np.abs(s)[None], np.angle(s)[None], TES)[0]
     assert spread > 2.0
     # wrapped phase of a 60 Hz field (wraps over the 4-34 ms echoes) still has no spread
     wrapped = np.angle(np.exp(1j * 2 * np.pi * 60.0 * TES))[None]
-    assert reliability.echo_spread_hz(mag, wrapped, TES)[0] == pytest.approx(0.0, abs=1e-6)
+    assert reliability.echo_spread_hz(mag, wrapped, TES)[0] == pytest.approx(0.0, abs=1e-4)
     # unequal spacing (4, 7, 11, 8 ms) and 70 Hz: the phase wraps between some pairs but not others;
     # on the fitted field's branch there is still no spread, without it a large one
     uneven = np.array([0.003, 0.007, 0.014, 0.025, 0.033])
     phase = np.angle(np.exp(1j * 2 * np.pi * 70.0 * uneven))[None]
     decay = np.exp(-20.0 * uneven)[None]
     assert reliability.echo_spread_hz(decay, phase, uneven)[0] > 10.0
-    assert reliability.echo_spread_hz(decay, phase, uneven, np.array([70.0]))[0] == pytest.approx(0.0, abs=1e-6)
+    assert reliability.echo_spread_hz(decay, phase, uneven, np.array([70.0]))[0] == pytest.approx(0.0, abs=1e-4)
 
 
 def test_decay_residual_is_zero_for_mono_exponential_and_large_for_noise():

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from chisep import validate
 from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
-from chisep.fit import VoxelModel, fit_voxelwise
+from chisep.grid import bounding_box
 from chisep.physics import wrap_phase
 from chisep.qsm.unwrap import UNWRAP_METHODS
 from chisep.qsm.unwrap import unwrap as unwrap_phase
@@ -136,11 +138,41 @@ def _background_sigma(mag_rss: np.ndarray, mask: np.ndarray, n_echoes: int) -> f
     return float(np.sqrt(np.mean(mag_rss[background] ** 2) / (2.0 * n_echoes)))
 
 
-def _phasor(params, tes):
-    return jnp.exp(1j * (params[0] + _TWO_PI * params[1] * tes))
+#: Gauss-Newton steps of the complex fit. From the weighted-linear start on the unwrapped phase
+#: most voxels are at the optimum after one; measured on the realistic head A at 2 mm (244 k brain
+#: voxels), 8 steps end within 0.03 Hz of 40 steps in 99.9 % of them (185 voxels, all dark or
+#: dephased, move by more than 0.1 Hz), at 0.03 s per step and 244 k voxels on 2 cores.
+PHASOR_STEPS = 8
 
 
-_PHASOR_MODEL = VoxelModel(_phasor, ("phase_offset", "field_hz"), (-np.inf, -np.inf), (np.inf, np.inf))
+@partial(jax.jit, static_argnums=(5,))
+def _phasor_gauss_newton(phase, weight, tes, phi0, field_hz, n_steps):
+    """Per row, min over (phi0, f) of sum_e w_e |exp(i phase_e) - exp(i (phi0 + 2 pi f TE_e))|^2.
+
+    The residual's Jacobian in (phi0, 2 pi f) is (1, TE_e) times a unit phasor, so the
+    Gauss-Newton normal matrix is the weighted-linear one and constant; each step regresses
+    sin(phase_e - theta_e) on (1, 2 pi TE_e). A step that does not lower the loss is halved,
+    and not taken if that does not lower it either. Returns (phi0, f, residual sum of squares).
+    """
+    two_pi_t = (2.0 * jnp.pi) * tes
+    sw, st, stt = weight.sum(-1), (weight * two_pi_t).sum(-1), (weight * two_pi_t**2).sum(-1)
+    det = jnp.where(sw * stt - st**2 > 0, sw * stt - st**2, jnp.inf)
+
+    def rss(p0, f):  # |exp(ia) - exp(ib)|^2 = 2 (1 - cos(a - b))
+        return 2.0 * (weight * (1.0 - jnp.cos(phase - p0[:, None] - f[:, None] * two_pi_t))).sum(-1)
+
+    def step(carry, _):
+        p0, f, current = carry
+        s = jnp.sin(phase - p0[:, None] - f[:, None] * two_pi_t)
+        sy, sty = (weight * s).sum(-1), (weight * s * two_pi_t).sum(-1)
+        d_p0, d_f = (stt * sy - st * sty) / det, (sw * sty - st * sy) / det
+        full = rss(p0 + d_p0, f + d_f)
+        half = rss(p0 + 0.5 * d_p0, f + 0.5 * d_f)
+        scale = jnp.where(full <= current, 1.0, jnp.where(half < current, 0.5, 0.0))
+        return (p0 + scale * d_p0, f + scale * d_f, jnp.minimum(current, jnp.minimum(full, half))), None
+
+    (phi0, field_hz, loss), _ = jax.lax.scan(step, (phi0, field_hz, rss(phi0, field_hz)), None, length=n_steps)
+    return phi0, field_hz, loss
 
 
 def fit_multi_echo_field(
@@ -168,9 +200,9 @@ def fit_multi_echo_field(
     method : {"nonlinear", "weighted-linear", "echo-average"}
         ``"nonlinear"``: complex least squares, ``sum_e |S_e - m_e exp(i theta_e)|^2``
         (MEDI's ``Fit_ppm_complex`` with the measured magnitude), by
-        Levenberg-Marquardt over voxels (:func:`chisep.fit.fit_voxelwise`),
-        started from the weighted-linear fit. It works on the wrapped phase,
-        so a wrong 2 pi multiple in one echo does not bias it.
+        :data:`PHASOR_STEPS` Gauss-Newton steps per voxel in one jit-compiled
+        pass, started from the weighted-linear fit. It works on the wrapped
+        phase, so a wrong 2 pi multiple in one echo does not bias it.
         ``"weighted-linear"``: weighted least squares on the unwrapped phase
         with weights m_e^2 (phase noise variance ~ sigma^2 / m_e^2).
         ``"echo-average"``: per-echo frequencies ``(U_e - phi0) / (2 pi TE_e)``
@@ -247,17 +279,14 @@ def fit_multi_echo_field(
     dof = n_echoes - 2
 
     if method == "nonlinear":
-        init = np.zeros(msk.shape + (2,), dtype=np.float32)
-        init[msk, 0] = phi0
-        init[msk, 1] = omega / _TWO_PI
-        data = np.exp(1j * ph).astype(np.complex64)
-        fit = fit_voxelwise(
-            _PHASOR_MODEL, data, aux=jnp.asarray(tes, dtype=jnp.float32), mask=msk,
-            weights=mag**2, init=init, std_errors=False,
-        )
-        phi0 = fit.params["phase_offset"][msk].astype(np.float64)
-        f = fit.params["field_hz"][msk].astype(np.float64)
-        rss = 2.0 * fit.loss[msk].astype(np.float64)
+        start_ok = np.isfinite(phi0) & np.isfinite(omega)
+        p0, f, rss = _phasor_gauss_newton(
+            jnp.asarray(ph[msk], jnp.float32), jnp.asarray(m**2, jnp.float32), jnp.asarray(tes, jnp.float32),
+            jnp.asarray(np.where(start_ok, wrap_phase(phi0), 0.0), jnp.float32),
+            jnp.asarray(np.where(start_ok, omega / _TWO_PI, 0.0), jnp.float32), PHASOR_STEPS)
+        phi0 = np.asarray(p0, np.float64)
+        f = np.asarray(f, np.float64)
+        rss = np.asarray(rss, np.float64)
         coef_var = var_omega / _TWO_PI**2
     else:
         resid = u - phi0[:, None] - omega[:, None] * tes
@@ -376,30 +405,41 @@ def _correct_echo_wraps(f, phi0, msk, tes, *, window: int = 7, rounds: int = 10)
     shift = _TWO_PI * tes[0] / dte  # phi0 change for a +1/dTE field error
     if abs(wrap_phase(shift)) < 1.0:
         return f, phi0, 0
-    f_map = np.zeros(msk.shape)
-    p_map = np.zeros(msk.shape)
-    f_map[msk], p_map[msk] = f, phi0
-    weight = ndimage.uniform_filter(msk.astype(np.float64), window)
-    n_fixed = 0
+    # work in the mask's bounding box (plus the window), in float32: the phases are compared
+    # with 0.5-1 rad margins, and the field is corrected by whole multiples of 1/dTE in float64
+    box = tuple(slice(max(b.start - window, 0), b.stop + window) for b in bounding_box(msk))
+    inside = msk[box]
+    p_map = np.zeros(inside.shape, np.float32)
+    p_map[inside] = wrap_phase(phi0)
+    k_map = np.zeros(inside.shape, np.int32)  # whole cycles added to the field so far
+    weight = ndimage.uniform_filter(inside.astype(np.float32), window)
+    shift32 = np.float32(wrap_phase(shift))
+    near_half = abs(wrap_phase(2 * shift)) <= 1.0
+    if near_half:
+        f_map = np.zeros(inside.shape, np.float32)
+        f_map[inside] = f
     for _ in range(rounds):
-        z = np.where(msk, np.exp(1j * p_map), 0)
-        ref = np.angle(ndimage.uniform_filter(z.real, window) + 1j * ndimage.uniform_filter(z.imag, window))
-        current = np.abs(wrap_phase(p_map - ref))
-        up = np.abs(wrap_phase(p_map - shift - ref))  # phi0 misfit after f += 1/dTE
-        down = np.abs(wrap_phase(p_map + shift - ref))  # after f -= 1/dTE
-        if abs(wrap_phase(2 * shift)) > 1.0:
-            k = np.where(up < down, 1.0, -1.0)
+        ref = np.arctan2(ndimage.uniform_filter(np.where(inside, np.sin(p_map), 0), window),
+                         ndimage.uniform_filter(np.where(inside, np.cos(p_map), 0), window))
+        misfit = p_map - ref
+        current = np.abs(wrap_phase(misfit))
+        up = np.abs(wrap_phase(misfit - shift32))  # phi0 misfit after f += 1/dTE
+        down = np.abs(wrap_phase(misfit + shift32))  # after f -= 1/dTE
+        if not near_half:
+            k = np.where(up < down, 1, -1).astype(np.int32)
         else:  # TE1/dTE near 1/2: both directions move phi0 alike, the neighbours' field decides
-            f_ref = ndimage.uniform_filter(f_map * msk, window) / np.maximum(weight, 1e-12)
-            k = np.where(f_map > f_ref, -1.0, 1.0)
+            f_ref = ndimage.uniform_filter(np.where(inside, f_map, 0), window) / np.maximum(weight, 1e-12)
+            k = np.where(f_map > f_ref, -1, 1).astype(np.int32)
         candidate = np.where(k > 0, up, down)
-        fix = msk & (weight > 0.3) & (current > 1.0) & (candidate < 0.5)
-        f_map[fix] += k[fix] / dte
-        p_map[fix] -= k[fix] * shift
-        n_fixed += int(fix.sum())
+        fix = inside & (weight > 0.3) & (current > 1.0) & (candidate < 0.5)
         if not fix.any():
             break
-    return f_map[msk], p_map[msk], n_fixed
+        k_map[fix] += k[fix]
+        p_map[fix] = wrap_phase(p_map[fix] - k[fix] * shift32)
+        if near_half:
+            f_map[fix] += k[fix] / np.float32(dte)
+    cycles = k_map[inside].astype(np.float64)
+    return f + cycles / dte, phi0 - cycles * shift, int(np.count_nonzero(cycles))
 
 
 def _result(msk, f, phi0, noise, u4, method, info) -> FieldFit:

@@ -153,16 +153,21 @@ def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndar
     """
     if magnitude.shape[-1] < 3:
         return np.zeros(magnitude.shape[:-1])
-    signal = magnitude * np.exp(1j * phase)
-    pairs = signal[..., 1:] * np.conj(signal[..., :-1])
-    dte = np.diff(echo_times)
-    reference = np.zeros(pairs.shape[:-1]) if field_hz is None else np.asarray(field_hz, np.float64)
-    turn = 2.0 * np.pi * reference[..., None] * dte  # the fitted field's phase change per pair
-    freq = reference[..., None] + np.angle(pairs * np.exp(-1j * turn)) / (2.0 * np.pi * dte)
-    w = np.abs(pairs)
-    w_sum = np.maximum(w.sum(-1), 1e-30)
+    mag = np.asarray(magnitude, np.float32)
+    ph = np.asarray(phase, np.float32)
+    dte = np.diff(np.asarray(echo_times, np.float64)).astype(np.float32)
+    reference = (np.zeros(mag.shape[:-1], np.float32) if field_hz is None
+                 else np.asarray(field_hz, np.float32))
+    # Each pair's phase change relative to the fitted field's, wrapped to (-pi, pi]: the angle of
+    # s[e+1] conj(s[e]) exp(-i turn), in real arithmetic (float32 is ample: the statistic is
+    # compared with ten times its median)
+    delta = ph[..., 1:] - ph[..., :-1] - np.float32(2.0 * np.pi) * reference[..., None] * dte
+    delta = np.mod(delta + np.float32(np.pi), np.float32(2.0 * np.pi)) - np.float32(np.pi)
+    freq = delta / (np.float32(2.0 * np.pi) * dte)  # relative to the fitted field (a spread ignores it)
+    w = mag[..., 1:] * mag[..., :-1]
+    w_sum = np.maximum(w.sum(-1), np.float32(1e-30))
     mean = (w * freq).sum(-1) / w_sum
-    return np.sqrt((w * (freq - mean[..., None]) ** 2).sum(-1) / w_sum)
+    return np.sqrt((w * (freq - mean[..., None]) ** 2).sum(-1) / w_sum).astype(np.float64)
 
 
 def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
@@ -256,7 +261,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
     values = {
         "low_signal": snr,
         "field_noise": np.where(np.isfinite(noise[msk]), noise[msk], np.inf),
-        "echo_spread": echo_spread_hz(mag[msk].astype(np.float64), ph[msk].astype(np.float64), tes, field[msk]),
+        "echo_spread": echo_spread_hz(mag[msk], ph[msk], tes, field[msk]),
         "decay_residual": decay_residual(mag[msk], tes),
     }
     flagged, statistics, thresholds = {}, {}, {}
