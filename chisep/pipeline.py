@@ -122,8 +122,11 @@ class QsmMaps:
         DECOMPOSE and chi-separation's magnitude edges."""
         from chisep.separation.base import R2_RULE_DEFAULT
 
+        # dark sources enclosed by brain: their signal is gone by the first echo, so is their R2'
+        unknown = None if self.reliability is None else self.reliability.enclosed
         return SeparationInputs(mask=self.mask, chi=self.chi, local_field_hz=self.field_local, r2star=self.r2star,
                                 r2=r2, field_noise_hz=self.field_noise_used, magnitude=magnitude,
+                                r2prime_unknown=unknown,
                                 r2_rule=dict(R2_RULE_DEFAULT if r2_rule is None else r2_rule))
 
 
@@ -480,7 +483,8 @@ QUALITY_FLAGS = {
        "the data (standard error above max_component_std_ppm of models/decompose.toml)",
     8: "a map held NaN or Inf here before writing (written as 0)",
     16: "total field unreliable but enclosed by brain (a dark source such as a bleed or calcification): "
-        "kept, down-weighted by its field noise",
+        "kept, down-weighted by its field noise; its R2' is not measurable, so separation models give it no "
+        "weight (chi-separation splits chi there by the field and its prior, the linear model by chi's sign)",
     32: "total field of such an enclosed dark source off by phase wraps (more than half a wrap between echoes "
         "from the harmonic bridge of its neighbours): not used (no weight in background removal, inversion "
         "and chi-separation); chi there comes from the neighbours' field",

@@ -196,3 +196,19 @@ def test_predict_gives_the_inputs_back_and_the_r2star_only_rule_applies():
     no_r2 = SeparationInputs(mask=np.ones(chi.shape, bool), r2star=r2star, chi=chi)
     np.testing.assert_allclose(no_r2.r2, np.minimum(13.0, 0.7 * r2star), rtol=1e-6)
     assert "R2*-only" in model.fit(no_r2).info["r2_source"]
+
+
+def test_voxels_with_unknown_r2prime_take_the_sign_of_chi():
+    model = linear(3.0)
+    chi_para, chi_dia = _truth()
+    r2star, chi = model.forward(chi_para, chi_dia)
+    unknown = np.zeros(chi.shape, bool)
+    unknown.flat[::3] = True
+    res = model.fit(SeparationInputs(mask=np.ones(chi.shape, bool), r2star=r2star, chi=chi,
+                                     r2=np.full(chi.shape, 13.0), r2prime_unknown=unknown))
+    c0 = model.coefficients["chi0"]
+    np.testing.assert_allclose(res.chi_para[unknown], np.maximum(chi - c0, 0)[unknown], atol=1e-6)
+    np.testing.assert_allclose(res.chi_dia[unknown], np.maximum(c0 - chi, 0)[unknown], atol=1e-6)
+    known = model.fit(SeparationInputs(mask=np.ones(chi.shape, bool), r2star=r2star, chi=chi,
+                                       r2=np.full(chi.shape, 13.0)))
+    np.testing.assert_allclose(res.chi_para[~unknown], known.chi_para[~unknown])

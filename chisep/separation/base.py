@@ -94,6 +94,12 @@ class SeparationInputs:
         Multi-echo magnitude (DECOMPOSE's data; chi-separation's edge prior).
     csf_mask : (x, y, z) bool array, optional
         CSF voxels, whose components chi-separation pulls to their mean.
+    r2prime_unknown : (x, y, z) bool array, optional
+        Voxels whose R2' cannot be measured: dark sources (calcifications, bleeds) whose
+        signal is gone by the first echo, so that R2* comes out near 0 where the truth is
+        hundreds of 1/s (e.g. ``QsmMaps.reliability.enclosed``). Models give their R2' no
+        weight: chi-separation splits them by the field and its prior, the linear model
+        by the sign of chi.
     r2_rule : dict
         ``nominal_r2`` (1/s) and ``r2prime_fraction`` of :func:`r2_from_rule`.
 
@@ -121,6 +127,7 @@ class SeparationInputs:
     field_noise_hz: np.ndarray | None = None
     magnitude: np.ndarray | None = None
     csf_mask: np.ndarray | None = None
+    r2prime_unknown: np.ndarray | None = None
     r2_rule: Mapping = field(default_factory=lambda: dict(R2_RULE_DEFAULT))
     r2_source: str | None = field(default=None, init=False)
 
@@ -156,6 +163,9 @@ class SeparationInputs:
         if self.csf_mask is not None:
             csf = v.as_mask(self.csf_mask, shape, name="csf_mask", allow_empty=True)
             object.__setattr__(self, "csf_mask", csf & mask)
+        if self.r2prime_unknown is not None:
+            unknown = v.as_mask(self.r2prime_unknown, shape, name="r2prime_unknown", allow_empty=True)
+            object.__setattr__(self, "r2prime_unknown", unknown & mask)
         for name in ("r2star", "r2"):
             value = getattr(self, name)
             if value is not None:

@@ -167,6 +167,13 @@ class LinearModel(SeparationModel):
         y1 = r2star[mask] - r2star0
         y2 = chi[mask] - c["chi0"]
         c_para, c_dia, resid = _nnls_2x2(y1, y2, c["a_para"], c["a_dia"], c["b_para"], c["b_dia"], s1, s2)
+        if inputs.r2prime_unknown is not None:
+            # no usable R2* (a dark source's signal is gone by the first echo): chi alone, whose
+            # sign is all it says about the split
+            unknown = inputs.r2prime_unknown[mask]
+            c_para = np.where(unknown, np.maximum(y2, 0.0) / c["b_para"], c_para)
+            c_dia = np.where(unknown, np.maximum(-y2, 0.0) / c["b_dia"], c_dia)
+            resid = np.where(unknown, 0.0, resid)
 
         # first-order uncertainty of the unconstrained inverse A^-1 diag(s1^2, s2^2) A^-T
         det = c["a_para"] * c["b_dia"] + c["a_dia"] * c["b_para"]
