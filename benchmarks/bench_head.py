@@ -90,6 +90,17 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
 
     inside = qsm.mask & healthy
 
+    def lesion_means(estimate, truth_map):
+        """Mean over each lesion type in the output mask: (estimate, truth), ppm."""
+        means = {}
+        for name in ("calcification", "microbleed"):
+            region = np.isin(t.labels, [k for k, v in t.label_names.items() if v == name]) & qsm.mask
+            if region.any():
+                means[name] = (float(estimate[region].mean()), float(truth_map[region].mean()))
+        return means
+
+    out["lesion_chi"] = lesion_means(qsm.chi, t.chi)
+
     def slopes(para, dia):
         """Slope and correlation of the region means of chi_para and of chi_dia against the truth."""
         return (*region_fit(para, t.chi_para, t, inside, SLOPE_REGIONS),
@@ -116,6 +127,8 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
         for model, result in sep.items():
             out[f"{model}, {rule}"] = pair(result.chi_para, result.chi_dia)
             out["slopes"][f"{model}, {rule}"] = slopes(result.chi_para, result.chi_dia)
+            if model == "chi-separation" and rule == "measured R2":
+                out["lesion_dia"] = lesion_means(result.chi_dia, t.chi_dia)
     if decompose:  # needs no R2: its three pools model R2' themselves
         t1 = time.perf_counter()
         result = pipeline.separate(sim.acquisition, qsm.separation_inputs(magnitude=qsm.magnitude),
@@ -173,6 +186,15 @@ def main(argv=None) -> None:
         print(f"| {head} | {r['dice_region']:.3f} / {r['dice_output']:.3f} | {r['mask_ml']:.0f} ({r['true_ml']:.0f}) | "
               f"{r['chi'][0]:.1f} / {r['chi'][1]:.1f} | {r['deep_grey_worst']:.0f} | {simulated:.0f} / {r['seconds']:.0f} |")
     keys = [k for k in rows[0][2] if k == "thresholded QSM" or "," in k]
+    print("\nLesion means in the output mask, estimate / truth (ppm): QSM chi of the calcified lesion and the "
+          "microbleeds, chi-separation (measured R2) chi_dia of the calcified lesion\n")
+    print("| head | calcification chi | microbleeds chi | calcification chi_dia |")
+    print("|---|---|---|---|")
+    for head, _, r in rows:
+        cells = [f"{r[key][name][0]:.2f} / {r[key][name][1]:.2f}" if name in r.get(key, {}) else "-"
+                 for key, name in (("lesion_chi", "calcification"), ("lesion_chi", "microbleed"),
+                                   ("lesion_dia", "calcification"))]
+        print(f"| {head} | " + " | ".join(cells) + " |")
     print("\nchi_para / chi_dia NRMSE %, whole brain; healthy tissue (lesions and 3 voxels around them left out)\n")
     print("| model, R2 | " + " | ".join(f"head {h}: all | head {h}: healthy" for h, _, _ in rows) + " |")
     print("|---" * (1 + 2 * len(rows)) + "|")
