@@ -28,7 +28,8 @@ from chisep.errors import InputError
 
 __all__ = [
     "Grid", "bounding_box", "margin_voxels", "rfft", "irfft", "conv", "dipole_half", "laplacian_half",
-    "sphere_half", "gradient", "divergence_adjoint", "gradient_half", "tkd_inverse", "edge_mask", "harmonic_fill", "as_jax",
+    "sphere_half", "gradient", "divergence_adjoint", "gradient_half", "tkd_inverse", "edge_mask", "harmonic_fill",
+    "as_jax",
 ]
 
 

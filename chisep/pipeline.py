@@ -329,7 +329,7 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     field_noise_hz : (x, y, z) array, Hz, optional
         Standard error of the field: data weights (uniform when None). Where it is infinite
         (or NaN) the field is not used: no weight in the inversion, and background removal
-        fills it from the neighbours (:func:`chisep.qsm.background.harmonic_fill`).
+        fills it from the neighbours (:func:`chisep.grid.harmonic_fill`).
     magnitude : (x, y, z) array, optional
         Needed by MEDI (edge prior).
     r2star : (x, y, z) array, 1/s, optional
