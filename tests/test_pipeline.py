@@ -140,6 +140,36 @@ def test_separate_from_qsm_outputs(dataset, tmp_path):
         assert metrics.nrmse(est, tru, mask) < 2.0, name
 
 
+def test_the_command_line_keeps_compiled_programs_for_the_next_run(dataset, tmp_path):
+    """A fresh process writes JAX's compiled programs to --compile-cache, else to $CHISEP_COMPILE_CACHE;
+    'off' writes none."""
+    import os
+    import subprocess
+    import sys
+
+    truth = dataset / "derivatives/truth"
+
+    def separate(out, env_cache, *option):
+        args = [sys.executable, "-m", "chisep", "separate", "--chi", str(truth / "chi.nii.gz"),
+                "--local-field", str(truth / "field_local.nii.gz"), "--r2star", str(truth / "r2star.nii.gz"),
+                "--mask", str(truth / "brain_mask.nii.gz"), "--field-strength", "3", "--model", "chi-separation",
+                "--out", str(tmp_path / out), "--quiet", *option]
+        env = {**os.environ, "CHISEP_COMPILE_CACHE": str(env_cache)}
+        subprocess.run(args, check=True, capture_output=True, text=True, env=env)
+
+    def files(folder):
+        return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+    given, from_env = tmp_path / "given", tmp_path / "from-env"
+    separate("first", from_env, "--compile-cache", str(given))
+    assert files(given) and not files(from_env)
+    separate("second", from_env)
+    assert files(from_env)
+    unused = tmp_path / "unused"
+    separate("third", unused, "--compile-cache", "off")
+    assert not files(unused)
+
+
 def test_separate_refuses_chi_in_hz(dataset, tmp_path, capsys):
     truth = dataset / "derivatives/truth"
     code = cli.main(["separate", "--chi", str(truth / "field_total.nii.gz"), "--r2star", str(truth / "r2star.nii.gz"),
