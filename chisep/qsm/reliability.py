@@ -41,8 +41,9 @@ scalp partial volume) are excluded.
 The noise weight is not enough where a dark source's dephased signal put its
 fitted field on the wrong phase branch (hundreds of Hz off): even a weight of
 a few per cent lets such a value dominate the data term, and background
-removal, a filter, spreads it into the neighbours (measured: chi NRMSE 44 ->
-77 % on a realistic head with B0 30 degrees oblique). Those voxels
+removal, a filter, spreads it into the neighbours (measured on a realistic head
+with B0 30 degrees oblique: chi NRMSE 77 % with the noise weights alone, 43 %
+without those voxels' field; benchmarks/bench_head.py --tilt-axis y). Those voxels
 (``off_branch``: further than half a wrap from the harmonic bridge of their
 reliable neighbours) keep their place in the region but their field is not
 used: the pipeline gives them no weight, and background removal fills their
@@ -68,9 +69,9 @@ DEFAULT_FACTORS = {"low_signal": 3.0, "field_noise": 10.0, "echo_spread": 10.0, 
 CRITERIA = tuple(DEFAULT_FACTORS)
 #: an enclosed unreliable voxel whose field is further than this fraction of a wrap between echoes
 #: (1 / echo spacing) from the harmonic bridge of its reliable neighbours is on the wrong branch.
-#: Half a wrap is where the nearest branch changes; measured on the realistic heads at 2 mm
-#: (chi NRMSE, head A, B0 30 degrees oblique, against a whole-brain 76.6 % with the noise weights
-#: alone): 0.25 -> 44.9 %, 0.5 -> 42.9 %, every enclosed voxel unused 49.0 %.
+#: Half a wrap is where the nearest branch changes. Chosen on head A at 2 mm with B0 30 degrees
+#: oblique (chi NRMSE 76.6 % with the noise weights alone): 0.25 -> 44.9 %, 0.5 -> 42.9 %,
+#: 0.75 -> 43.7 %, 1.0 -> 46.0 %, every enclosed voxel unused 49.0 %.
 BRANCH_TOLERANCE = 0.5
 
 
