@@ -156,7 +156,19 @@ def test_quality_map_flags_failed_voxels_instead_of_trusting_them():
     assert q.dtype == np.uint8 and not q[~mask].any()
     assert q[1, 1, 1] == 1 and q[2, 1, 1] == 1 | 8 and q[3, 1, 1] == 2 and q[4, 1, 1] == 8 and q[1, 2, 1] == 4
     assert np.count_nonzero(q) == 5
-    assert set(pipeline.QUALITY_FLAGS) == {1, 2, 4, 8, 16}
+    assert set(pipeline.QUALITY_FLAGS) == {1, 2, 4, 8, 16, 32}
+    # a dark source enclosed by brain (16), one voxel of it with a field off by phase wraps (16 | 32)
+    from chisep.qsm.reliability import Reliability
+
+    enclosed, off_branch = np.zeros(shape, bool), np.zeros(shape, bool)
+    enclosed[2:4, 2, 2] = True
+    off_branch[3, 2, 2] = True
+    qsm.reliability = Reliability(region=reliable, excluded=mask & ~reliable, enclosed=enclosed,
+                                  off_branch=off_branch, flagged_by={}, statistics={}, thresholds={},
+                                  voxel_volume_ml=0.001)
+    q = pipeline.quality_map(qsm, sep)
+    assert q[2, 2, 2] == 16 and q[3, 2, 2] == 16 | 32
+    assert np.isinf(qsm.field_noise_used[3, 2, 2]) and np.isfinite(qsm.field_noise_used[2, 2, 2])
 
 
 @pytest.mark.parametrize("name", ["standard", "7T", "single-echo", "snr20"])
