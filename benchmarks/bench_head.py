@@ -137,14 +137,16 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
         out["decompose_flagged"] = 100 * float((result.extra["separable"] == 0)[qsm.mask].mean())
         out["decompose, (no R2)"] = pair(result.chi_para, result.chi_dia)
         out["slopes"]["decompose, (no R2)"] = slopes(result.chi_para, result.chi_dia)
-    errors = []
+    errors = {}
     for name in DEEP_GREY:
         label = [k for k, v in t.label_names.items() if v == name][0]
         region = (t.labels == label) & qsm.mask & brain
         if region.sum() >= 3:
             true_mean = float(t.chi[region].mean())
-            errors.append(abs(float(qsm.chi[region].mean()) - true_mean) / abs(true_mean))
-    out["deep_grey_worst"] = 100 * max(errors) if errors else float("nan")
+            errors[name] = abs(float(qsm.chi[region].mean()) - true_mean) / abs(true_mean)
+    worst = max(errors, key=errors.get) if errors else None
+    out["deep_grey_worst"] = 100 * errors[worst] if worst else float("nan")
+    out["deep_grey_worst_region"] = worst or "-"
     return out
 
 
@@ -184,7 +186,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     for head, simulated, r in rows:
         print(f"| {head} | {r['dice_region']:.3f} / {r['dice_output']:.3f} | {r['mask_ml']:.0f} ({r['true_ml']:.0f}) | "
-              f"{r['chi'][0]:.1f} / {r['chi'][1]:.1f} | {r['deep_grey_worst']:.0f} | {simulated:.0f} / {r['seconds']:.0f} |")
+              f"{r['chi'][0]:.1f} / {r['chi'][1]:.1f} | {r['deep_grey_worst']:.0f} ({r['deep_grey_worst_region']}) | "
+              f"{simulated:.0f} / {r['seconds']:.0f} |")
     keys = [k for k in rows[0][2] if k == "thresholded QSM" or "," in k]
     print("\nLesion means in the output mask, estimate / truth (ppm): QSM chi of the calcified lesion and the "
           "microbleeds, chi-separation (measured R2) chi_dia of the calcified lesion\n")
