@@ -59,6 +59,7 @@ from scipy import ndimage
 
 from chisep.errors import InputError
 from chisep.grid import harmonic_fill
+from chisep.physics import wrap_phase
 
 #: factor over the median in the mask above which a statistic marks a voxel unreliable; for
 #: ``low_signal`` the first-echo magnitude in units of the noise sigma below which a voxel is
@@ -159,11 +160,10 @@ def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndar
     dte = np.diff(np.asarray(echo_times, np.float64)).astype(np.float32)
     reference = (np.zeros(mag.shape[:-1], np.float32) if field_hz is None
                  else np.asarray(field_hz, np.float32))
-    # Each pair's phase change relative to the fitted field's, wrapped to (-pi, pi]: the angle of
+    # Each pair's phase change relative to the fitted field's, wrapped to [-pi, pi): the angle of
     # s[e+1] conj(s[e]) exp(-i turn), in real arithmetic (float32 is ample: the statistic is
     # compared with ten times its median)
-    delta = ph[..., 1:] - ph[..., :-1] - np.float32(2.0 * np.pi) * reference[..., None] * dte
-    delta = np.mod(delta + np.float32(np.pi), np.float32(2.0 * np.pi)) - np.float32(np.pi)
+    delta = wrap_phase(ph[..., 1:] - ph[..., :-1] - np.float32(2.0 * np.pi) * reference[..., None] * dte)
     freq = delta / (np.float32(2.0 * np.pi) * dte)  # relative to the fitted field (a spread ignores it)
     w = mag[..., 1:] * mag[..., :-1]
     w_sum = np.maximum(w.sum(-1), np.float32(1e-30))
