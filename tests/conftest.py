@@ -13,6 +13,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # The command line keeps JAX's compiled programs in ~/.cache/chisep/jax; the suite's in-process CLI
 # runs use a folder of their own instead (a test that checks the cache passes --compile-cache).
 if "CHISEP_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["CHISEP_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="chisep-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["CHISEP_COMPILE_CACHE"], ignore_errors=True)
