@@ -59,7 +59,7 @@ def _tfi_core(field, data_w, inside, tv_w, p_out, alpha, eps, cg_tol, beta, voxe
     def normal(y, lam):
         chi = P * y
         data = dipole(w2 * dipole(chi))  # D is symmetric: D^T = D
-        tv = g.divergence_adjoint(G * lam * G * g.gradient(chi, voxel_size), voxel_size)
+        tv = g.divergence_adjoint(G * lam * G * jnp.stack(g.gradient(chi, voxel_size)), voxel_size)
         return P * (data + alpha * tv + beta * (1.0 - inside) * chi)
 
     rhs = P * dipole(w2 * field)
@@ -88,7 +88,7 @@ def _tfi_core(field, data_w, inside, tv_w, p_out, alpha, eps, cg_tol, beta, voxe
 
     def outer_step(_, state):
         y, total = state
-        grad = G * g.gradient(P * y, voxel_size)
+        grad = G * jnp.stack(g.gradient(P * y, voxel_size))
         lam = 1.0 / jnp.sqrt(grad**2 + eps)
         y, k = cg(y, lam)
         return y, total + k

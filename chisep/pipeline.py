@@ -273,9 +273,11 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             # fitted over the whole head only to find the skull; scalp fat's chemical shift wraps between
             # echoes by design: the brain's refit below is the one whose warnings count
             warnings.simplefilter("ignore")
+        # the head pass only finds the skull by reliability criteria that ignore whole-cycle errors
+        # between echoes; correcting them in scalp fat took 6.6 s of 20 at 1 mm
         fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
                                           method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs,
-                                          noise_sigma=sigma)
+                                          noise_sigma=sigma, fix_echo_wraps=mask is not None)
     with step("reliability"):
         rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,

@@ -230,7 +230,11 @@ def gradient_dephasing_correction(magnitude, field_hz, echo_times, mask, *,
         raise InputError(f"field_hz {field.shape} must match the magnitude's spatial shape {msk.shape}")
     if not 0 < floor < 1:
         raise InputError(f"floor must lie in (0, 1), got {floor!r}")
-    factor = np.ones(msk.shape + (tes.size,), np.float64)
+    # gradients and sinc on the mask's voxels only (a fifth of the grid in a head): the full (x, y, z,
+    # echo) float64 product took several seconds at 1 mm
+    index = np.nonzero(msk)
+    factor = np.ones((index[0].size, tes.size), np.float32)
+    tes32 = tes.astype(np.float32)
     for axis in range(3):
         # central difference inside the mask, one-sided at its edge, 0 where a voxel has no neighbour
         fwd = np.roll(field, -1, axis) - field
@@ -243,10 +247,11 @@ def gradient_dephasing_correction(magnitude, field_hz, echo_times, mask, *,
         edge[axis] = 0
         has_bwd[tuple(edge)] = False
         both = has_fwd & has_bwd
-        gradient = np.where(both, 0.5 * (fwd + bwd), np.where(has_fwd, fwd, np.where(has_bwd, bwd, 0.0)))
-        factor *= np.abs(np.sinc(gradient[..., None] * tes))
-    corrected = mag / np.maximum(factor, floor)
-    return np.where(msk[..., None], corrected, mag).astype(np.float32)
+        gradient = np.where(both, 0.5 * (fwd + bwd), np.where(has_fwd, fwd, np.where(has_bwd, bwd, 0.0)))[index]
+        factor *= np.abs(np.sinc(gradient.astype(np.float32)[:, None] * tes32))
+    out = mag.astype(np.float32, copy=True)
+    out[index] = mag[index] / np.maximum(factor, np.float32(floor))
+    return out
 
 
 def r2prime_map(r2star, r2=None, *, nominal_r2: float = 13.0, mask=None):

@@ -156,6 +156,28 @@ def test_field_reliability_excludes_the_noise_shell_and_keeps_an_enclosed_dark_s
     assert not off.excluded.any()
 
 
+def test_excluded_voxels_do_not_depend_on_whole_cycle_field_errors():
+    """The automatic mask's head pass fits without the echo-wrap correction (pipeline): what it is
+    used for, the excluded voxels, must not change where the field is off by k / dTE."""
+    from chisep.qsm import echoes
+
+    mag, ph, mask, tissue, dark = _shell_volume()
+    fit = echoes.fit_multi_echo_field(mag, ph, TES, mask, unwrap="laplacian", fix_echo_wraps=False)
+    assert "wrap_corrected_voxels" not in fit.info
+    wrap_hz = 1.0 / float(np.diff(TES).mean())
+
+    def judged(field):
+        return reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
+                                             field_hz=field, voxel_size=(2.0, 2.0, 2.0))
+
+    reference = judged(fit.field_hz)
+    patch = tissue & ~dark & (np.indices(mask.shape)[0] < 12)
+    for cycles in (1, -2):
+        shifted = judged(np.where(patch, fit.field_hz + cycles * wrap_hz, fit.field_hz))
+        assert np.array_equal(shifted.excluded, reference.excluded)
+        assert np.array_equal(shifted.region, reference.region)
+
+
 def test_field_reliability_validates_its_inputs():
     mag, ph, mask, _, _ = _shell_volume()
     noise = np.ones(mask.shape)

@@ -186,6 +186,7 @@ def fit_multi_echo_field(
     unwrap: str = "romeo",
     voxel_size=(1.0, 1.0, 1.0),
     noise_sigma: float | None = None,
+    fix_echo_wraps: bool = True,
 ) -> FieldFit:
     """Total field (Hz), phase offset and field noise from multi-echo GRE.
 
@@ -218,6 +219,12 @@ def fit_multi_echo_field(
         Known noise standard deviation of the complex signal per real channel
         (magnitude units). Default: estimated from the fit residuals (needs
         >= 3 echoes), else from the background magnitude outside the mask.
+    fix_echo_wraps : bool
+        Correct patches whose field is off by whole cycles between echoes (k / dTE) by
+        the smoothness of the phase offset (default). Off only for a fit whose field is
+        used modulo 1 / dTE, e.g. to find the skull from the field's reliability, whose
+        criteria do not change under such shifts: in a head, scalp fat's chemical shift
+        makes this step the slowest part of the fit.
 
     Returns
     -------
@@ -308,8 +315,9 @@ def fit_multi_echo_field(
         else:
             f, coef_var = _echo_average(u, m, tes, phi0, w)
 
-    f, phi0, n_fixed = _correct_echo_wraps(f, phi0, msk, tes)
-    info["wrap_corrected_voxels"] = n_fixed
+    if fix_echo_wraps:
+        f, phi0, n_fixed = _correct_echo_wraps(f, phi0, msk, tes)
+        info["wrap_corrected_voxels"] = n_fixed
 
     if noise_sigma is not None:
         sigma, source = float(noise_sigma), "given"
