@@ -273,11 +273,15 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             # fitted over the whole head only to find the skull; scalp fat's chemical shift wraps between
             # echoes by design: the brain's refit below is the one whose warnings count
             warnings.simplefilter("ignore")
-        # the head pass only finds the skull by reliability criteria that ignore whole-cycle errors
-        # between echoes; correcting them in scalp fat took 6.6 s of 20 at 1 mm
+        # The automatic mask's pass over the whole head only finds the skull, by reliability criteria that
+        # do not change when the field is off by whole cycles between echoes (k / dTE, equally spaced
+        # echoes): neither spatial unwrapping nor the echo-wrap correction (6.6 s of scalp fat at 1 mm)
+        # is needed for it. The brain's refit below does both.
+        head_pass = mask is None and acquisition.echo_spacing is not None and settings.unwrap != "none"
         fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
-                                          method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs,
-                                          noise_sigma=sigma, fix_echo_wraps=mask is not None)
+                                          method=settings.field_fit, voxel_size=vs, noise_sigma=sigma,
+                                          unwrap="temporal" if head_pass else settings.unwrap,
+                                          fix_echo_wraps=not head_pass)
     with step("reliability"):
         rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
