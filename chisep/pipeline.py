@@ -280,7 +280,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         head_pass = mask is None and acquisition.echo_spacing is not None and settings.unwrap != "none"
         fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
                                           method=settings.field_fit, voxel_size=vs, noise_sigma=sigma,
-                                          unwrap="temporal" if head_pass else settings.unwrap,
+                                          unwrap=echoes.TEMPORAL_ONLY if head_pass else settings.unwrap,
                                           fix_echo_wraps=not head_pass)
     with step("reliability"):
         rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,

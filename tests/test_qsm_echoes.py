@@ -272,13 +272,13 @@ def test_complex_fit_steps_reach_the_least_squares_optimum():
 
 
 def test_temporal_unwrapping_gets_the_field_up_to_whole_cycles_between_echoes():
-    """unwrap="temporal" (the automatic mask's head pass): no spatial unwrapping, so the field may be off
+    """unwrap="temporal-only" (the automatic mask's head pass): no spatial unwrapping, so the field may be off
     by whole cycles between echoes (k / dTE), never by anything else."""
     signal, field, phi0, mask = scene()
     dte = float(np.diff(TES).mean())
     steep = field + 12.0 * _grid()[0]  # |f| dTE > 0.5 at both ends of x: wraps between echoes there
     signal = np.abs(signal) * np.exp(1j * (phi0[..., None] + 2 * np.pi * steep[..., None] * TES))
-    fit = fit_multi_echo_field(np.abs(signal), np.angle(signal), TES, mask, unwrap="temporal",
+    fit = fit_multi_echo_field(np.abs(signal), np.angle(signal), TES, mask, unwrap="temporal-only",
                                fix_echo_wraps=False)
     cycles = (fit.field_hz - steep)[mask] * dte
     np.testing.assert_allclose(cycles, np.rint(cycles), atol=1e-3)
@@ -286,4 +286,4 @@ def test_temporal_unwrapping_gets_the_field_up_to_whole_cycles_between_echoes():
     romeo = fit_multi_echo_field(np.abs(signal), np.angle(signal), TES, mask)
     np.testing.assert_allclose(romeo.field_hz[mask], steep[mask], atol=1e-3)
     with pytest.raises(InputError, match="multi-echo"):
-        fit_multi_echo_field(np.abs(signal[..., 0]), np.angle(signal[..., 0]), TES[:1], mask, unwrap="temporal")
+        fit_multi_echo_field(np.abs(signal[..., 0]), np.angle(signal[..., 0]), TES[:1], mask, unwrap="temporal-only")

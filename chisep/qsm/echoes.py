@@ -29,11 +29,13 @@ from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
 from chisep.grid import bounding_box
 from chisep.physics import wrap_phase
-from chisep.qsm.unwrap import UNWRAP_METHODS
+from chisep.qsm.unwrap import UNWRAP_METHODS, unwrap_temporal_only
 from chisep.qsm.unwrap import unwrap as unwrap_phase
 
 FieldMethod = Literal["nonlinear", "weighted-linear", "echo-average"]
 FIELD_METHODS = ("nonlinear", "weighted-linear", "echo-average")
+#: ``unwrap`` value for a fit whose field is only needed up to whole cycles between echoes
+TEMPORAL_ONLY = "temporal-only"
 
 #: Fraction of mask voxels whose phase may wrap between consecutive echoes
 #: (|f| * dTE > 0.5) above which a warning is raised.
@@ -211,9 +213,12 @@ def fit_multi_echo_field(
         (phi0 from the weighted-linear fit) averaged with weights
         ``TE_e m_e``, i.e. ``TE exp(-TE / T2*)`` with the measured decay
         (Wu et al. 2012; the chi-separation toolbox's default).
-    unwrap : {"romeo", "laplacian", "none"}
+    unwrap : {"romeo", "laplacian", "none", "temporal-only"}
         Spatial/temporal unwrapping (see :mod:`chisep.qsm.unwrap`); "none" when ``phase``
         was unwrapped elsewhere (ROMEO, another toolbox): it is fitted as given.
+        "temporal-only" (:func:`chisep.qsm.unwrap.unwrap_temporal_only`): no spatial
+        unwrapping, so the field is right only up to whole cycles between echoes; for
+        uses that need no more (the automatic mask's pass over the head), never for QSM.
     voxel_size : 3 floats, mm
     noise_sigma : float, optional
         Known noise standard deviation of the complex signal per real channel
@@ -256,15 +261,17 @@ def fit_multi_echo_field(
     NeuroImage 2012;59:297-305.
     """
     validate.check_choice(method, FIELD_METHODS, "field-fit method")
-    UNWRAP_METHODS.get(unwrap)
+    if unwrap != TEMPORAL_ONLY:
+        UNWRAP_METHODS.get(unwrap)
     mag, ph, tes, msk = _validate(magnitude, phase, echo_times, mask)
     n_echoes = tes.size
     info: dict = {"unwrap": unwrap, "warnings": []}
     mag_rss = np.sqrt(np.sum(mag.astype(np.float64) ** 2, axis=-1))
 
-    u4 = unwrap_phase(
-        ph, msk, method=unwrap, voxel_size=voxel_size, magnitude=mag, echo_times=tes
-    )
+    if unwrap == TEMPORAL_ONLY:
+        u4 = unwrap_temporal_only(ph, tes, msk)
+    else:
+        u4 = unwrap_phase(ph, msk, method=unwrap, voxel_size=voxel_size, magnitude=mag, echo_times=tes)
     u = u4[msk].astype(np.float64)
     m = mag[msk].astype(np.float64)
 

@@ -40,7 +40,7 @@ from chisep.errors import InputError
 from chisep.physics import wrap_phase
 from chisep.registry import Registry
 
-UnwrapMethod = Literal["romeo", "laplacian", "temporal", "none"]
+UnwrapMethod = Literal["romeo", "laplacian", "none"]
 
 _TWO_PI = 2.0 * np.pi
 
@@ -761,11 +761,9 @@ def unwrap(
     ----------
     phase : (x, y, z) or (x, y, z, echo) float array, rad
     mask : (x, y, z) bool array, optional
-    method : {"romeo", "laplacian", "temporal", "none"}
-        See :func:`unwrap_romeo` and :func:`unwrap_laplacian`; "temporal": along the echoes
-        of each voxel only (:func:`temporal_unwrap`; the field is then right up to whole
-        cycles between echoes); "none": the phase is already unwrapped (e.g. by ROMEO
-        itself) and is returned as it is.
+    method : {"romeo", "laplacian", "none"}
+        See :func:`unwrap_romeo` and :func:`unwrap_laplacian`; "none": the phase is
+        already unwrapped (e.g. by ROMEO itself) and is returned as it is.
     voxel_size : 3 floats, mm
     magnitude : array of the phase's shape, optional
     echo_times : sequence of float, s
@@ -790,8 +788,7 @@ def _laplacian_echo_by_echo(phase, mask=None, *, voxel_size, magnitude=None, ech
     return unwrap_laplacian(phase, mask, voxel_size=voxel_size, magnitude=magnitude)  # no echo times needed
 
 
-@UNWRAP_METHODS.register("temporal")
-def _temporal_only(phase, mask=None, *, voxel_size=None, magnitude=None, echo_times=None):
+def unwrap_temporal_only(phase, echo_times, mask=None):
     """Each voxel along its echoes only (:func:`temporal_unwrap` on the wrapped phase), no spatial
     unwrapping: with equally spaced echoes the field is right up to whole cycles between echoes
     (k / dTE, which may differ from voxel to voxel). For uses that need no more, e.g. the reliability
@@ -815,4 +812,5 @@ __all__ = [
     "unwrap",
     "unwrap_laplacian",
     "unwrap_romeo",
+    "unwrap_temporal_only",
 ]
