@@ -130,10 +130,11 @@ class Reliability:
         excluded = self.excluded
         parts = ", ".join(f"{name} {ml:.1f}" for name, ml in self.excluded_ml_by_criterion().items() if ml > 0)
         mask_ml = self.volume_ml(self.region | excluded)
+        off_branch = (f", {self.volume_ml(self.off_branch):.2f} mL of them with a field off by phase wraps "
+                      "(not used)") if self.off_branch.any() else ""
         return (f"reliability: excluded {self.volume_ml(excluded):.1f} mL of the {mask_ml:.0f} mL mask as "
                 f"unreliable (mL by criterion: {parts or 'none'}); kept {self.volume_ml(self.enclosed):.1f} mL of "
-                "unreliable voxels enclosed by brain (dark sources), down-weighted by their field noise, "
-                f"{self.volume_ml(self.off_branch):.2f} mL of them with a field off by phase wraps (not used)")
+                f"unreliable voxels enclosed by brain (dark sources), down-weighted by their field noise{off_branch}")
 
 
 def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndarray,
