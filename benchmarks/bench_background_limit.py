@@ -72,7 +72,8 @@ def separation_needs(sim, qsm) -> list[str]:
     return rows
 
 
-def run(sim, qsm) -> list[str]:
+def run(sim, qsm) -> tuple[list[str], list[str]]:
+    """Rows of the chain table and of the depth table."""
     t, acq = sim.truth, sim.acquisition
     brain, healthy = t.brain_mask, healthy_tissue(t)
     region, noise, mag = qsm.reconstruction_mask, qsm.field_noise_used, qsm.magnitude[..., 0]

@@ -174,7 +174,8 @@ def main(argv=None) -> None:
     warnings.simplefilter("ignore")
     sin, cos = np.sin(np.deg2rad(args.oblique)), np.cos(np.deg2rad(args.oblique))
     b0 = None if not args.oblique else (0.0, sin, cos) if args.tilt_axis == "x" else (sin, 0.0, cos)
-    echo_kw = {} if args.echo_times is None else {"echo_times": tuple(float(t) / 1000 for t in args.echo_times.split(","))}
+    echo_kw = ({} if args.echo_times is None
+               else {"echo_times": tuple(float(te) / 1000 for te in args.echo_times.split(","))})
     print(f"# {args.resolution} mm, B0 {args.oblique:g} deg about {args.tilt_axis}, SNR {args.snr:g}, seed {args.seed}, "
           f"echo times {args.echo_times or 'default'} ms, "
           f"scenario all, automatic mask, background {args.background or 'default'}, "
