@@ -178,6 +178,36 @@ def test_excluded_voxels_do_not_depend_on_whole_cycle_field_errors():
         assert np.array_equal(shifted.region, reference.region)
 
 
+def test_thresholds_come_from_the_reference_voxels():
+    """An automatic head mask passes its core (the brain) as the reference: scalp fat, whose statistics
+    depend on the echo times, then no longer sets the thresholds (pipeline)."""
+    from chisep.qsm import echoes
+
+    mag, ph, mask, tissue, dark = _shell_volume()
+    # the tissue's outer layers decay bi-exponentially (as fat's peaks beat): a higher decay residual there
+    outer = tissue & ~ndimage.binary_erosion(tissue, iterations=3)
+    mag = np.where(outer[..., None], mag * (0.7 + 0.3 * np.exp(-175.0 * TES)), mag)
+    fit = echoes.fit_multi_echo_field(mag, ph, TES, mask, unwrap="laplacian")
+    assert 0.4 < reliability.mask_core(mask).sum() / mask.sum() < 0.6  # the default: the deeper half
+    core = reliability.mask_core(mask, fraction=0.1)  # inside the bi-exponential layers
+    depth = ndimage.distance_transform_edt(mask)
+    assert 0.05 < core.sum() / mask.sum() < 0.15 and depth[core].min() >= depth[mask & ~core].max()
+    assert not (core & outer).any()
+    rel = reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
+                                        reference_mask=core)
+    residual = rel.statistics["decay_residual"]
+    factor = reliability.DEFAULT_FACTORS["decay_residual"]
+    used = core & ~rel.flagged_by["field_noise"]  # noise-flagged voxels never set a median
+    assert rel.thresholds["decay_residual"] == pytest.approx(factor * np.median(residual[used]), rel=1e-4)
+    whole = reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
+                                          field_hz=fit.field_hz)
+    # over the whole mask the outer layers set the median: a threshold several times higher
+    assert whole.thresholds["decay_residual"] > 3 * rel.thresholds["decay_residual"]
+    with pytest.raises(InputError, match="reference_mask"):
+        reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
+                                      reference_mask=~mask)
+
+
 def test_field_reliability_validates_its_inputs():
     mag, ph, mask, _, _ = _shell_volume()
     noise = np.ones(mask.shape)

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from chisep import validate
 from chisep.errors import InputError
 from chisep.grid import harmonic_fill
 from chisep.physics import wrap_phase
@@ -191,6 +192,13 @@ def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
     return np.where(energy > 0, residual, 1.0)
 
 
+def mask_core(mask, fraction: float = 0.5) -> np.ndarray:
+    """The ``fraction`` of the mask's voxels farthest from its edge (for a head mask: brain, not scalp)."""
+    msk = np.asarray(mask, dtype=bool)
+    depth = ndimage.distance_transform_edt(msk)
+    return msk & (depth >= np.quantile(depth[msk], 1.0 - fraction))
+
+
 def check_factors(factors: dict | None) -> dict:
     """The factors per criterion: the defaults updated by ``factors`` (None or "off" = criterion off)."""
     chosen = dict(DEFAULT_FACTORS)
@@ -208,7 +216,7 @@ def check_factors(factors: dict | None) -> dict:
 
 def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, field_hz=None,
                       voxel_size=(1.0, 1.0, 1.0), factors: dict | None = None,
-                      noise_sigma=None) -> Reliability:
+                      noise_sigma=None, reference_mask=None) -> Reliability:
     """Split a mask into voxels with a reliable field and the rest.
 
     Parameters
@@ -225,6 +233,10 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
     noise_sigma : float or (x, y, z) array, optional
         Per-channel noise SD of the magnitude (e.g. MP-PCA's); enables ``low_signal``:
         a voxel whose first-echo magnitude is below ``factor`` sigma is noise only.
+    reference_mask : (x, y, z) bool array, optional
+        Voxels whose medians set the thresholds (default: the whole mask). For a head
+        mask, pass the brain-like core (e.g. :func:`mask_core`): scalp fat's multi-peak
+        signal makes the medians over a whole head depend on the echo times.
     factors : dict, optional
         Per criterion (``low_signal``, ``field_noise``, ``echo_spread``, ``decay_residual``), the
         factor over its median in the mask above which a voxel is unreliable;
@@ -267,7 +279,11 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         "decay_residual": decay_residual(mag[msk], tes),
     }
     flagged, statistics, thresholds = {}, {}, {}
-    reference = np.ones(int(msk.sum()), bool)  # the voxels whose median sets the thresholds
+    # the voxels whose median sets the thresholds
+    reference = (np.ones(int(msk.sum()), bool) if reference_mask is None
+                 else validate.as_mask(reference_mask, msk.shape, name="reference_mask")[msk])
+    if not reference.any():
+        raise InputError("field_reliability: reference_mask has no voxel inside the mask")
     for name, v in values.items():  # low_signal and field_noise first: see below
         stat = np.zeros(msk.shape, np.float32)
         stat[msk] = np.where(np.isfinite(v), v, np.finfo(np.float32).max)
@@ -280,7 +296,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
             flag[msk] = sel
             flagged[name] = flag
             if not sel.all():
-                reference = ~sel
+                reference = reference & ~sel
             continue
         finite = v[np.isfinite(v) & reference]
         if factor is None or not np.isfinite(factor) or finite.size == 0 or not np.median(finite) > 0:
