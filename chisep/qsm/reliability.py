@@ -295,7 +295,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
             flag = np.zeros(msk.shape, bool)
             flag[msk] = sel
             flagged[name] = flag
-            if not sel.all():
+            if (reference & ~sel).any():
                 reference = reference & ~sel
             continue
         finite = v[np.isfinite(v) & reference]
