@@ -283,14 +283,10 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                                           unwrap=echoes.TEMPORAL_ONLY if head_pass else settings.unwrap,
                                           fix_echo_wraps=not head_pass)
     with step("reliability"):
-        # An automatic head mask is a third scalp, muscle and fat, whose statistics depend on the echo
-        # times (fat's multi-peak signal): the thresholds come from the head's core, the brain. With the
-        # whole head's medians, echoes at 4, 9, ..., 29 ms let the cut leak into the scalp (chi 167-274 %).
         rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, head,
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
                                              voxel_size=vs, noise_sigma=floor_sigma,
-                                             factors=settings.reliability,
-                                             reference_mask=_reliability.mask_core(head) if mask is None else None)
+                                             factors=settings.reliability)
         if head_pass:  # that pass's field is right only up to whole cycles: its branch check means nothing
             rel = replace(rel, off_branch=np.zeros_like(rel.off_branch))
         summary = rel.summary()

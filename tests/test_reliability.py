@@ -179,8 +179,8 @@ def test_excluded_voxels_do_not_depend_on_whole_cycle_field_errors():
 
 
 def test_thresholds_come_from_the_reference_voxels():
-    """An automatic head mask passes its core (the brain) as the reference: scalp fat, whose statistics
-    depend on the echo times, then no longer sets the thresholds (pipeline)."""
+    """With a reference (e.g. a head mask's core, the brain), outer tissue whose statistics differ (scalp
+    fat, whose statistics depend on the echo times) no longer sets the thresholds."""
     from chisep.qsm import echoes
 
     mag, ph, mask, tissue, dark = _shell_volume()
