@@ -32,6 +32,9 @@ import argparse
 import warnings
 
 import numpy as np
+
+# the scripts run from this folder (python benchmarks/...), which is then on the import path
+from bench_head import healthy_tissue  # one definition of "healthy tissue" for both scripts
 from scipy import ndimage
 
 from chisep import metrics, physics, pipeline
@@ -42,12 +45,6 @@ from chisep.separation.baseline import thresholded_qsm
 from chisep.sim import simulate_head
 
 DEPTHS_MM = ((0, 4), (4, 8), (8, 16), (16, 30), (30, 1000))
-
-
-def healthy_tissue(truth):
-    """The brain without the lesions and 3 voxels around them (as benchmarks/bench_head.py)."""
-    lesions = np.isin(truth.labels, [k for k, v in truth.label_names.items() if v in ("microbleed", "calcification")])
-    return truth.brain_mask & ~ndimage.binary_dilation(lesions, iterations=3)
 
 
 def separation_needs(sim, qsm) -> list[str]:
