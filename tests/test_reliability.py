@@ -178,34 +178,44 @@ def test_excluded_voxels_do_not_depend_on_whole_cycle_field_errors():
         assert np.array_equal(shifted.region, reference.region)
 
 
-def test_thresholds_come_from_the_reference_voxels():
-    """With a reference (e.g. a head mask's core, the brain), outer tissue whose statistics differ (scalp
-    fat, whose statistics depend on the echo times) no longer sets the thresholds."""
+def test_echo_spread_threshold_comes_from_the_reference_voxels():
+    """With a reference for echo_spread (the pipeline passes a head mask's core, the brain), outer tissue
+    holding fat, whose multi-peak signal spreads the frequencies between echoes, no longer sets that
+    threshold; the other criteria keep the whole mask's medians."""
     from chisep.qsm import echoes
 
     mag, ph, mask, tissue, dark = _shell_volume()
-    # the tissue's outer layers decay bi-exponentially (as fat's peaks beat): a higher decay residual there
+    # the tissue's outer layers hold 30 % fat: its main peak (-3.4 ppm at 3 T) beats with the water
     outer = tissue & ~ndimage.binary_erosion(tissue, iterations=3)
-    mag = np.where(outer[..., None], mag * (0.7 + 0.3 * np.exp(-175.0 * TES)), mag)
+    signal = mag * np.exp(1j * ph)
+    fat = 0.3 * np.exp(-30.0 * TES) * np.exp(-2j * np.pi * 434.0 * TES)
+    signal = np.where(outer[..., None], 0.7 * signal + fat * np.exp(1j * ph[..., :1]), signal)
+    mag, ph = np.abs(signal), np.angle(signal)
     fit = echoes.fit_multi_echo_field(mag, ph, TES, mask, unwrap="laplacian")
     assert 0.4 < reliability.mask_core(mask).sum() / mask.sum() < 0.6  # the default: the deeper half
-    core = reliability.mask_core(mask, fraction=0.1)  # inside the bi-exponential layers
+    core = reliability.mask_core(mask, fraction=0.1)  # inside the fat layers
     depth = ndimage.distance_transform_edt(mask)
     assert 0.05 < core.sum() / mask.sum() < 0.15 and depth[core].min() >= depth[mask & ~core].max()
     assert not (core & outer).any()
-    rel = reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
-                                        reference_mask=core)
-    residual = rel.statistics["decay_residual"]
-    factor = reliability.DEFAULT_FACTORS["decay_residual"]
+
+    def judged(**kwargs):
+        return reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
+                                             field_hz=fit.field_hz, **kwargs)
+
+    rel, whole = judged(reference_masks={"echo_spread": core}), judged()
+    spread, factor = rel.statistics["echo_spread"], reliability.DEFAULT_FACTORS["echo_spread"]
     used = core & ~rel.flagged_by["field_noise"]  # noise-flagged voxels never set a median
-    assert rel.thresholds["decay_residual"] == pytest.approx(factor * np.median(residual[used]), rel=1e-4)
-    whole = reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
-                                          field_hz=fit.field_hz)
-    # over the whole mask the outer layers set the median: a threshold several times higher
-    assert whole.thresholds["decay_residual"] > 3 * rel.thresholds["decay_residual"]
-    with pytest.raises(InputError, match="reference_mask"):
-        reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
-                                      reference_mask=~mask)
+    assert rel.thresholds["echo_spread"] == pytest.approx(factor * np.median(spread[used]), rel=1e-4)
+    # over the whole mask the fat layers set the median: a threshold several times higher that lets
+    # most fat voxels pass, where the core's flags nearly all of them
+    assert whole.thresholds["echo_spread"] > 3 * rel.thresholds["echo_spread"]
+    assert rel.flagged_by["echo_spread"][outer].mean() > 0.9 > 0.5 > whole.flagged_by["echo_spread"][outer].mean()
+    assert rel.thresholds["decay_residual"] == whole.thresholds["decay_residual"]
+    assert rel.thresholds["field_noise"] == whole.thresholds["field_noise"]
+    with pytest.raises(InputError, match=r"reference_masks\['echo_spread'\] has no voxel"):
+        judged(reference_masks={"echo_spread": ~mask})
+    with pytest.raises(InputError, match="unknown criterion 'low_signal'"):
+        judged(reference_masks={"low_signal": core})
 
 
 def test_field_reliability_validates_its_inputs():

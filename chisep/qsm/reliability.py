@@ -216,7 +216,7 @@ def check_factors(factors: dict | None) -> dict:
 
 def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, field_hz=None,
                       voxel_size=(1.0, 1.0, 1.0), factors: dict | None = None,
-                      noise_sigma=None, reference_mask=None) -> Reliability:
+                      noise_sigma=None, reference_masks: dict | None = None) -> Reliability:
     """Split a mask into voxels with a reliable field and the rest.
 
     Parameters
@@ -233,10 +233,11 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
     noise_sigma : float or (x, y, z) array, optional
         Per-channel noise SD of the magnitude (e.g. MP-PCA's); enables ``low_signal``:
         a voxel whose first-echo magnitude is below ``factor`` sigma is noise only.
-    reference_mask : (x, y, z) bool array, optional
-        Voxels whose medians set the thresholds (default: the whole mask). For a head
-        mask, pass the brain-like core (e.g. :func:`mask_core`): scalp fat's multi-peak
-        signal makes the medians over a whole head depend on the echo times.
+    reference_masks : dict, optional
+        Per criterion (``field_noise``, ``echo_spread``, ``decay_residual``), the voxels whose
+        median sets its threshold (default: the whole mask). For a head mask's ``echo_spread``
+        pass its brain-like core (:func:`mask_core`): the multi-peak signal of scalp fat makes
+        the frequencies between echoes differ by an amount that depends on the echo times.
     factors : dict, optional
         Per criterion (``low_signal``, ``field_noise``, ``echo_spread``, ``decay_residual``), the
         factor over its median in the mask above which a voxel is unreliable;
@@ -279,11 +280,16 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         "decay_residual": decay_residual(mag[msk], tes),
     }
     flagged, statistics, thresholds = {}, {}, {}
-    # the voxels whose median sets the thresholds
-    reference = (np.ones(int(msk.sum()), bool) if reference_mask is None
-                 else validate.as_mask(reference_mask, msk.shape, name="reference_mask")[msk])
-    if not reference.any():
-        raise InputError("field_reliability: reference_mask has no voxel inside the mask")
+    # the voxels whose median sets the thresholds (narrowed below to voxels with signal)
+    reference = np.ones(int(msk.sum()), bool)
+    restricted = {}
+    for name, ref in (reference_masks or {}).items():
+        if name not in DEFAULT_FACTORS or name == "low_signal":
+            raise InputError(f"reference_masks: unknown criterion {name!r}; choose from field_noise, "
+                             "echo_spread, decay_residual")
+        restricted[name] = validate.as_mask(ref, msk.shape, name=f"reference_masks[{name!r}]")[msk]
+        if not restricted[name].any():
+            raise InputError(f"field_reliability: reference_masks[{name!r}] has no voxel inside the mask")
     for name, v in values.items():  # low_signal and field_noise first: see below
         stat = np.zeros(msk.shape, np.float32)
         stat[msk] = np.where(np.isfinite(v), v, np.finfo(np.float32).max)
@@ -298,7 +304,10 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
             if (reference & ~sel).any():
                 reference = reference & ~sel
             continue
-        finite = v[np.isfinite(v) & reference]
+        used = reference & restricted[name] if name in restricted else reference
+        if not used.any():  # the given reference is all noise: its own median is all there is
+            used = restricted[name]
+        finite = v[np.isfinite(v) & used]
         if factor is None or not np.isfinite(factor) or finite.size == 0 or not np.median(finite) > 0:
             # a statistic that is zero at the median (too few echoes, noiseless data) cannot rank voxels
             sel = ~np.isfinite(v) if name == "field_noise" else np.zeros(v.shape, bool)
