@@ -119,3 +119,19 @@ def test_automatic_brain_mask_cuts_scalp_on_the_realistic_head():
     # macroscopic-gradient correction: R2* close to the sub-voxel truth in healthy tissue
     inner = qsm.mask & qsm_mask.erode_mask(t.brain_mask, (2, 2, 2), 4.0)
     assert metrics.nrmse(qsm.r2star, t.r2star, inner) < 35.0
+
+
+@pytest.mark.parametrize("head, snr, echo_times_ms", [
+    ("A", 40, (4, 9, 14, 19, 24, 29)),   # fat's peaks near in phase every 5 ms: the marrow looks reliable
+    ("B", 40, (4, 9, 14, 19, 24, 29)),
+    ("B", 30, (5, 11, 17, 23, 29)),       # the heads' default echoes at clinical SNR
+])
+def test_automatic_brain_mask_holds_over_echo_times_and_snr(head, snr, echo_times_ms):
+    """The reliability thresholds that find the skull are multiples of medians; with the whole head's
+    medians, scalp fat set the echo spread's, and echoes at 4, 9, ..., 29 ms let the cut leak into the
+    temporal muscle (3 mm, SNR 40: Dice 0.954 / 0.957; chi NRMSE 167 / 274 % at 2 mm)."""
+    sim = simulate_head(3.0, head=head, scenario="all", snr=snr, seed=0,
+                        echo_times=tuple(te / 1000 for te in echo_times_ms))
+    qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
+    # measured 0.983 / 0.982 for the two heads at 4, 9, ..., 29 ms
+    assert metrics.dice(qsm.reconstruction_mask, sim.truth.brain_mask) > 0.97
