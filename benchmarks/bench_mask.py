@@ -53,7 +53,7 @@ def main(argv=None) -> None:
         for snr in (float(s) for s in args.snr.split(",")):
             for head in args.heads.split(","):
                 sim = simulate_head(args.resolution, head=head, scenario="all", snr=snr, seed=args.seed,
-                                    echo_times=tes)
+                                    echo_times=tes, repetition_time=max(0.035, tes[-1] + 0.006))
                 t0 = time.perf_counter()
                 qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
                 seconds = time.perf_counter() - t0
