@@ -257,8 +257,12 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             notes.append(f"mask: filled {n_holes} voxels ({n_holes * np.prod(vs) / 1000:.1f} mL) enclosed by the mask")
             log(f"  {notes[-1]}")
         head = filled
+    denoising = settings.denoise == "mppca" and acquisition.n_echoes >= 3
+    # the deeper half of the mask, for a head the brain: the medians of the noise sigma and of the head
+    # pass's echo spread (a distance transform, 2.6 s at 1 mm: only when one of them is needed)
+    core = _reliability.mask_core(head) if denoising or mask is None else None
     relax_magnitude, sigma_map, sigma = magnitude, None, None
-    if settings.denoise == "mppca" and acquisition.n_echoes >= 3:
+    if denoising:
         with step("denoise"):
             # the magnitude only: the field fit keeps the measured signal, relaxometry gets the denoised one
             den = _denoise.mppca(magnitude, head)
@@ -267,7 +271,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             # mask's core. Over a whole head, scalp fat's beating echoes and the skull's partial volume
             # look like noise to MP-PCA: at SNR 100 the head's median was 1.9x the true sigma, the
             # brain's within 2 % (benchmarks/RESULTS.md).
-            sigma = float(np.median(sigma_map[_reliability.mask_core(head)]))
+            sigma = float(np.median(sigma_map[core]))
             notes.append(f"denoise: MP-PCA on the magnitude, noise sigma {sigma:.3g} (median in the mask's core), "
                          f"{den.info['median_signal_components']:g} signal components of {acquisition.n_echoes}")
             log(f"  {notes[-1]}")
@@ -298,8 +302,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
                                              voxel_size=vs, noise_sigma=floor_sigma,
                                              factors=settings.reliability,
-                                             reference_masks=({"echo_spread": _reliability.mask_core(head)}
-                                                              if mask is None else None))
+                                             reference_masks={"echo_spread": core} if mask is None else None)
         if head_pass:  # that pass's field is right only up to whole cycles: its branch check means nothing
             rel = replace(rel, off_branch=np.zeros_like(rel.off_branch))
         summary = rel.summary()
