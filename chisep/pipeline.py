@@ -265,7 +265,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
     if denoising:
         with step("denoise"):
             # the magnitude only: the field fit keeps the measured signal, relaxometry gets the denoised one
-            den = _denoise.mppca(magnitude, head)
+            den = _denoise.mppca(magnitude, head, **settings.denoise_options)
             relax_magnitude, sigma_map = den.magnitude, den.sigma
             # The field's absolute noise (and the uncertainty maps) take one sigma: the median over the
             # mask's core. Over a whole head, scalp fat's beating echoes and the skull's partial volume

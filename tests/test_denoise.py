@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from chisep import metrics, pipeline, relax
-from chisep.denoise import _noise_components, mppca
+from chisep.denoise import _box_mean_on_lattice, _box_sum_from_lattice, _noise_components, mppca
 from chisep.errors import InputError
 from chisep.sim import head_phantom, simulate_gre
 
@@ -125,8 +126,8 @@ def test_invalid_inputs_are_refused():
         mppca(bad)
     with pytest.raises(InputError, match="negative"):
         mppca(-noisy)
-    with pytest.raises(InputError, match="stride must be an integer from 1 to patch_radius"):
-        mppca(noisy, patch_radius=2, stride=3)
+    with pytest.raises(InputError, match=r"stride must be an integer from 1 to 2 \* patch_radius"):
+        mppca(noisy, patch_radius=2, stride=5)
     with pytest.raises(InputError, match="too small"):
         mppca(np.ones((10, 10, 10, 30)), patch_radius=1)
 
@@ -144,3 +145,39 @@ def test_pipeline_denoises_by_default_for_r2star_only(tmp_path):
     assert any(note.startswith("denoise: MP-PCA") for note in on.notes)
     with pytest.raises(InputError, match="denoise"):
         pipeline.QsmSettings(denoise="nlmeans")
+
+
+@pytest.mark.parametrize("snr, ratio", [(30.0, 0.9), (100.0, 1.02)])
+def test_default_patch_beats_dipys_on_the_realistic_head(snr, ratio):
+    """The default 3x3x3 patch removes more noise from R2* than dipy's 5x5x5 on the holdout head at SNR 30
+    (measured at 3 mm: 46 against 57 %) and is no worse at SNR 100 (33.1 against 33.6 %); both recover
+    the noise level. R2* as the pipeline maps it: after the gradient-dephasing correction."""
+    from chisep.sim import simulate_head
+
+    sim = simulate_head(3.0, head="B", scenario="healthy", snr=snr, seed=2)
+    t = sim.truth
+    brain = ndimage.binary_erosion(t.brain_mask, iterations=2)  # away from the skull's partial volume
+    tes = np.asarray(sim.acquisition.echo_times)
+    errors = {}
+    for radius in (1, 2):
+        out = mppca(sim.magnitude, patch_radius=radius)  # the whole field of view, scalp and air included
+        assert np.median(out.sigma[brain]) == pytest.approx(t.noise_sigma, rel=0.10)
+        decay = relax.gradient_dephasing_correction(out.magnitude, t.field_total_hz, tes, t.brain_mask)
+        errors[radius] = metrics.nrmse(relax.r2star_map(decay, tes, brain, method="arlo"), t.r2star, brain)
+    assert errors[1] < ratio * errors[2], errors
+
+
+@pytest.mark.parametrize("size, stride", [(3, 2), (5, 2), (5, 3)])
+def test_lattice_box_filters_equal_the_full_filters(size, stride):
+    """The patch means at the lattice and their adjoint (patches back to voxels), computed one axis at a time
+    on the shrinking grid, equal the full 3D box filter sampled at / scattered from the lattice."""
+    rng = np.random.default_rng(1)
+    volume = rng.random((13, 10, 11)).astype(np.float32)
+    lattice = (slice(None, None, stride),) * 3
+    np.testing.assert_allclose(_box_mean_on_lattice(volume, size, stride),
+                               ndimage.uniform_filter(volume, size, mode="reflect")[lattice], rtol=1e-5, atol=1e-6)
+    values = volume[lattice]
+    sparse = np.zeros_like(volume)
+    sparse[lattice] = values
+    np.testing.assert_allclose(_box_sum_from_lattice(values, volume.shape, size, stride),
+                               ndimage.uniform_filter(sparse, size, mode="constant"), rtol=1e-5, atol=1e-6)
