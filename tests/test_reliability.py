@@ -178,6 +178,23 @@ def test_excluded_voxels_do_not_depend_on_whole_cycle_field_errors():
         assert np.array_equal(shifted.region, reference.region)
 
 
+def test_head_pass_weighted_linear_fit_excludes_what_the_nonlinear_fit_does():
+    """The automatic mask's head pass fits the field by weighted least squares, not the nonlinear fit
+    (pipeline: a quarter of the time): the criteria read the field only for its branch and take its
+    noise from the magnitudes, so the excluded voxels must be (nearly) the same."""
+    from chisep.qsm import echoes
+
+    mag, ph, mask, tissue, dark = _shell_volume()
+    excluded = {}
+    for method in ("nonlinear", "weighted-linear"):
+        fit = echoes.fit_multi_echo_field(mag, ph, TES, mask, method=method, unwrap="temporal-only",
+                                          fix_echo_wraps=False)
+        excluded[method] = reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
+                                                         field_hz=fit.field_hz, voxel_size=(2.0, 2.0, 2.0)).excluded
+    assert excluded["nonlinear"].sum() > 0.05 * mask.sum()  # the shell's noise voxels are found at all
+    assert (excluded["nonlinear"] ^ excluded["weighted-linear"]).sum() <= 0.002 * mask.sum()
+
+
 def test_echo_spread_threshold_comes_from_the_reference_voxels():
     """With a reference for echo_spread (the pipeline passes a head mask's core, the brain), outer tissue
     holding fat, whose multi-peak signal spreads the frequencies between echoes, no longer sets that
