@@ -66,6 +66,10 @@ class QsmSettings:
         ]:
             if value not in valid:
                 raise InputError(f"qsm setting {name}={value!r} is not valid; choose one of: {', '.join(valid)}")
+        unknown = set(self.denoise_options) - {"patch_radius", "stride"}
+        if unknown:
+            raise InputError(f"qsm setting denoise_options has unknown keys {sorted(unknown)}; "
+                             "MP-PCA takes patch_radius and stride (chisep.denoise.mppca)")
         if not self.mask_erode_mm >= 0:
             raise InputError(f"mask_erode_mm must be >= 0 mm, got {self.mask_erode_mm}")
         if self.reliability:  # imported only then: the CLI builds default settings and must start fast

@@ -195,3 +195,9 @@ def test_stride_defaults_to_every_voxel_within_the_patch_budget(monkeypatch):
     noise_rms = np.sqrt(np.mean((noisy - clean) ** 2))
     for out in (dense, strided):
         assert np.sqrt(np.mean((out.magnitude - clean) ** 2)) < 0.7 * noise_rms
+
+
+def test_denoise_options_are_checked_by_the_settings():
+    assert pipeline.QsmSettings(denoise_options={"patch_radius": 2}).denoise_options == {"patch_radius": 2}
+    with pytest.raises(InputError, match="takes patch_radius and stride"):
+        pipeline.QsmSettings(denoise_options={"radius": 2})
