@@ -216,10 +216,11 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
         sigma2[part] = s2
         kept[part] = n_kept
 
-    # numpy's batched eigh and matmul release the GIL: chunks run on all cores
-    n_chunks = max(os.cpu_count() or 1, -(-n_voxels // chunk_voxels))
+    # numpy's batched eigh and matmul release the GIL: chunks run on the cores this process may use
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n_chunks = max(cores, -(-n_voxels // chunk_voxels))
     bounds = np.linspace(0, n_voxels, n_chunks + 1).astype(int)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=cores) as pool:
         list(pool.map(project, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
 
     def box_sum(values):  # from the patch centres to every mask voxel their patches cover

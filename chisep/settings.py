@@ -49,7 +49,7 @@ class QsmSettings:
     reference: str = "mean"
     background_options: dict = field(default_factory=dict)
     inversion_options: dict = field(default_factory=dict)
-    denoise_options: dict = field(default_factory=dict)  # e.g. {"patch_radius": 1}, see chisep.denoise.mppca
+    denoise_options: dict = field(default_factory=dict)  # e.g. {"patch_radius": 2}, see chisep.denoise.mppca
     #: per criterion of :func:`chisep.qsm.reliability.field_reliability`, the factor over its
     #: median that makes a voxel unreliable (None switches a criterion off)
     reliability: dict = field(default_factory=dict)
