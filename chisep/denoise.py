@@ -171,11 +171,7 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
     near = ndimage.binary_dilation(inside, np.ones((size, size, size), bool))
     if stride is None:
         stride = 1 if np.count_nonzero(near) <= MAX_DENSE_PATCHES else 2
-    lattice = np.zeros(inside.shape, bool)
-    lattice[::stride, ::stride, ::stride] = True
-    centres = lattice & near
-
-    on_lattice = centres[::stride, ::stride, ::stride]  # the patch centres, on the lattice's own grid
+    on_lattice = near[::stride, ::stride, ::stride]  # the patch centres, on the lattice's own grid
 
     def box_mean(volume):
         return _box_mean_on_lattice(volume, size, stride)[on_lattice]
