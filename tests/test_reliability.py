@@ -61,6 +61,26 @@ def test_decay_residual_is_zero_for_mono_exponential_and_large_for_noise():
     assert reliability.decay_residual(bi[:, :2], TES[:2])[0] == 0.0
 
 
+def test_decay_residual_in_float32_matches_the_float64_log_linear_fit():
+    # float32 on scaled magnitudes and centred echo times: the same fit as relax.loglinear_fit in
+    # float64, over scanner-like scales (1e-3 .. 1e4), fast and slow decays and noise-level voxels
+    from chisep.relax import loglinear_fit
+
+    rng = np.random.default_rng(3)
+    n = 2000
+    scale = 10.0 ** rng.uniform(-3, 4, n)
+    frac = rng.uniform(0, 1, n)
+    rates = rng.uniform(5, 400, (n, 2))
+    clean = scale[:, None] * (frac[:, None] * np.exp(-rates[:, :1] * TES) + (1 - frac[:, None]) * np.exp(-rates[:, 1:] * TES))
+    mag = np.abs(clean + 0.02 * scale[:, None] * rng.standard_normal(clean.shape))
+    s0, r2 = loglinear_fit(mag, TES)
+    fit = s0[:, None] * np.exp(-r2[:, None] * TES)
+    expected = np.sqrt(((mag - fit) ** 2).sum(-1) / (mag**2).sum(-1))
+    got = reliability.decay_residual(mag.astype(np.float32), TES)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
+    assert reliability.decay_residual(np.zeros((2, TES.size)), TES).tolist() == [1.0, 1.0]
+
+
 def _shell_volume(seed=0):
     """A cube of tissue (field 5 Hz + gradient) inside a shell of noise-only voxels, plus a dark core."""
     rng = np.random.default_rng(seed)

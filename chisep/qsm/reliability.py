@@ -176,20 +176,41 @@ def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndar
 def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
     """Relative residual of a mono-exponential fit to the magnitude, ``||m - fit|| / ||m||``.
 
-    The fit is relax's log-linear least squares weighted by m^2 (the noise
-    variance of log m is sigma^2 / m^2). Returns 0 for fewer than 3 echoes
-    (two points fit exactly).
+    The fit is a log-linear least squares weighted by m^2 (the noise variance of
+    log m is sigma^2 / m^2), as :func:`chisep.relax.loglinear_fit`, here in float32
+    on each voxel's magnitudes scaled to a maximum of 1 and echo times centred on
+    their mean, so that the normal equations stay well conditioned (float64 took
+    1.5 s per pass at 1 mm). Returns 0 for fewer than 3 echoes (two points fit
+    exactly) and 1 where the magnitude is all zero.
     """
-    from chisep.relax import loglinear_fit
-
     if magnitude.shape[-1] < 3:
         return np.zeros(magnitude.shape[:-1])
-    m = magnitude.astype(np.float64)
-    s0, r2 = loglinear_fit(m, echo_times)
-    fit = s0[..., None] * np.exp(-np.clip(r2[..., None] * echo_times, -700, 700))
-    energy = (m**2).sum(-1)
-    residual = np.sqrt(((m - fit) ** 2).sum(-1) / np.maximum(energy, 1e-300))
-    return np.where(energy > 0, residual, 1.0)
+    m = np.asarray(magnitude, np.float32)
+    peak = m.max(-1, keepdims=True)
+    s = m / np.where(peak > 0, peak, np.float32(1.0))
+    # zeros get a tiny floor: with weights s^2 they then carry no weight
+    s_floored = np.maximum(s, np.float32(1e-18))
+    y = np.log(s_floored)
+    t = np.asarray(echo_times, np.float64)
+    t = ((t - t.mean()) / max(float(np.ptp(t)), 1e-30)).astype(np.float32)
+    w = s_floored * s_floored
+    sw = w.sum(-1)
+    st = w @ t
+    stt = w @ (t * t)
+    wy = w * y
+    sy = wy.sum(-1)
+    sty = wy @ t
+    det = sw * stt - st * st
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = (sw * sty - st * sy) / det
+        intercept = (sy - slope * st) / sw
+    slope = np.where(np.isfinite(slope), slope, np.float32(0.0))
+    intercept = np.where(np.isfinite(intercept), intercept, np.float32(0.0))
+    fit = np.exp(np.minimum(intercept[..., None] + slope[..., None] * t, np.float32(80.0)))
+    energy = (s * s).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        residual = np.sqrt(((s - fit) ** 2).sum(-1) / energy)
+    return np.where(energy > 0, residual, np.float32(1.0)).astype(np.float64)
 
 
 def mask_core(mask, fraction: float = 0.5) -> np.ndarray:
