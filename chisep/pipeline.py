@@ -414,6 +414,8 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
                                                                       shape=field.shape)
     if settings.reference == "csf" and r2star is None:
         raise InputError("reference='csf' finds CSF by its R2*: pass r2star, or use reference='mean'")
+    if settings.inversion in _inversion.TOTAL_FIELD_METHODS:
+        return _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step)
     with step("background"):
         weights = None if noise is None else _noise_weights(noise, region)
         local, eroded = _background.remove_background(
@@ -427,6 +429,25 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
         csf = _csf_mask(r2star, eroded) if settings.reference == "csf" else None
         chi = _inversion.reference(chi, eroded, method=settings.reference, csf_mask=csf)
     return np.asarray(local), np.asarray(eroded, bool), np.asarray(chi)
+
+
+def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step):
+    """qsm_from_field for an inversion of the total field: no background step, no erosion. The local
+    field handed on (to chi-separation) is the field of chi in the region, D chi: the field the brain's
+    own sources make, harmonic part included, which no background removal can give."""
+    from chisep import physics
+
+    with step("inversion"):
+        weights = None if noise is None else _noise_weights(noise, region)
+        chi = _inversion.invert(field, region, method=settings.inversion, voxel_size=acquisition.voxel_size,
+                                b0_direction=acquisition.b0_direction, field_strength=acquisition.field_strength,
+                                weights=weights, magnitude=magnitude, **settings.inversion_options)
+        csf = _csf_mask(r2star, region) if settings.reference == "csf" else None
+        chi = _inversion.reference(chi, region, method=settings.reference, csf_mask=csf)
+        own = physics.forward_field_hz(chi, acquisition.field_strength, acquisition.voxel_size,
+                                       acquisition.b0_direction)
+        local = np.where(region, np.asarray(own), 0.0).astype(np.float32)
+    return local, np.asarray(region, bool), np.asarray(chi)
 
 
 def _field_noise_used(field_noise: np.ndarray, rel: "_reliability.Reliability | None") -> np.ndarray:

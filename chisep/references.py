@@ -63,6 +63,8 @@ REFERENCES: dict[str, dict[str, str]] = {
                     "susceptibility distributions from MRI field maps. IEEE Trans Med Imaging 2010;29:273-281",
         "tkd": "Shmueli K et al. Magnetic susceptibility mapping of brain tissue in vivo using MRI phase data. "
                "Magn Reson Med 2009;62:1510-1522",
+        "single-step": "Chatnuntawech I et al. Single-step quantitative susceptibility mapping with variational "
+                       "penalties. NMR Biomed 2017;30:e3570",
     },
     "separation": {
         "chi-separation": "Shin H-G et al. chi-separation: Magnetic susceptibility source separation toward iron "
@@ -87,9 +89,10 @@ def references_for(settings: Mapping, models=()) -> dict[str, str]:
     ``field_fit``, ``r2star``, ``background``, ``inversion``, ``denoise``,
     ``gradient_correction``); ``models`` the separation models that ran.
     """
+    total_field = settings.get("inversion") == "single-step"  # inverts the total field: no background step
     used = {"unwrap": settings.get("unwrap"), "field_fit": settings.get("field_fit"),
-            "background": settings.get("background"), "inversion": settings.get("inversion"),
-            "denoise": settings.get("denoise")}
+            "background": None if total_field else settings.get("background"),
+            "inversion": settings.get("inversion"), "denoise": settings.get("denoise")}
     out = {}
     for stage, method in used.items():
         if method in REFERENCES[stage]:

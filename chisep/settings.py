@@ -26,7 +26,7 @@ UNWRAP_METHODS = ("romeo", "laplacian", "none")
 FIELD_FIT_METHODS = ("nonlinear", "weighted-linear", "echo-average")
 R2STAR_METHODS = ("auto", "arlo", "loglinear", "nonlinear")
 BACKGROUND_METHODS = ("vsharp", "sharp", "resharp", "pdf", "lbv")
-INVERSION_METHODS = ("tv", "medi", "ilsqr", "tikhonov", "tkd")
+INVERSION_METHODS = ("tv", "medi", "ilsqr", "tikhonov", "tkd", "single-step")
 REFERENCE_METHODS = ("mean", "csf")
 DENOISE_METHODS = ("mppca", "off")
 

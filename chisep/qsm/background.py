@@ -75,13 +75,6 @@ def _normalised_weights(weights, msk) -> np.ndarray:
     return (w / np.mean(w[msk])).astype(np.float32)
 
 
-def _erode(mask_spectrum, S, count, shape):
-    """Voxels whose whole sphere lies in the mask: sphere average of the mask equal to 1."""
-    mean = g.irfft(S * mask_spectrum, shape)
-    # Half a voxel of the sphere's count is the decision margin: robust to float32 FFT error.
-    return mean > 1.0 - 0.5 / count
-
-
 def _tsvd_inverse(C, threshold):
     return jnp.where(jnp.abs(C) > threshold, 1.0 / jnp.where(C == 0, 1.0, C), 0.0)
 
@@ -126,7 +119,7 @@ def _vsharp_core(field, mask, radii, threshold, shape, voxel_size):
     def step(carry, radius):
         high, done = carry
         S, count = g.sphere_half(shape, voxel_size, radius)
-        inside = _erode(F_mask, S, count, shape) & (mask > 0)
+        inside = g.sphere_interior(F_mask, S, count, shape) & (mask > 0)
         filtered = g.irfft((1.0 - S) * F_field, shape)
         # A voxel takes the high-passed field of the largest sphere that fits in the mask.
         new = inside & ~done
@@ -250,7 +243,7 @@ def vsharp(field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0
 def _resharp_core(field, mask, weights, radius, lam, max_iter, tol, shape, voxel_size):
     S, count = g.sphere_half(shape, voxel_size, radius)
     C = 1.0 - S
-    eroded = (_erode(g.rfft(mask), S, count, shape) & (mask > 0)).astype(jnp.float32)
+    eroded = (g.sphere_interior(g.rfft(mask), S, count, shape) & (mask > 0)).astype(jnp.float32)
     w2 = eroded * weights**2
 
     def apply_A(x):  # C^T W^2 M C x + lambda x  (C is real and even, so C^T = C)

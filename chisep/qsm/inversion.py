@@ -38,7 +38,8 @@ from chisep.acquisition import FIELD_STRENGTH_RANGE_T
 from chisep.errors import InputError
 from chisep.registry import Registry
 
-__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "invert", "reference", "INVERSION_METHODS"]
+__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "invert", "reference", "INVERSION_METHODS",
+           "TOTAL_FIELD_METHODS"]
 
 PAD_FRACTION = 0.125
 
@@ -50,7 +51,7 @@ class _Problem:
     """Validated inputs on the working grid: field in ppm, mask, weights, kernels' geometry."""
 
     def __init__(self, local_field_hz, mask, voxel_size, b0_direction, field_strength, weights,
-                 magnitude, pad_fraction):
+                 magnitude, pad_fraction, margin_mm: float = 0.0):
         field, msk = v.check_volume_and_mask(local_field_hz, mask, name="local_field_hz")
         vs, b0 = v.check_geometry(voxel_size, b0_direction)
         b0_t = v.check_positive(field_strength, "field_strength")
@@ -66,7 +67,7 @@ class _Problem:
             w = w / np.mean(w[msk])
         self.magnitude = v.check_optional_map(magnitude, msk.shape, name="magnitude")
         self.mask = msk
-        self.grid = g.Grid.around(msk, g.margin_voxels(msk, vs, fraction=frac))
+        self.grid = g.Grid.around(msk, g.margin_voxels(msk, vs, margin_mm=margin_mm, fraction=frac))
         self.field = jnp.asarray(self.grid.embed(physics.hz_to_ppm(field, b0_t)))
         self.mask_j = jnp.asarray(self.grid.embed(msk))
         w_full = msk.astype(np.float32) if w is None else np.where(msk, w, 0).astype(np.float32)
@@ -189,28 +190,34 @@ def tikhonov(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(
 # total variation by ADMM (FANSI-style), shared by TV and MEDI
 # ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnums=(8, 9))
-def _tv_admm_core(field, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, shape, weighted, voxel_size, b0):
-    """ADMM for ``min 1/2 ||W (D x - f)||^2 + alpha ||G . grad x||_1``.
+def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, shape, weighted, voxel_size, kernels):
+    """ADMM for ``min sum_r 1/2 ||W_r (K_r x - f_r)||^2 + alpha ||G . grad x||_1``.
 
+    ``kernels`` (r, half spectrum) are real, even k-space operators: the dipole kernel D alone
+    for TV and MEDI, the high-passed dipoles (1 - S_r) D of the single-step inversion.
     Splitting (Bilgic/Milovic FANSI): z = grad x always; with ``weighted``
-    also v = D x, so that the weighted data term becomes a voxelwise
-    update and the x-update stays a k-space division. Scaled dual
+    also v_r = K_r x, so that the weighted data terms become voxelwise
+    updates and the x-update stays a k-space division. Scaled dual
     variables s_z, s_v. Stops after ``n_iter`` iterations or when the
     relative change of x falls below ``tol``.
     """
-    D = g.dipole_half(shape, voxel_size, b0)
     E2 = g.gradient_half(shape, voxel_size)
     w2 = data_w**2
-    F_field = g.rfft(field)
     data_coef = mu_data if weighted else 1.0
-    denom = data_coef * D * D + mu_grad * E2
-    denom = jnp.where(denom == 0, 1.0, denom)  # k = 0: D = E = 0, the mean stays 0
+    denom = data_coef * jnp.sum(kernels * kernels, axis=0) + mu_grad * E2
+    denom = jnp.where(denom == 0, 1.0, denom)  # k = 0: K = E = 0, the mean stays 0
     thresh = alpha * tv_w / mu_grad
+    n_terms = kernels.shape[0]
+    if not weighted:
+        field_rhs = sum(kernels[r] * g.rfft(fields[r]) for r in range(n_terms))
 
     def body(state):
         x, z, s_z, v, s_v, k, change = state
         grad_rhs = g.rfft(g.divergence_adjoint(z + s_z, voxel_size))
-        data_rhs = D * (mu_data * g.rfft(v + s_v) if weighted else F_field)
+        if weighted:
+            data_rhs = mu_data * sum(kernels[r] * g.rfft(v[r] + s_v[r]) for r in range(n_terms))
+        else:
+            data_rhs = field_rhs
         X = (data_coef * data_rhs + mu_grad * grad_rhs) / denom
         x_new = g.irfft(X, shape)
         grad_x = jnp.stack(g.gradient(x_new, voxel_size))
@@ -218,9 +225,9 @@ def _tv_admm_core(field, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sha
         z = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh, 0.0)
         s_z = s_z + z - grad_x
         if weighted:
-            Dx = g.irfft(D * X, shape)
-            v = (w2 * field + mu_data * (Dx - s_v)) / (w2 + mu_data)
-            s_v = s_v + v - Dx
+            Kx = jnp.stack([g.irfft(kernels[r] * X, shape) for r in range(n_terms)])
+            v = (w2 * fields + mu_data * (Kx - s_v)) / (w2 + mu_data)
+            s_v = s_v + v - Kx
         change = jnp.linalg.norm(x_new - x) / jnp.maximum(jnp.linalg.norm(x_new), 1e-12)
         return x_new, z, s_z, v, s_v, k + 1, change
 
@@ -229,7 +236,7 @@ def _tv_admm_core(field, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sha
 
     zeros = jnp.zeros(shape, jnp.float32)
     grad0 = jnp.zeros((3,) + shape, jnp.float32)
-    state = (zeros, grad0, grad0, field, zeros, jnp.asarray(0), jnp.asarray(jnp.inf, jnp.float32))
+    state = (zeros, grad0, grad0, fields, jnp.zeros_like(fields), jnp.asarray(0), jnp.asarray(jnp.inf, jnp.float32))
     x, *_, k, _ = jax.lax.while_loop(cond, body, state)
     return x, k
 
@@ -240,10 +247,10 @@ TV_DATA_TERMS = ("weighted", "linear")
 def _run_tv(p: _Problem, tv_weights, alpha, mu_grad, mu_data, max_iter, tol, data_term):
     v.check_choice(data_term, TV_DATA_TERMS, "data_term")
     x, _ = _tv_admm_core(
-        p.field, p.weights, tv_weights, jnp.float32(v.check_positive(alpha, "alpha")),
+        p.field[None], p.weights[None], tv_weights, jnp.float32(v.check_positive(alpha, "alpha")),
         jnp.float32(v.check_positive(mu_grad, "mu_grad")), jnp.float32(v.check_positive(mu_data, "mu_data")),
         v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol", allow_zero=True)),
-        p.grid.shape, data_term == "weighted", p.vs, p.b0)
+        p.grid.shape, data_term == "weighted", p.vs, g.dipole_half(p.grid.shape, p.vs, p.b0)[None])
     return p.finish(x * p.mask_j)
 
 
@@ -343,6 +350,119 @@ def medi(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0,
     tv_w = jnp.asarray(np.stack([p.grid.embed(e, fill=1.0) for e in edges]))
     mu_grad = 100.0 * alpha if mu_grad is None else mu_grad
     return _run_tv(p, tv_w, alpha, mu_grad, mu_data, max_iter, tol, "weighted")
+
+
+# ---------------------------------------------------------------------------
+# single-step inversion of the total field
+# ---------------------------------------------------------------------------
+#: Sphere radii (mm) of the single-step data terms, largest first: each voxel takes the largest
+#: sphere that fits in the region. Chosen on head A at 2 mm (benchmarks/bench_total_field.py):
+#: 2 mm spheres at the rim cost 1-4 points (the rim's field is partial volume and noise),
+#: 4-8-12 beat 4-12, 6-12 and 4-8-12-16.
+SINGLE_STEP_RADII_MM = (12.0, 8.0, 4.0)
+
+
+@partial(jax.jit, static_argnums=(3,))
+def _single_step_data(field, mask, radii, shape, voxel_size, b0):
+    """Per radius r (largest first): the high-passed dipole (1 - S_r) D, the high-passed field
+    (1 - S_r) f and the band of voxels whose largest sphere inside the mask has radius r."""
+    D = g.dipole_half(shape, voxel_size, b0)
+    mask_spectrum = g.rfft(mask)
+    field_spectrum = g.rfft(field * mask)
+
+    def one(taken, radius):
+        S, count = g.sphere_half(shape, voxel_size, radius)
+        inside = g.sphere_interior(mask_spectrum, S, count, shape)
+        band = inside & ~taken
+        # outside its band a term has no data (zero weight, and zero as the ADMM's start)
+        return taken | inside, ((1.0 - S) * D, jnp.where(band, g.irfft((1.0 - S) * field_spectrum, shape), 0.0), band)
+
+    _, (kernels, fields, bands) = jax.lax.scan(one, jnp.zeros(shape, bool), radii)
+    return kernels, fields, bands
+
+
+def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
+                field_strength, weights=None, magnitude=None, radii_mm=SINGLE_STEP_RADII_MM,
+                alpha: float = 3e-4, edge_fraction: float = 0.3, mu_grad: float | None = None,
+                mu_data: float = 1.0, max_iter: int = 60, tol: float = 0.005,
+                pad_fraction: float = PAD_FRACTION):
+    """Single-step inversion of the total field: background removal and inversion in one problem.
+
+    Minimises ``sum_r 1/2 ||W_r (1 - S_r) (D chi - f)||^2 + alpha ||M_G grad chi||_1``: the
+    data term of Chatnuntawech et al. (SMV-constrained single-step QSM) with V-SHARP's
+    variable radius and MEDI's noise weights and magnitude-edge prior. ``S_r`` is the
+    spherical mean over radius r; ``(1 - S_r)`` removes every field that is harmonic in the
+    sphere, so the background (sources outside ``mask``) drops out of the data, and ``W_r`` is
+    the weight on the band of voxels whose largest sphere inside ``mask`` has radius r.
+
+    Why not two steps: background removal also takes out the part of the brain's own field
+    that is harmonic inside the brain (the field of sources near its surface), and the
+    inversion that follows then fits a field that no susceptibility inside the mask can
+    make. Here the model is filtered the same way as the data, so the true chi fits
+    exactly; the prior decides only what the filter left unseen (measured on the realistic
+    heads: benchmarks/RESULTS.md). chi is reconstructed over the whole mask, without erosion.
+
+    Parameters
+    ----------
+    total_field_hz : (nx, ny, nz) array, Hz
+        Total field (background included), e.g. ``FieldFit.field_hz``. Values outside
+        ``mask`` are ignored; voxels with zero weight are filled harmonically from their
+        neighbours first (their field is not used).
+    mask, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction
+        As in :func:`medi` (``magnitude`` is required: MEDI's edge prior).
+    radii_mm : sequence of float, mm
+        Sphere radii of the data terms (:data:`SINGLE_STEP_RADII_MM`); voxels where not
+        even the smallest fits carry no data (chi there comes from its field elsewhere
+        and the prior).
+    alpha, edge_fraction, mu_grad, mu_data
+        As in :func:`medi`.
+    max_iter, tol : ADMM iteration cap (60) and relative-change stop (0.005)
+
+    Returns
+    -------
+    chi_ppm : float32 array, ppm, zero outside the mask (not referenced)
+
+    References
+    ----------
+    Chatnuntawech I, McDaniel P, Cauley SF, et al. Single-step quantitative susceptibility
+    mapping with variational penalties. NMR Biomed 2017;30:e3570.
+    Li W, Wu B, Liu C. Quantitative susceptibility mapping of human brain reflects spatial
+    variation in tissue composition. NeuroImage 2011;55:1645-1656 (V-SHARP).
+    Liu J, Liu T, de Rochefort L, et al. Morphology enabled dipole inversion (MEDI).
+    NeuroImage 2012;59:2560-2568.
+    """
+    if magnitude is None:
+        raise InputError("single-step needs the magnitude image (magnitude=...) for its edge prior")
+    radii = sorted({float(v.check_positive(r, "radii_mm")) for r in np.atleast_1d(radii_mm)}, reverse=True)
+    if not radii:
+        raise InputError("radii_mm must name at least one sphere radius in mm")
+    field, msk = v.check_volume_and_mask(total_field_hz, mask, name="total_field_hz")
+    if weights is not None:
+        w = v.check_optional_map(weights, msk.shape, name="weights")
+        unknown = msk & ~(w > 0)
+        if unknown.any() and (msk & ~unknown).any():
+            # no usable field there (a dark source's phase on the wrong branch): the filters
+            # would spread its value into the neighbours, so bridge it harmonically
+            field = g.harmonic_fill(field, msk & ~unknown, unknown)
+    p = _Problem(field, msk, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction,
+                 margin_mm=radii[0])
+    frac = v.check_positive(edge_fraction, "edge_fraction")
+    if frac >= 1:
+        raise InputError(f"edge_fraction must be below 1, got {edge_fraction!r}")
+    kernels, fields, bands = _single_step_data(p.field, p.mask_j.astype(jnp.float32),
+                                               jnp.asarray(radii, jnp.float32), p.grid.shape, p.vs, p.b0)
+    if not bool(jnp.any(bands)):
+        raise InputError(f"single-step: no sphere of radius {radii[-1]:g} mm fits in the mask; give a smaller "
+                         "radius (radii_mm) or a larger mask")
+    edges = g.edge_mask(p.magnitude, p.mask, p.vs_np, edge_fraction=frac)
+    tv_w = jnp.asarray(np.stack([p.grid.embed(e, fill=1.0) for e in edges]))
+    mu_grad = 100.0 * alpha if mu_grad is None else mu_grad
+    x, _ = _tv_admm_core(
+        fields, jnp.where(bands, p.weights[None], 0.0), tv_w, jnp.float32(v.check_positive(alpha, "alpha")),
+        jnp.float32(v.check_positive(mu_grad, "mu_grad")), jnp.float32(v.check_positive(mu_data, "mu_data")),
+        v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol", allow_zero=True)),
+        p.grid.shape, True, p.vs, kernels)
+    return p.finish(x * p.mask_j)
 
 
 # ---------------------------------------------------------------------------
@@ -449,8 +569,11 @@ for _f in (tkd, tikhonov, tv, medi, ilsqr):
 # dispatcher and referencing
 # ---------------------------------------------------------------------------
 INVERSION_METHODS = Registry("inversion method")
-for _name, _func in (("tv", tv), ("medi", medi), ("ilsqr", ilsqr), ("tikhonov", tikhonov), ("tkd", tkd)):
+for _name, _func in (("tv", tv), ("medi", medi), ("ilsqr", ilsqr), ("tikhonov", tikhonov), ("tkd", tkd),
+                     ("single-step", single_step)):
     INVERSION_METHODS.register(_name, _func)
+#: methods that take the total field (background included): the pipeline skips background removal
+TOTAL_FIELD_METHODS = ("single-step",)
 _SIGNATURE_NAMES = ("voxel_size", "b0_direction", "field_strength", "weights", "magnitude")
 
 
