@@ -432,22 +432,30 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
 
 
 def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step):
-    """qsm_from_field for an inversion of the total field: no background step, no erosion. The local
-    field handed on (to chi-separation) is the field of chi in the region, D chi: the field the brain's
-    own sources make, harmonic part included, which no background removal can give."""
+    """qsm_from_field for an inversion of the total field: no background step. The local field handed
+    on (to chi-separation) is the field of chi in the output mask, D chi: the field the brain's own
+    sources make, harmonic part included, which no background removal can give."""
     from chisep import physics
+    from chisep.qsm.mask import erode_mask
 
+    vs = acquisition.voxel_size
     with step("inversion"):
         weights = None if noise is None else _noise_weights(noise, region)
-        chi = _inversion.invert(field, region, method=settings.inversion, voxel_size=acquisition.voxel_size,
+        chi = _inversion.invert(field, region, method=settings.inversion, voxel_size=vs,
                                 b0_direction=acquisition.b0_direction, field_strength=acquisition.field_strength,
                                 weights=weights, magnitude=magnitude, **settings.inversion_options)
-        csf = _csf_mask(r2star, region) if settings.reference == "csf" else None
-        chi = _inversion.reference(chi, region, method=settings.reference, csf_mask=csf)
-        own = physics.forward_field_hz(chi, acquisition.field_strength, acquisition.voxel_size,
-                                       acquisition.b0_direction)
-        local = np.where(region, np.asarray(own), 0.0).astype(np.float32)
-    return local, np.asarray(region, bool), np.asarray(chi)
+        # The region's outermost voxels share their volume with skull and CSF: their field helps the
+        # inversion, but their R2* and R2' are not the tissue's (chi-separation's chi_dia NRMSE in healthy
+        # tissue of head A at 2 mm: 176 % with them, 86 % without). The outputs leave them out, as
+        # V-SHARP's smallest sphere does.
+        output = erode_mask(region, vs, float(np.min(vs)))
+        if not output.any():
+            output = np.asarray(region, bool)
+        csf = _csf_mask(r2star, output) if settings.reference == "csf" else None
+        chi = _inversion.reference(chi, output, method=settings.reference, csf_mask=csf)
+        own = physics.forward_field_hz(chi, acquisition.field_strength, vs, acquisition.b0_direction)
+        local = np.where(output, np.asarray(own), 0.0).astype(np.float32)
+    return local, output, np.asarray(chi)
 
 
 def _field_noise_used(field_noise: np.ndarray, rel: "_reliability.Reliability | None") -> np.ndarray:

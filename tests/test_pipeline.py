@@ -351,9 +351,11 @@ def test_qsm_from_a_total_field_made_elsewhere():
 
 
 def test_single_step_from_the_total_field_in_the_pipeline():
-    # the same total field through the single-step inversion: no background step, no erosion, and the
-    # local field handed on to the separation is the field of chi in the region (measured: chi 21 %
-    # against V-SHARP + MEDI's 53 %; local field 16 % against 51 %)
+    # the same total field through the single-step inversion: no background step, the outputs lose only
+    # the region's outermost voxels, and the local field handed on to the separation is the field of chi
+    # (measured: chi 21 % against V-SHARP + MEDI's 53 %; local field 16 % against 51 %)
+    from scipy import ndimage
+
     from chisep.references import references_for
     from chisep.sim.gre import simulate_gre
     from chisep.sim.phantom import head_phantom
@@ -365,7 +367,8 @@ def test_single_step_from_the_total_field_in_the_pipeline():
     settings = pipeline.QsmSettings(inversion="single-step")
     local, out_mask, chi = pipeline.qsm_from_field(t.field_total_hz, t.brain_mask, maps_only, settings=settings,
                                                    magnitude=sim.magnitude[..., 0], timings=timings)
-    assert np.array_equal(out_mask, t.brain_mask) and "background" not in timings
+    rim = t.brain_mask & ~ndimage.binary_erosion(t.brain_mask)
+    assert np.array_equal(out_mask, t.brain_mask & ~rim) and "background" not in timings
     assert metrics.nrmse(chi, t.chi, out_mask) < 30.0
     assert metrics.nrmse(local, t.field_local_hz, out_mask) < 25.0
     two_step = pipeline.qsm_from_field(t.field_total_hz, t.brain_mask, maps_only, magnitude=sim.magnitude[..., 0])
