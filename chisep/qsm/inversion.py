@@ -214,8 +214,8 @@ def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sh
     def body(state):
         x, z, s_z, v, s_v, k, change = state
         grad_rhs = g.rfft(g.divergence_adjoint(z + s_z, voxel_size))
-        if weighted:
-            data_rhs = mu_data * sum(kernels[r] * g.rfft(v[r] + s_v[r]) for r in range(n_terms))
+        if weighted:  # (data_coef = mu_data multiplies it below)
+            data_rhs = sum(kernels[r] * g.rfft(v[r] + s_v[r]) for r in range(n_terms))
         else:
             data_rhs = field_rhs
         X = (data_coef * data_rhs + mu_grad * grad_rhs) / denom
