@@ -190,7 +190,8 @@ def tikhonov(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(
 # total variation by ADMM (FANSI-style), shared by TV and MEDI
 # ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnums=(8, 9))
-def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, shape, weighted, voxel_size, kernels):
+def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, shape, weighted, voxel_size, kernels,
+                  relaxation=1.0):
     """ADMM for ``min sum_r 1/2 ||W_r (K_r x - f_r)||^2 + alpha ||G . grad x||_1``.
 
     ``kernels`` (r, half spectrum) are real, even k-space operators: the dipole kernel D alone
@@ -199,7 +200,8 @@ def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sh
     also v_r = K_r x, so that the weighted data terms become voxelwise
     updates and the x-update stays a k-space division. Scaled dual
     variables s_z, s_v. Stops after ``n_iter`` iterations or when the
-    relative change of x falls below ``tol``.
+    relative change of x falls below ``tol``. ``relaxation`` in [1, 2) over-relaxes the
+    splits (Boyd et al. 2011, sec. 3.4.3): the same minimiser in fewer iterations.
     """
     E2 = g.gradient_half(shape, voxel_size)
     w2 = data_w**2
@@ -220,12 +222,12 @@ def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sh
             data_rhs = field_rhs
         X = (data_coef * data_rhs + mu_grad * grad_rhs) / denom
         x_new = g.irfft(X, shape)
-        grad_x = jnp.stack(g.gradient(x_new, voxel_size))
+        grad_x = relaxation * jnp.stack(g.gradient(x_new, voxel_size)) + (1.0 - relaxation) * z
         u = grad_x - s_z
         z = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh, 0.0)
         s_z = s_z + z - grad_x
         if weighted:
-            Kx = jnp.stack([g.irfft(kernels[r] * X, shape) for r in range(n_terms)])
+            Kx = relaxation * jnp.stack([g.irfft(kernels[r] * X, shape) for r in range(n_terms)]) + (1.0 - relaxation) * v
             v = (w2 * fields + mu_data * (Kx - s_v)) / (w2 + mu_data)
             s_v = s_v + v - Kx
         change = jnp.linalg.norm(x_new - x) / jnp.maximum(jnp.linalg.norm(x_new), 1e-12)
@@ -384,7 +386,7 @@ def _single_step_data(field, mask, radii, shape, voxel_size, b0):
 def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
                 field_strength, weights=None, magnitude=None, radii_mm=SINGLE_STEP_RADII_MM,
                 alpha: float = 3e-4, edge_fraction: float = 0.3, mu_grad: float | None = None,
-                mu_data: float = 1.0, max_iter: int = 60, tol: float = 0.005,
+                mu_data: float = 0.5, max_iter: int = 30, tol: float = 0.01, relaxation: float = 1.6,
                 pad_fraction: float = PAD_FRACTION):
     """Single-step inversion of the total field: background removal and inversion in one problem.
 
@@ -414,9 +416,14 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         Sphere radii of the data terms (:data:`SINGLE_STEP_RADII_MM`); voxels where not
         even the smallest fits carry no data (chi there comes from its field elsewhere
         and the prior).
-    alpha, edge_fraction, mu_grad, mu_data
+    alpha, edge_fraction, mu_grad
         As in :func:`medi`.
-    max_iter, tol : ADMM iteration cap (60) and relative-change stop (0.005)
+    mu_data, relaxation, max_iter, tol
+        ADMM's data penalty (0.5), over-relaxation (1.6), iteration cap (30) and relative-change
+        stop (0.01). Each iteration costs 2 + 2 x (number of radii) FFTs, twice MEDI's with three
+        radii, so the solver was made to converge in fewer: on head A at 2 mm, penalty 1 without
+        relaxation needed 49 iterations to reach chi NRMSE 37.3 / 53.2 % (whole / healthy), these
+        settings 30 to reach 35.9 / 52.6 %.
 
     Returns
     -------
@@ -461,7 +468,7 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         fields, jnp.where(bands, p.weights[None], 0.0), tv_w, jnp.float32(v.check_positive(alpha, "alpha")),
         jnp.float32(v.check_positive(mu_grad, "mu_grad")), jnp.float32(v.check_positive(mu_data, "mu_data")),
         v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol", allow_zero=True)),
-        p.grid.shape, True, p.vs, kernels)
+        p.grid.shape, True, p.vs, kernels, jnp.float32(relaxation))
     return p.finish(x * p.mask_j)
 
 
