@@ -16,6 +16,7 @@ seconds of the chain (background removal + inversion; compiled once beforehand o
 grid, so the times compare the methods, not JAX's compiler).
 
     python benchmarks/bench_total_field.py [--resolutions 2,1] [--heads A,B] [--angles 0,30] [--snr 100]
+        [--chains "single-step,LBV + MEDI"]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def deep_grey(chi, truth, mask):
     return 100 * errors[worst], worst, slope
 
 
-def run_case(resolution, head, angle, snr, seed):
+def run_case(resolution, head, angle, snr, seed, chains=tuple(CHAINS)):
     b0 = None
     if angle:
         a = np.deg2rad(angle)
@@ -67,8 +68,8 @@ def run_case(resolution, head, angle, snr, seed):
     brain, healthy = t.brain_mask, healthy_tissue(t)
     band = surface_band(brain, acq.voxel_size)
     rows = {}
-    for name, methods in CHAINS.items():
-        settings = pipeline.QsmSettings(**methods)
+    for name in chains:
+        settings = pipeline.QsmSettings(**CHAINS[name])
 
         def chain():
             return pipeline.qsm_from_field(qsm.field_total, qsm.reconstruction_mask, acq,
@@ -94,7 +95,12 @@ def main(argv=None) -> None:
     parser.add_argument("--angles", default="0,30", help="B0 angles from voxel z about x, degrees (default 0,30)")
     parser.add_argument("--snr", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chains", default=",".join(CHAINS), help=f"chains to run (default: all of {', '.join(CHAINS)})")
     args = parser.parse_args(argv)
+    chains = [c.strip() for c in args.chains.split(",")]
+    unknown = set(chains) - set(CHAINS)
+    if unknown:
+        parser.error(f"unknown chain(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHAINS)}")
     warnings.simplefilter("ignore")
     print(f"# SNR {args.snr:g}, seed {args.seed}, automatic mask; chi NRMSE % over the true brain: whole / healthy "
           f"/ {SURFACE_MM:g} mm next to the surface; deep grey: worst region's mean error %, slope of region means\n")
@@ -103,7 +109,7 @@ def main(argv=None) -> None:
     for resolution in (float(r) for r in args.resolutions.split(",")):
         for head in args.heads.split(","):
             for angle in (float(a) for a in args.angles.split(",")):
-                for name, r in run_case(resolution, head, angle, args.snr, args.seed).items():
+                for name, r in run_case(resolution, head, angle, args.snr, args.seed, chains).items():
                     print(f"| {resolution:g} | {head} | {angle:g} | {name} | {r['all']:.1f} | {r['healthy']:.1f} | "
                           f"{r['surface']:.1f} | {r['deep_grey_worst']:.0f} ({r['deep_grey_region']}) | "
                           f"{r['slope']:.2f} | {r['dice']:.3f} | {r['seconds']:.1f} |", flush=True)

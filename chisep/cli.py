@@ -135,9 +135,11 @@ def _add_qsm_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--r2star-method", choices=settings.R2STAR_METHODS, default=d.r2star,
                    help="R2* fit (auto: arlo with 3+ equally spaced echoes, else log-linear)")
     g.add_argument("--background", choices=settings.BACKGROUND_METHODS, default=d.background,
-                   help="background field removal")
+                   help="background field removal, for the two-step inversions (medi, tv, ...); single-step "
+                        "takes the total field")
     g.add_argument("--inversion", choices=settings.INVERSION_METHODS, default=d.inversion,
-                   help="dipole inversion (medi: morphology-enabled, edges from the magnitude)")
+                   help="dipole inversion (single-step: of the total field, no background step; medi: "
+                        "morphology-enabled, after --background)")
     g.add_argument("--denoise", choices=settings.DENOISE_METHODS, default=d.denoise,
                    help="denoise the multi-echo magnitude before R2* and separation (MP-PCA, Veraart et al. "
                         "2016; the phase is not touched)")

@@ -415,6 +415,10 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     if settings.reference == "csf" and r2star is None:
         raise InputError("reference='csf' finds CSF by its R2*: pass r2star, or use reference='mean'")
     if settings.inversion in _inversion.TOTAL_FIELD_METHODS:
+        if settings.background != QsmSettings().background or settings.background_options:
+            log(f"  warning: background removal ({settings.background}) is not used: the {settings.inversion} "
+                "inversion takes the total field; for background removal + MEDI give --inversion medi "
+                "(config: inversion = \"medi\")")
         return _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step)
     with step("background"):
         weights = None if noise is None else _noise_weights(noise, region)

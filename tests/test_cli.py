@@ -151,7 +151,7 @@ def test_every_option_has_help_and_shows_its_default():
             shown = formatter._get_help_string(action)
             if action.default is not None and action.default is not False and not action.required:
                 assert "default" in shown, f"chisep {name} {action.option_strings[0]} does not show its default"
-    assert "(default: medi)" in " ".join(commands["run"].format_help().split())
+    assert "(default: single-step)" in " ".join(commands["run"].format_help().split())
 
 
 def test_help_answers_without_loading_jax():
