@@ -345,13 +345,19 @@ def medi(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0,
         raise InputError("medi needs the magnitude image (magnitude=...) for its edge prior; "
                          "pass it or use method='tv'")
     p = _Problem(local_field_hz, mask, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction)
+    tv_w, mu_grad = _edge_prior(p, edge_fraction, alpha, mu_grad)
+    return _run_tv(p, tv_w, alpha, mu_grad, mu_data, max_iter, tol, "weighted")
+
+
+def _edge_prior(p: _Problem, edge_fraction, alpha, mu_grad):
+    """MEDI's TV weights (0 on the magnitude's strongest edges) on the working grid, and the gradient
+    split's ADMM penalty (100 alpha unless given, FANSI's rule)."""
     frac = v.check_positive(edge_fraction, "edge_fraction")
     if frac >= 1:
         raise InputError(f"edge_fraction must be below 1, got {edge_fraction!r}")
     edges = g.edge_mask(p.magnitude, p.mask, p.vs_np, edge_fraction=frac)
     tv_w = jnp.asarray(np.stack([p.grid.embed(e, fill=1.0) for e in edges]))
-    mu_grad = 100.0 * alpha if mu_grad is None else mu_grad
-    return _run_tv(p, tv_w, alpha, mu_grad, mu_data, max_iter, tol, "weighted")
+    return tv_w, (100.0 * alpha if mu_grad is None else mu_grad)
 
 
 # ---------------------------------------------------------------------------
@@ -453,17 +459,12 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
             field = g.harmonic_fill(field, msk & ~unknown, unknown)
     p = _Problem(field, msk, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction,
                  margin_mm=radii[0])
-    frac = v.check_positive(edge_fraction, "edge_fraction")
-    if frac >= 1:
-        raise InputError(f"edge_fraction must be below 1, got {edge_fraction!r}")
     kernels, fields, bands = _single_step_data(p.field, p.mask_j.astype(jnp.float32),
                                                jnp.asarray(radii, jnp.float32), p.grid.shape, p.vs, p.b0)
     if not bool(jnp.any(bands)):
         raise InputError(f"single-step: no sphere of radius {radii[-1]:g} mm fits in the mask; give a smaller "
                          "radius (radii_mm) or a larger mask")
-    edges = g.edge_mask(p.magnitude, p.mask, p.vs_np, edge_fraction=frac)
-    tv_w = jnp.asarray(np.stack([p.grid.embed(e, fill=1.0) for e in edges]))
-    mu_grad = 100.0 * alpha if mu_grad is None else mu_grad
+    tv_w, mu_grad = _edge_prior(p, edge_fraction, alpha, mu_grad)
     x, _ = _tv_admm_core(
         fields, jnp.where(bands, p.weights[None], 0.0), tv_w, jnp.float32(v.check_positive(alpha, "alpha")),
         jnp.float32(v.check_positive(mu_grad, "mu_grad")), jnp.float32(v.check_positive(mu_data, "mu_data")),
