@@ -94,7 +94,7 @@ def main() -> None:
     again = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition, settings=settings)
     t_again = time.perf_counter() - t0
     timings_again = dict(again.timings)
-    pipeline.separate(sim.acquisition, again.separation_inputs(magnitude=sim.magnitude),
+    pipeline.separate(sim.acquisition, again.separation_inputs(magnitude=again.magnitude),
                       settings=pipeline.SeparationSettings(models=models), timings=timings_again)
     print("\n| step | wall s, first run (with compilation) | wall s, second run (compiled) |\n|---|---|---|")
     print(f"| simulate | {t_sim:.1f} | |")
