@@ -439,7 +439,6 @@ def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, setti
     """qsm_from_field for an inversion of the total field: no background step. The local field handed
     on (to chi-separation) is the field of chi in the output mask, D chi: the field the brain's own
     sources make, harmonic part included, which no background removal can give."""
-    from chisep import physics
     from chisep.qsm.mask import erode_mask
 
     vs = acquisition.voxel_size
@@ -457,8 +456,8 @@ def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, setti
             output = np.asarray(region, bool)
         csf = _csf_mask(r2star, output) if settings.reference == "csf" else None
         chi = _inversion.reference(chi, output, method=settings.reference, csf_mask=csf)
-        own = physics.forward_field_hz(chi, acquisition.field_strength, vs, acquisition.b0_direction)
-        local = np.where(output, np.asarray(own), 0.0).astype(np.float32)
+        local = _inversion.dipole_field_hz(chi, output, voxel_size=vs, b0_direction=acquisition.b0_direction,
+                                           field_strength=acquisition.field_strength)
     return local, output, np.asarray(chi)
 
 

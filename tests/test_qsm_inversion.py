@@ -292,3 +292,14 @@ def test_single_step_invalid_inputs(total_field_head):
         inv.single_step(h["total"], brain, magnitude=h["magnitude"], radii_mm=(-4.0,), **kw)
     with pytest.raises(InputError, match="no sphere of radius 200 mm fits"):
         inv.single_step(h["total"], brain, magnitude=h["magnitude"], radii_mm=(200.0,), **kw)
+
+
+def test_dipole_field_on_the_inversion_grid_matches_the_padded_forward_model(total_field_head):
+    # the single-step chain hands D chi on as the local field, computed on the inversion's own padded grid
+    h = total_field_head
+    brain, chi = h["brain"], np.where(h["brain"], h["chi"], 0).astype(np.float32)
+    reference = np.asarray(physics.forward_field_hz(chi, B0_T, (3.0, 3.0, 3.0), (0.0, 0.3, 0.95)))
+    got = inv.dipole_field_hz(chi, brain, voxel_size=(3.0, 3.0, 3.0), b0_direction=(0.0, 0.3, 0.95), field_strength=B0_T)
+    assert got.dtype == np.float32 and np.all(got[~brain] == 0)
+    assert nrmse(got, reference, brain) < 3.0
+    assert nrmse(-got, reference, brain) > 150.0  # the sign of the source's field

@@ -38,8 +38,8 @@ from chisep.acquisition import FIELD_STRENGTH_RANGE_T
 from chisep.errors import InputError
 from chisep.registry import Registry
 
-__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "invert", "reference", "INVERSION_METHODS",
-           "TOTAL_FIELD_METHODS"]
+__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "invert", "reference", "dipole_field_hz",
+           "INVERSION_METHODS", "TOTAL_FIELD_METHODS"]
 
 PAD_FRACTION = 0.125
 
@@ -471,6 +471,25 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol", allow_zero=True)),
         p.grid.shape, True, p.vs, kernels, jnp.float32(relaxation))
     return p.finish(x * p.mask_j)
+
+
+@partial(jax.jit, static_argnums=(1,))
+def _dipole_field_core(chi, shape, voxel_size, b0):
+    return g.conv(chi, g.dipole_half(shape, voxel_size, b0))
+
+
+def dipole_field_hz(chi_ppm, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0), field_strength,
+                    pad_fraction: float = PAD_FRACTION) -> np.ndarray:
+    """The field (Hz) of ``chi_ppm`` inside ``mask``, on the inversions' padded grid: the forward model they
+    fit (single-step's D chi, handed to chi-separation as its local field). 0.3 s at 1 mm, where
+    :func:`chisep.physics.forward_field_hz`'s doubled grid takes 6-11 s; they differ by 1.6 % in the mask."""
+    chi, msk = v.check_volume_and_mask(chi_ppm, mask, name="chi_ppm")
+    vs, b0 = v.check_geometry(voxel_size, b0_direction)
+    grid = g.Grid.around(msk, g.margin_voxels(msk, vs, fraction=pad_fraction))
+    field = _dipole_field_core(jnp.asarray(grid.embed(np.where(msk, chi, 0).astype(np.float32))), grid.shape,
+                               g.as_jax(vs), jnp.asarray(b0, jnp.float32))
+    out = physics.ppm_to_hz(grid.extract(np.asarray(field)), v.check_positive(field_strength, "field_strength"))
+    return np.where(msk, out, 0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
