@@ -228,6 +228,21 @@ def as_jax(vs: np.ndarray) -> jax.Array:
     return jnp.asarray(np.asarray(vs, dtype=np.float32))
 
 
+def fill_unweighted(field_hz, mask, weights) -> np.ndarray:
+    """``field_hz`` with the mask's zero-weight voxels filled harmonically from the weighted ones.
+
+    A voxel given no weight has no usable field (e.g. a bleed whose phase wrapped away); every
+    background method and the single-step inversion filter or differentiate the field, so its
+    value would spread into its neighbours. Unchanged when every voxel (or none) has weight.
+    """
+    if weights is None:
+        return field_hz
+    unknown = mask & ~(weights > 0)
+    if unknown.any() and (mask & ~unknown).any():
+        return harmonic_fill(field_hz, mask & ~unknown, unknown)
+    return field_hz
+
+
 def harmonic_fill(field_hz, known, unknown) -> np.ndarray:
     """The field with its ``unknown`` voxels filled by harmonic interpolation from ``known`` neighbours.
 

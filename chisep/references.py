@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from chisep.settings import TOTAL_FIELD_METHODS
+
 #: stage -> method name (as in chisep.settings) -> citation
 REFERENCES: dict[str, dict[str, str]] = {
     "denoise": {
@@ -89,7 +91,7 @@ def references_for(settings: Mapping, models=()) -> dict[str, str]:
     ``field_fit``, ``r2star``, ``background``, ``inversion``, ``denoise``,
     ``gradient_correction``); ``models`` the separation models that ran.
     """
-    total_field = settings.get("inversion") == "single-step"  # inverts the total field: no background step
+    total_field = settings.get("inversion") in TOTAL_FIELD_METHODS  # no background step ran
     used = {"unwrap": settings.get("unwrap"), "field_fit": settings.get("field_fit"),
             "background": None if total_field else settings.get("background"),
             "inversion": settings.get("inversion"), "denoise": settings.get("denoise")}

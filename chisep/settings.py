@@ -27,6 +27,8 @@ FIELD_FIT_METHODS = ("nonlinear", "weighted-linear", "echo-average")
 R2STAR_METHODS = ("auto", "arlo", "loglinear", "nonlinear")
 BACKGROUND_METHODS = ("vsharp", "sharp", "resharp", "pdf", "lbv")
 INVERSION_METHODS = ("tv", "medi", "ilsqr", "tikhonov", "tkd", "single-step")
+#: inversions that take the total field (background included): no background step runs before them
+TOTAL_FIELD_METHODS = ("single-step",)
 REFERENCE_METHODS = ("mean", "csf")
 DENOISE_METHODS = ("mppca", "off")
 

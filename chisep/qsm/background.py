@@ -44,12 +44,7 @@ __all__ = ["sharp", "vsharp", "resharp", "pdf", "lbv", "remove_background", "BAC
 def _prepare(field_hz, mask, voxel_size, b0_direction, weights=None, margin_mm=0.0, fraction=0.0):
     field, msk = v.check_volume_and_mask(field_hz, mask, name="field_hz")
     vs, b0 = v.check_geometry(voxel_size, b0_direction)
-    w = v.check_optional_map(weights, msk.shape, name="weights")
-    unknown = msk & ~(w > 0) if w is not None else None
-    if unknown is not None and unknown.any() and (msk & ~unknown).any():
-        # A voxel given no weight has no usable field (e.g. a bleed whose phase wrapped away): every
-        # method filters or differentiates the field, so its value would spread into its neighbours.
-        field = g.harmonic_fill(field, msk & ~unknown, unknown)
+    field = g.fill_unweighted(field, msk, v.check_optional_map(weights, msk.shape, name="weights"))
     grid = g.Grid.around(msk, g.margin_voxels(msk, vs, margin_mm=margin_mm, fraction=fraction))
     return field, msk, vs, b0, grid
 

@@ -37,6 +37,7 @@ from chisep import validate as v
 from chisep.acquisition import FIELD_STRENGTH_RANGE_T
 from chisep.errors import InputError
 from chisep.registry import Registry
+from chisep.settings import TOTAL_FIELD_METHODS
 
 __all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "invert", "reference", "dipole_field_hz",
            "INVERSION_METHODS", "TOTAL_FIELD_METHODS"]
@@ -450,13 +451,7 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
     if not radii:
         raise InputError("radii_mm must name at least one sphere radius in mm")
     field, msk = v.check_volume_and_mask(total_field_hz, mask, name="total_field_hz")
-    if weights is not None:
-        w = v.check_optional_map(weights, msk.shape, name="weights")
-        unknown = msk & ~(w > 0)
-        if unknown.any() and (msk & ~unknown).any():
-            # no usable field there (a dark source's phase on the wrong branch): the filters
-            # would spread its value into the neighbours, so bridge it harmonically
-            field = g.harmonic_fill(field, msk & ~unknown, unknown)
+    field = g.fill_unweighted(field, msk, v.check_optional_map(weights, msk.shape, name="weights"))
     p = _Problem(field, msk, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction,
                  margin_mm=radii[0])
     kernels, fields, bands = _single_step_data(p.field, p.mask_j.astype(jnp.float32),
@@ -599,8 +594,7 @@ INVERSION_METHODS = Registry("inversion method")
 for _name, _func in (("tv", tv), ("medi", medi), ("ilsqr", ilsqr), ("tikhonov", tikhonov), ("tkd", tkd),
                      ("single-step", single_step)):
     INVERSION_METHODS.register(_name, _func)
-#: methods that take the total field (background included): the pipeline skips background removal
-TOTAL_FIELD_METHODS = ("single-step",)
+
 _SIGNATURE_NAMES = ("voxel_size", "b0_direction", "field_strength", "weights", "magnitude")
 
 
