@@ -394,7 +394,7 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
                 field_strength, weights=None, magnitude=None, radii_mm=SINGLE_STEP_RADII_MM,
                 alpha: float = 3e-4, edge_fraction: float = 0.3, mu_grad: float | None = None,
                 mu_data: float = 0.5, max_iter: int = 30, tol: float = 0.01, relaxation: float = 1.6,
-                pad_fraction: float = PAD_FRACTION):
+                pad_fraction: float = 0.0):
     """Single-step inversion of the total field: background removal and inversion in one problem.
 
     Minimises ``sum_r 1/2 ||W_r (1 - S_r) (D chi - f)||^2 + alpha ||M_G grad chi||_1``: the
@@ -417,8 +417,14 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         Total field (background included), e.g. ``FieldFit.field_hz``. Values outside
         ``mask`` are ignored; voxels with zero weight are filled harmonically from their
         neighbours first (their field is not used).
-    mask, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction
+    mask, voxel_size, b0_direction, field_strength, weights, magnitude
         As in :func:`medi` (``magnitude`` is required: MEDI's edge prior).
+    pad_fraction : float
+        Zero padding beyond the margin of the largest sphere radius that the grid always has (0).
+        The field that circular convolution wraps in from the grid's far side comes from
+        sources outside the mask, so it is harmonic in every sphere of the data term and the
+        (1 - S_r) filters take it out: at 1 mm MEDI's padding of 0.125 changed chi NRMSE by
+        0.02-0.04 points on both heads and cost a quarter of the run time.
     radii_mm : sequence of float, mm
         Sphere radii of the data terms (:data:`SINGLE_STEP_RADII_MM`); voxels where not
         even the smallest fits carry no data (chi there comes from its field elsewhere
