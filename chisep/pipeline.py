@@ -419,7 +419,7 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
             log(f"  warning: background removal ({settings.background}) is not used: the {settings.inversion} "
                 "inversion takes the total field; for background removal + MEDI give --inversion medi "
                 "(config: inversion = \"medi\")")
-        return _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step)
+        return _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step, log)
     with step("background"):
         weights = None if noise is None else _noise_weights(noise, region)
         local, eroded = _background.remove_background(
@@ -435,18 +435,24 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     return np.asarray(local), np.asarray(eroded, bool), np.asarray(chi)
 
 
-def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step):
+def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step, log):
     """qsm_from_field for an inversion of the total field: no background step. The local field handed
     on (to chi-separation) is the field of chi in the output mask, D chi: the field the brain's own
-    sources make, harmonic part included, which no background removal can give."""
+    sources make, harmonic part included, which no background removal can give. The TV weight follows
+    the field noise (:func:`chisep.qsm.inversion.single_step_alpha`) unless the settings give one."""
     from chisep.qsm.mask import erode_mask
 
     vs = acquisition.voxel_size
+    options = dict(settings.inversion_options)
+    if noise is not None and "alpha" not in options:
+        options["alpha"] = _inversion.single_step_alpha(noise, region, field_strength=acquisition.field_strength)
+        log(f"  {settings.inversion}: TV weight alpha {options['alpha']:.3g} from the field noise "
+            f"(median {np.median(noise[region & np.isfinite(noise)]):.3g} Hz)")
     with step("inversion"):
         weights = None if noise is None else _noise_weights(noise, region)
         chi = _inversion.invert(field, region, method=settings.inversion, voxel_size=vs,
                                 b0_direction=acquisition.b0_direction, field_strength=acquisition.field_strength,
-                                weights=weights, magnitude=magnitude, **settings.inversion_options)
+                                weights=weights, magnitude=magnitude, **options)
         # The region's outermost voxels share their volume with skull and CSF: their field helps the
         # inversion, but their R2* and R2' are not the tissue's (chi-separation's chi_dia NRMSE in healthy
         # tissue of head A at 2 mm: 176 % with them, 86 % without). The outputs leave them out, as

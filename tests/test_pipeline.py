@@ -376,3 +376,34 @@ def test_single_step_from_the_total_field_in_the_pipeline():
     assert metrics.nrmse(two_step[2], t.chi, t.brain_mask) > metrics.nrmse(chi, t.chi, out_mask) + 15.0
     cited = references_for(dataclasses.asdict(settings))
     assert "inversion: single-step" in cited and not any(k.startswith("background") for k in cited)
+
+
+def test_single_step_tv_weight_from_the_field_noise_unless_given():
+    # the pipeline picks single-step's alpha from the field noise (inversion.single_step_alpha); an alpha
+    # in the settings wins. Noisier field -> larger alpha -> smoother chi.
+    from chisep.qsm import inversion
+    from chisep.sim.gre import simulate_gre
+    from chisep.sim.phantom import head_phantom
+
+    sim = simulate_gre(head_phantom(4.0), snr=None, seed=0)
+    t, acq = sim.truth, sim.acquisition
+    maps_only = Acquisition(echo_times=(), field_strength=acq.field_strength, affine=acq.affine)
+    kw = dict(magnitude=sim.magnitude[..., 0])
+
+    def run(noise_hz, settings=pipeline.QsmSettings()):
+        lines = []
+        chi = pipeline.qsm_from_field(t.field_total_hz, t.brain_mask, maps_only, settings=settings, log=lines.append,
+                                      field_noise_hz=np.full(t.brain_mask.shape, noise_hz, np.float32), **kw)[2]
+        return chi, " ".join(lines)
+
+    quiet_chi, quiet_log = run(0.1)
+    noisy_chi, noisy_log = run(3.0)
+    for noise, log in ((0.1, quiet_log), (3.0, noisy_log)):
+        alpha = inversion.single_step_alpha(np.full(t.brain_mask.shape, noise), t.brain_mask,
+                                            field_strength=acq.field_strength)
+        assert f"alpha {alpha:.3g} from the field noise" in log, log
+    tv = [np.abs(np.diff(c, axis=0))[t.brain_mask[1:] & t.brain_mask[:-1]].mean() for c in (quiet_chi, noisy_chi)]
+    assert tv[1] < 0.8 * tv[0], tv
+    given, given_log = run(3.0, pipeline.QsmSettings(inversion_options={"alpha": 1e-4}))
+    assert "from the field noise" not in given_log
+    np.testing.assert_allclose(given, run(0.1, pipeline.QsmSettings(inversion_options={"alpha": 1e-4}))[0], atol=1e-6)

@@ -319,3 +319,17 @@ def test_dipole_field_on_the_inversion_grid_matches_the_padded_forward_model(tot
     assert got.dtype == np.float32 and np.all(got[~brain] == 0)
     assert nrmse(got, reference, brain) < 3.0
     assert nrmse(-got, reference, brain) > 150.0  # the sign of the source's field
+
+
+def test_single_step_alpha_follows_the_field_noise():
+    # proportional to the median field noise in ppm, never below the floor; unusable voxels not counted
+    mask = np.ones((4, 4, 4), bool)
+    noise = np.full(mask.shape, 0.36, np.float32)
+    alpha = inv.single_step_alpha(noise, mask, field_strength=3.0)
+    assert alpha == pytest.approx(inv.ALPHA_PER_NOISE_PPM * 0.36 / 127.7, rel=1e-3)
+    assert inv.single_step_alpha(2 * noise, mask, field_strength=3.0) == pytest.approx(2 * alpha)
+    assert inv.single_step_alpha(noise, mask, field_strength=7.0) == pytest.approx(alpha * 3 / 7, rel=1e-6)
+    noise[0] = np.inf
+    assert inv.single_step_alpha(noise, mask, field_strength=3.0) == pytest.approx(alpha)
+    assert inv.single_step_alpha(noise / 100, mask, field_strength=3.0) == inv.ALPHA_FLOOR
+    assert inv.single_step_alpha(np.full(mask.shape, np.inf), mask, field_strength=3.0) == inv.ALPHA_FLOOR

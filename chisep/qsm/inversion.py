@@ -39,8 +39,8 @@ from chisep.errors import InputError
 from chisep.registry import Registry
 from chisep.settings import TOTAL_FIELD_METHODS
 
-__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "invert", "reference", "dipole_field_hz",
-           "INVERSION_METHODS", "TOTAL_FIELD_METHODS"]
+__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "single_step_alpha", "invert", "reference",
+           "dipole_field_hz", "INVERSION_METHODS", "TOTAL_FIELD_METHODS"]
 
 PAD_FRACTION = 0.125
 
@@ -370,6 +370,34 @@ def _edge_prior(p: _Problem, edge_fraction, alpha, mu_grad):
 #: 4-8-12 beat 4-12, 6-12 and 4-8-12-16.
 SINGLE_STEP_RADII_MM = (12.0, 8.0, 4.0)
 
+#: The TV weight that fits the data's noise: alpha = ALPHA_PER_NOISE_PPM * (median field noise in ppm of B0),
+#: at least ALPHA_FLOOR (:func:`single_step_alpha`). With one fixed alpha (MEDI's 3e-4) the best weight
+#: moved with the SNR: on head A at 2 mm the best alpha was 7e-5 to 1e-4 at SNR 100 (field noise
+#: 0.10 Hz) and 3e-4 to 4.5e-4 at SNR 30 (0.36 Hz), about proportional to the noise. The floor: at
+#: high SNR what is left is model error, not noise (alpha 5e-5 was worse than 7e-5 at SNR 100).
+#: Checked on the holdout head B and at 1 mm (benchmarks/RESULTS.md, session 11).
+ALPHA_PER_NOISE_PPM = 0.11
+ALPHA_FLOOR = 7e-5
+
+
+def single_step_alpha(field_noise_hz, mask, *, field_strength: float) -> float:
+    """The TV weight of :func:`single_step` for a field noise map: proportional to its median in ``mask``.
+
+    ``field_noise_hz`` is the standard error of the total field (Hz), e.g.
+    ``FieldFit.field_noise_hz``; voxels where it is not finite are not counted. Returns
+    ``max(ALPHA_PER_NOISE_PPM * noise_ppm, ALPHA_FLOOR)``, or ALPHA_FLOOR when no voxel of
+    ``mask`` has a finite noise.
+
+    >>> round(single_step_alpha(np.full((2, 2, 2), 0.36), np.ones((2, 2, 2), bool), field_strength=3.0), 6)
+    0.00031
+    """
+    noise = np.asarray(field_noise_hz, dtype=np.float64)[np.asarray(mask, bool)]
+    noise = noise[np.isfinite(noise)]
+    if noise.size == 0:
+        return ALPHA_FLOOR
+    noise_ppm = physics.hz_to_ppm(float(np.median(noise)), v.check_positive(field_strength, "field_strength"))
+    return float(max(ALPHA_PER_NOISE_PPM * noise_ppm, ALPHA_FLOOR))
+
 
 @partial(jax.jit, static_argnums=(3,))
 def _single_step_data(field, mask, radii, shape, voxel_size, b0):
@@ -429,7 +457,10 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         Sphere radii of the data terms (:data:`SINGLE_STEP_RADII_MM`); voxels where not
         even the smallest fits carry no data (chi there comes from its field elsewhere
         and the prior).
-    alpha, edge_fraction, mu_grad
+    alpha : float
+        TV weight (MEDI's 3e-4 when called directly; the pipeline takes :func:`single_step_alpha`
+        of the field noise unless the settings give one).
+    edge_fraction, mu_grad
         As in :func:`medi`.
     mu_data, relaxation, max_iter, tol
         ADMM's data penalty (0.5), over-relaxation (1.6), iteration cap (30) and relative-change
