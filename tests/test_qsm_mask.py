@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from chisep import metrics
 from chisep.errors import InputError
@@ -136,6 +137,25 @@ def test_erode_mask_array_border_counts_as_outside_and_zero_radius_copies():
     assert same.all() and same is not full
     with pytest.raises(InputError, match="radius_mm"):
         erode_mask(full, (1, 1, 1), -1.0)
+
+
+def test_erode_mask_small_ball_matches_the_distance_transform(monkeypatch):
+    # small radii erode with the ball as structuring element (10x faster at 1 mm): the same voxels as
+    # the distance transform, on anisotropic grids and with the array border as outside
+    from chisep.qsm import mask as mask_module
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for _ in range(40):
+        shape = tuple(int(n) for n in rng.integers(8, 20, 3))
+        m = ndimage.binary_opening(rng.random(shape) > 0.3)
+        vs = tuple(float(v) for v in rng.choice([0.7, 1.0, 1.5, 2.0], 3))
+        cases.append((m, vs, float(rng.choice([0.5, 0.7, 1.0, 1.5, 2.0, 2.2]))))
+    fast = [erode_mask(m, vs, r) for m, vs, r in cases]
+    monkeypatch.setattr(mask_module, "SMALL_BALL_VOXELS", 0)  # every radius by distance transform
+    for (m, vs, r), f in zip(cases, fast):
+        np.testing.assert_array_equal(f, erode_mask(m, vs, r), err_msg=f"voxel size {vs}, radius {r}")
+    assert sum(f.sum() for f in fast) > 0  # not all empty
 
 
 # ---------------------------------------------------------------------------
