@@ -160,11 +160,12 @@ def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.n
     )
     out = np.zeros(m.shape, dtype=bool)
     half = np.floor((radius_mm + 1e-6) / vs).astype(int)
-    offsets = np.meshgrid(*[np.arange(-h, h + 1) * v for h, v in zip(half, vs)], indexing="ij")
-    ball = sum(o**2 for o in offsets) <= (radius_mm + 1e-6) ** 2
-    if ball.sum() <= SMALL_BALL_VOXELS:
-        out[box] = ndimage.binary_erosion(m[box], structure=ball, border_value=0)
-        return out
+    if np.prod(2 * half + 1) <= 5**3:  # (a large radius never builds its ball)
+        offsets = np.meshgrid(*[np.arange(-h, h + 1) * v for h, v in zip(half, vs)], indexing="ij")
+        ball = sum(o**2 for o in offsets) <= (radius_mm + 1e-6) ** 2
+        if ball.sum() <= SMALL_BALL_VOXELS:
+            out[box] = ndimage.binary_erosion(m[box], structure=ball, border_value=0)
+            return out
     padded = np.pad(m[box], 1, constant_values=False)
     dist = ndimage.distance_transform_edt(padded, sampling=vs)[1:-1, 1:-1, 1:-1]
     out[box] = dist > radius_mm + 1e-6
