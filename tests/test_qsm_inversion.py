@@ -324,9 +324,9 @@ def test_dipole_field_on_the_inversion_grid_matches_the_padded_forward_model(tot
 def test_single_step_alpha_follows_the_field_noise():
     # proportional to the median field noise in ppm, never below the floor; unusable voxels not counted
     mask = np.ones((4, 4, 4), bool)
-    noise = np.full(mask.shape, 0.36, np.float32)
+    noise = np.full(mask.shape, 0.9, np.float32)
     alpha = inv.single_step_alpha(noise, mask, field_strength=3.0)
-    assert alpha == pytest.approx(inv.ALPHA_PER_NOISE_PPM * 0.36 / 127.7, rel=1e-3)
+    assert alpha == pytest.approx(inv.ALPHA_PER_NOISE_PPM * 0.9 / 127.7, rel=1e-3)
     assert inv.single_step_alpha(2 * noise, mask, field_strength=3.0) == pytest.approx(2 * alpha)
     assert inv.single_step_alpha(noise, mask, field_strength=7.0) == pytest.approx(alpha * 3 / 7, rel=1e-6)
     noise[0] = np.inf

@@ -372,12 +372,15 @@ SINGLE_STEP_RADII_MM = (12.0, 8.0, 4.0)
 
 #: The TV weight that fits the data's noise: alpha = ALPHA_PER_NOISE_PPM * (median field noise in ppm of B0),
 #: at least ALPHA_FLOOR (:func:`single_step_alpha`). With one fixed alpha (MEDI's 3e-4) the best weight
-#: moved with the SNR: on head A at 2 mm the best alpha was 7e-5 to 1e-4 at SNR 100 (field noise
-#: 0.10 Hz) and 3e-4 to 4.5e-4 at SNR 30 (0.36 Hz), about proportional to the noise. The floor: at
-#: high SNR what is left is model error, not noise (alpha 5e-5 was worse than 7e-5 at SNR 100).
-#: Checked on the holdout head B and at 1 mm (benchmarks/RESULTS.md, session 11).
+#: moved with the SNR: on head A at 2 mm the best alpha for the whole brain was 7e-5 to 1e-4 at SNR 100
+#: (field noise 0.10 Hz) and 3e-4 to 4.5e-4 at SNR 30 (0.36 Hz), about proportional to the noise. The
+#: floor: at high SNR what is left is model error, not noise, and it sits next to the brain's surface
+#: (partial volume with CSF and bone): at 1 mm and SNR 100, alpha 9e-5 gave the best whole brain but the
+#: 5 mm next to the surface lost 6-9 points against 3e-4; 1.5e-4 keeps most of the gain (whole brain
+#: 1.0 / 4.3 points better on heads A / B) for 3-5 points there. Checked on the holdout head B
+#: (benchmarks/RESULTS.md, session 11).
 ALPHA_PER_NOISE_PPM = 0.11
-ALPHA_FLOOR = 7e-5
+ALPHA_FLOOR = 1.5e-4
 
 
 def single_step_alpha(field_noise_hz, mask, *, field_strength: float) -> float:
