@@ -363,7 +363,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
     local, eroded, chi = qsm_from_field(fit.field_hz, region, acquisition,
                                         field_noise_hz=_field_noise_used(fit.field_noise_hz, rel),
                                         magnitude=magnitude[..., 0], r2star=r2star, settings=settings, log=log,
-                                        timings=timings)
+                                        timings=timings, notes=notes)
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
@@ -373,7 +373,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
 def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisition, *,
                    field_noise_hz: np.ndarray | None = None, magnitude: np.ndarray | None = None,
                    r2star: np.ndarray | None = None, settings: QsmSettings = QsmSettings(),
-                   log: Log = quiet, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   log: Log = quiet, timings: dict | None = None,
+                   notes: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The QSM stages after the field fit: background removal -> dipole inversion -> reference.
 
     The entry point for a total field made elsewhere (a scanner's field map, MEDI's or ROMEO's
@@ -400,6 +401,8 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     log : callable(str)
     timings : dict, optional
         Receives the seconds of each stage.
+    notes : list, optional
+        Receives what was chosen from the data (the provenance's notes), e.g. single-step's TV weight.
 
     Returns
     -------
@@ -419,7 +422,8 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
             log(f"  warning: background removal ({settings.background}) is not used: the {settings.inversion} "
                 "inversion takes the total field; for background removal + MEDI give --inversion medi "
                 "(config: inversion = \"medi\")")
-        return _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step, log)
+        return _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step, log,
+                                [] if notes is None else notes)
     with step("background"):
         weights = None if noise is None else _noise_weights(noise, region)
         local, eroded = _background.remove_background(
@@ -435,7 +439,7 @@ def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisit
     return np.asarray(local), np.asarray(eroded, bool), np.asarray(chi)
 
 
-def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step, log):
+def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, settings, step, log, notes):
     """qsm_from_field for an inversion of the total field: no background step. The local field handed
     on (to chi-separation) is the field of chi in the output mask, D chi: the field the brain's own
     sources make, harmonic part included, which no background removal can give. The TV weight follows
@@ -446,8 +450,9 @@ def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, setti
     options = dict(settings.inversion_options)
     if noise is not None and "alpha" not in options:
         options["alpha"] = _inversion.single_step_alpha(noise, region, field_strength=acquisition.field_strength)
-        log(f"  {settings.inversion}: TV weight alpha {options['alpha']:.3g} from the field noise "
-            f"(median {np.median(noise[region & np.isfinite(noise)]):.3g} Hz)")
+        notes.append(f"{settings.inversion}: TV weight alpha {options['alpha']:.3g} from the field noise "
+                     f"(median {np.median(noise[region & np.isfinite(noise)]):.3g} Hz)")
+        log(f"  {notes[-1]}")
     with step("inversion"):
         weights = None if noise is None else _noise_weights(noise, region)
         chi = _inversion.invert(field, region, method=settings.inversion, voxel_size=vs,

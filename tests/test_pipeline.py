@@ -391,10 +391,12 @@ def test_single_step_tv_weight_from_the_field_noise_unless_given():
     kw = dict(magnitude=sim.magnitude[..., 0])
 
     def run(noise_hz, settings=pipeline.QsmSettings()):
-        lines = []
+        lines, notes = [], []
         chi = pipeline.qsm_from_field(t.field_total_hz, t.brain_mask, maps_only, settings=settings, log=lines.append,
-                                      field_noise_hz=np.full(t.brain_mask.shape, noise_hz, np.float32), **kw)[2]
-        return chi, " ".join(lines)
+                                      field_noise_hz=np.full(t.brain_mask.shape, noise_hz, np.float32),
+                                      notes=notes, **kw)[2]
+        assert all(any(note in line for line in lines) for note in notes)  # the log shows each note
+        return chi, " ".join(notes)
 
     quiet_chi, quiet_log = run(0.1)
     noisy_chi, noisy_log = run(3.0)
