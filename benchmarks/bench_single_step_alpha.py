@@ -34,11 +34,10 @@ def main() -> None:
             t = sim.truth
             for alpha in args.alphas.split(","):
                 options = {} if alpha == "rule" else {"alpha": float(alpha)}
-                lines = []
-                qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition, log=lines.append,
+                qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition,
                                                settings=pipeline.QsmSettings(inversion_options=options))
-                if alpha == "rule":
-                    alpha = next(line.split("alpha ")[1].split()[0] for line in lines if "from the field noise" in line)
+                if alpha == "rule":  # the weight taken is in the notes
+                    alpha = next(n.split("alpha ")[1].split()[0] for n in qsm.notes if "from the field noise" in n)
                 m = qsm.mask & t.brain_mask
                 fit = pipeline.separate(sim.acquisition, qsm.separation_inputs(magnitude=qsm.magnitude,
                                                                                 r2=sim.r2_measured),
