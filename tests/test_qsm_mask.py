@@ -152,7 +152,7 @@ def test_erode_mask_small_ball_matches_the_distance_transform(monkeypatch):
         vs = tuple(float(v) for v in rng.choice([0.7, 1.0, 1.5, 2.0], 3))
         cases.append((m, vs, float(rng.choice([0.5, 0.7, 1.0, 1.5, 2.0, 2.2]))))
     fast = [erode_mask(m, vs, r) for m, vs, r in cases]
-    monkeypatch.setattr(mask_module, "SMALL_BALL_VOXELS", 0)  # every radius by distance transform
+    monkeypatch.setattr(mask_module, "SMALL_BALL_BOX_VOXELS", 0)  # every radius by distance transform
     for (m, vs, r), f in zip(cases, fast):
         np.testing.assert_array_equal(f, erode_mask(m, vs, r), err_msg=f"voxel size {vs}, radius {r}")
     assert sum(f.sum() for f in fast) > 0  # not all empty
