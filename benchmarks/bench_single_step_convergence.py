@@ -8,7 +8,7 @@ distance to the reference minimiser (% of its norm, over the output mask), and c
 output mask within the true brain and over its 5 mm next to the brain's surface (demeaned, healthy
 head). The default is 0.5 and 30 iterations.
 
-    python benchmarks/bench_single_step_convergence.py [--resolution 1] [--heads A,B] [--snr 100]
+    python benchmarks/bench_single_step_convergence.py [--resolution 1] [--heads A,B] [--snr 100] [--b0-angle 0]
         [--penalties 0.1,0.25,0.5] [--iterations 10,20,30,45] [--reference-iterations 150] [--alphas rule,3e-4]
 """
 
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=float, default=1.0)
     parser.add_argument("--heads", default="A,B")
     parser.add_argument("--snr", type=float, default=100.0)
+    parser.add_argument("--b0-angle", type=float, default=0.0, help="B0 angle from voxel z, degrees")
     parser.add_argument("--penalties", default="0.1,0.25,0.5")
     parser.add_argument("--iterations", default="10,20,30,45")
     parser.add_argument("--reference-iterations", type=int, default=150)
@@ -38,11 +39,13 @@ def main() -> None:
     args = parser.parse_args()
     penalties = [float(p) for p in args.penalties.split(",")]
     iterations = [int(n) for n in args.iterations.split(",")]
-    print(f"## single-step convergence: {args.resolution:g} mm, SNR {args.snr:g}, date {time.strftime('%Y-%m-%d')}\n")
+    print(f"## single-step convergence: {args.resolution:g} mm, SNR {args.snr:g}, B0 {args.b0_angle:g} degrees, "
+          f"date {time.strftime('%Y-%m-%d')}\n")
     print("| head | alpha | mu_data | iterations | seconds | to the minimiser % | chi % | 5 mm band % |")
     print("|---|---|---|---|---|---|---|---|")
     for head in args.heads.split(","):
-        sim = workflows.simulate(resolution=args.resolution, scenario="healthy", snr=args.snr, head=head)
+        sim = workflows.simulate(resolution=args.resolution, scenario="healthy", snr=args.snr, head=head,
+                                 b0_angle_deg=args.b0_angle)
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
         acq, truth = sim.acquisition, sim.truth
         region = qsm.reconstruction_mask
