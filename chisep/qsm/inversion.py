@@ -468,9 +468,9 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
     mu_data, relaxation, max_iter, tol
         ADMM's data penalty (0.5), over-relaxation (1.6), iteration cap (30) and relative-change
         stop (0.01). Each iteration costs 2 + 2 x (number of radii) FFTs, twice MEDI's with three
-        radii, so the solver was made to converge in fewer: on head A at 2 mm, penalty 1 without
-        relaxation needed 49 iterations to reach chi NRMSE 37.3 / 53.2 % (whole / healthy), these
-        settings 30 to reach 35.9 / 52.6 %. The result is an early-stopped iterate, about 20 % away
+        radii, so these settings were chosen to reach a good iterate in fewer: on head A at 2 mm,
+        penalty 1 without relaxation needed 49 iterations to reach chi NRMSE 37.3 / 53.2 % (whole /
+        healthy), these settings 30 to reach 35.9 / 52.6 %. The result is an early-stopped iterate, about 20 % away
         from the minimiser, and better than it: on the realistic heads the minimiser scores 0.5-6
         points worse whole-brain at every TV weight tried (benchmarks/bench_single_step_convergence.py),
         so ``max_iter`` regularises too; change it together with ``alpha``.
