@@ -1,12 +1,12 @@
 """How far single-step's ADMM gets: early iterates against the minimiser, by data penalty and iteration count.
 
 For each head the default chain runs once; the single-step inversion is then rerun on the same
-inputs (total field, reconstruction region, noise weights, magnitude, the TV weight the pipeline
-took from the field noise) with a long run as the reference minimiser and with each data penalty
-(``mu_data``) and iteration cap (relative-change stop off). Printed per run: seconds (compiled),
-distance to the reference minimiser (% of its norm, over the output mask), and chi NRMSE % over the
-output mask within the true brain and over its 5 mm next to the brain's surface (demeaned, healthy
-head). The default is 0.5 and 30 iterations.
+inputs (total field, reconstruction region, noise weights, magnitude) for each TV weight (``rule``:
+the one the pipeline takes from the field noise), with a long run at penalty 0.25 as the reference
+minimiser and with each data penalty (``mu_data``) and iteration cap (relative-change stop off).
+Printed per run: seconds (compiled), distance to the reference minimiser (% of its norm), and chi
+NRMSE % over the output mask within the true brain and over its 5 mm next to the brain's surface
+(demeaned, healthy head). The default is 0.5 and 30 iterations.
 
     python benchmarks/bench_single_step_convergence.py [--resolution 1] [--heads A,B] [--snr 100] [--b0-angle 0]
         [--penalties 0.1,0.25,0.5] [--iterations 10,20,30,45] [--reference-iterations 150] [--alphas rule,3e-4]
