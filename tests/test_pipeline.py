@@ -404,6 +404,7 @@ def test_single_step_tv_weight_from_the_field_noise_unless_given():
         alpha = inversion.single_step_alpha(np.full(t.brain_mask.shape, noise), t.brain_mask,
                                             field_strength=acq.field_strength)
         assert f"alpha {alpha:.3g} from the field noise" in log, log
+        assert re.search(r"single-step: \d+ iterations, weighted data residual [0-9.e+-]+ Hz", log), log
     tv = [np.abs(np.diff(c, axis=0))[t.brain_mask[1:] & t.brain_mask[:-1]].mean() for c in (quiet_chi, noisy_chi)]
     assert tv[1] < 0.8 * tv[0], tv
     given, given_log = run(3.0, pipeline.QsmSettings(inversion_options={"alpha": 1e-4}))

@@ -299,6 +299,37 @@ def test_admm_penalty_changes_the_path_not_the_answer(total_field_head):
         assert max(scores) < 10.0 and np.ptp(scores) < 3.0, (method, scores)
 
 
+def test_single_step_residual_stop_stops_where_the_data_term_levels_off(total_field_head):
+    # The rule, replayed from the residuals of runs cut at 1, 2, ... iterations: the solver must stop
+    # after the first iteration from min_iter on whose weighted data residual fell by less than the drop,
+    # and return that iterate.
+    h = total_field_head
+    brain = h["brain"]
+    kw = dict(voxel_size=(3.0, 3.0, 3.0), field_strength=B0_T, magnitude=h["magnitude"], mu_data=0.1, tol=0.0)
+    residuals, chis = [], []
+    for k in range(1, 16):
+        info = {}
+        chis.append(inv.single_step(h["noisy"], brain, max_iter=k, info=info, **kw))
+        assert info["iterations"] == k  # no rule given: runs to max_iter
+        residuals.append(info["residual"])
+    assert residuals[-1] < 0.5 * residuals[0]  # the data term is being fitted
+    for drop, min_iter in ((0.05, 5), (0.02, 4), (0.3, 3)):
+        expected = next((k for k in range(max(min_iter, 2), 16)
+                         if residuals[k - 2] - residuals[k - 1] < drop * residuals[k - 2]), 15)
+        info = {}
+        chi = inv.single_step(h["noisy"], brain, max_iter=15, residual_drop=drop, min_iter=min_iter, info=info, **kw)
+        assert info["iterations"] == expected, (drop, min_iter, residuals)
+        assert info["residual"] == pytest.approx(residuals[expected - 1], rel=1e-5)
+        np.testing.assert_allclose(chi, chis[expected - 1], atol=1e-6)
+    # a drop of 0 stops only where the residual rose: never here before that happens
+    rises = [k for k in range(5, 16) if residuals[k - 1] >= residuals[k - 2]]
+    info = {}
+    inv.single_step(h["noisy"], brain, max_iter=15, residual_drop=0.0, info=info, **kw)
+    assert info["iterations"] == (rises[0] if rises else 15)
+    with pytest.raises(InputError, match="residual_drop"):
+        inv.single_step(h["noisy"], brain, residual_drop=-0.1, **kw)
+
+
 def test_single_step_invalid_inputs(total_field_head):
     h = total_field_head
     brain, kw = h["brain"], dict(voxel_size=(3.0, 3.0, 3.0), field_strength=B0_T)

@@ -25,6 +25,7 @@ zero outside the mask.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 
 import jax
@@ -192,7 +193,7 @@ def tikhonov(local_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(
 # ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnums=(8, 9))
 def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, shape, weighted, voxel_size, kernels,
-                  relaxation=1.0):
+                  relaxation=1.0, residual_drop=-jnp.inf, min_iter=0):
     """ADMM for ``min sum_r 1/2 ||W_r (K_r x - f_r)||^2 + alpha ||G . grad x||_1``.
 
     ``kernels`` (r, half spectrum) are real, even k-space operators: the dipole kernel D alone
@@ -202,7 +203,11 @@ def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sh
     updates and the x-update stays a k-space division. Scaled dual
     variables s_z, s_v. Stops after ``n_iter`` iterations or when the
     relative change of x falls below ``tol``. ``relaxation`` in [1, 2) over-relaxes the
-    splits (Boyd et al. 2011, sec. 3.4.3): the same minimiser in fewer iterations.
+    splits (Boyd et al. 2011, sec. 3.4.3): the same minimiser in fewer iterations. With
+    ``weighted`` it also stops after the first iteration from ``min_iter`` on whose weighted
+    data residual ``sqrt(sum_r ||W_r (K_r x - f_r)||^2)`` fell by less than ``residual_drop``
+    (a fraction of the previous one; -inf never stops). Returns x, the iteration count and the
+    last two residuals (0 without ``weighted``).
     """
     E2 = g.gradient_half(shape, voxel_size)
     w2 = data_w**2
@@ -215,7 +220,7 @@ def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sh
         field_rhs = sum(kernels[r] * g.rfft(fields[r]) for r in range(n_terms))
 
     def body(state):
-        x, z, s_z, v, s_v, k, change = state
+        x, z, s_z, v, s_v, k, change, residual, _ = state
         grad_rhs = g.rfft(g.divergence_adjoint(z + s_z, voxel_size))
         if weighted:  # (data_coef = mu_data multiplies it below)
             data_rhs = sum(kernels[r] * g.rfft(v[r] + s_v[r]) for r in range(n_terms))
@@ -227,21 +232,27 @@ def _tv_admm_core(fields, data_w, tv_w, alpha, mu_grad, mu_data, n_iter, tol, sh
         u = grad_x - s_z
         z = jnp.sign(u) * jnp.maximum(jnp.abs(u) - thresh, 0.0)
         s_z = s_z + z - grad_x
+        new_residual = jnp.float32(0.0)
         if weighted:
-            Kx = relaxation * jnp.stack([g.irfft(kernels[r] * X, shape) for r in range(n_terms)]) + (1.0 - relaxation) * v
+            Kx_new = jnp.stack([g.irfft(kernels[r] * X, shape) for r in range(n_terms)])
+            new_residual = jnp.sqrt(jnp.sum(w2 * (Kx_new - fields) ** 2))
+            Kx = relaxation * Kx_new + (1.0 - relaxation) * v
             v = (w2 * fields + mu_data * (Kx - s_v)) / (w2 + mu_data)
             s_v = s_v + v - Kx
         change = jnp.linalg.norm(x_new - x) / jnp.maximum(jnp.linalg.norm(x_new), 1e-12)
-        return x_new, z, s_z, v, s_v, k + 1, change
+        return x_new, z, s_z, v, s_v, k + 1, change, new_residual, residual
 
     def cond(state):
-        return (state[5] < n_iter) & (state[6] > tol)
+        k, change, residual, previous = state[5:]
+        levelled = (k >= min_iter) & (previous - residual < residual_drop * previous)
+        return (k < n_iter) & (change > tol) & ~levelled
 
     zeros = jnp.zeros(shape, jnp.float32)
     grad0 = jnp.zeros((3,) + shape, jnp.float32)
-    state = (zeros, grad0, grad0, fields, jnp.zeros_like(fields), jnp.asarray(0), jnp.asarray(jnp.inf, jnp.float32))
-    x, *_, k, _ = jax.lax.while_loop(cond, body, state)
-    return x, k
+    inf = jnp.asarray(jnp.inf, jnp.float32)
+    state = (zeros, grad0, grad0, fields, jnp.zeros_like(fields), jnp.asarray(0), inf, inf, inf)
+    x, *_, k, _, residual, previous = jax.lax.while_loop(cond, body, state)
+    return x, k, residual, previous
 
 
 TV_DATA_TERMS = ("weighted", "linear")
@@ -249,7 +260,7 @@ TV_DATA_TERMS = ("weighted", "linear")
 
 def _run_tv(p: _Problem, tv_weights, alpha, mu_grad, mu_data, max_iter, tol, data_term):
     v.check_choice(data_term, TV_DATA_TERMS, "data_term")
-    x, _ = _tv_admm_core(
+    x, *_ = _tv_admm_core(
         p.field[None], p.weights[None], tv_weights, jnp.float32(v.check_positive(alpha, "alpha")),
         jnp.float32(v.check_positive(mu_grad, "mu_grad")), jnp.float32(v.check_positive(mu_data, "mu_data")),
         v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol", allow_zero=True)),
@@ -425,7 +436,8 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
                 field_strength, weights=None, magnitude=None, radii_mm=SINGLE_STEP_RADII_MM,
                 alpha: float = 3e-4, edge_fraction: float = 0.3, mu_grad: float | None = None,
                 mu_data: float = 0.5, max_iter: int = 30, tol: float = 0.01, relaxation: float = 1.6,
-                pad_fraction: float = 0.0):
+                residual_drop: float | None = None, min_iter: int = 5, pad_fraction: float = 0.0,
+                info: dict | None = None):
     """Single-step inversion of the total field: background removal and inversion in one problem.
 
     Minimises ``sum_r 1/2 ||W_r (1 - S_r) (D chi - f)||^2 + alpha ||M_G grad chi||_1``: the
@@ -474,6 +486,13 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         from the minimiser, and better than it: on the realistic heads the minimiser scores 0.5-6
         points worse whole-brain at every TV weight tried (benchmarks/bench_single_step_convergence.py),
         so ``max_iter`` regularises too; change it together with ``alpha``.
+    residual_drop, min_iter
+        Stop once the data term has levelled off: after the first iteration from ``min_iter`` (5)
+        on whose weighted data residual ``sqrt(sum_r ||W_r (1 - S_r)(D chi - f)||^2)`` fell by
+        less than ``residual_drop`` times the previous one (None: off).
+    info : dict, optional
+        Receives ``iterations`` (run) and ``residual`` (the weighted data residual of the result,
+        Hz).
 
     Returns
     -------
@@ -503,11 +522,15 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         raise InputError(f"single-step: no sphere of radius {radii[-1]:g} mm fits in the mask; give a smaller "
                          "radius (radii_mm) or a larger mask")
     tv_w, mu_grad = _edge_prior(p, edge_fraction, alpha, mu_grad)
-    x, _ = _tv_admm_core(
+    drop = -np.inf if residual_drop is None else v.check_positive(residual_drop, "residual_drop", allow_zero=True)
+    x, iterations, residual, _ = _tv_admm_core(
         fields, jnp.where(bands, p.weights[None], 0.0), tv_w, jnp.float32(v.check_positive(alpha, "alpha")),
         jnp.float32(v.check_positive(mu_grad, "mu_grad")), jnp.float32(v.check_positive(mu_data, "mu_data")),
         v.check_count(max_iter, "max_iter"), jnp.float32(v.check_positive(tol, "tol", allow_zero=True)),
-        p.grid.shape, True, p.vs, kernels, jnp.float32(relaxation))
+        p.grid.shape, True, p.vs, kernels, jnp.float32(relaxation), jnp.float32(drop),
+        v.check_count(min_iter, "min_iter"))
+    if info is not None:
+        info.update(iterations=int(iterations), residual=float(residual))
     return p.finish(x * p.mask_j)
 
 
@@ -638,18 +661,23 @@ for _name, _func in (("tv", tv), ("medi", medi), ("ilsqr", ilsqr), ("tikhonov", 
                      ("single-step", single_step)):
     INVERSION_METHODS.register(_name, _func)
 
-_SIGNATURE_NAMES = ("voxel_size", "b0_direction", "field_strength", "weights", "magnitude")
+# not settings: the call's inputs, and ``info`` (an output) for the methods that report
+_SIGNATURE_NAMES = ("voxel_size", "b0_direction", "field_strength", "weights", "magnitude", "info")
 
 
 def invert(local_field_hz, mask, *, method: str = "tv", voxel_size=(1.0, 1.0, 1.0),
-           b0_direction=(0.0, 0.0, 1.0), field_strength, weights=None, magnitude=None, **settings):
+           b0_direction=(0.0, 0.0, 1.0), field_strength, weights=None, magnitude=None, info: dict | None = None,
+           **settings):
     """Dipole inversion with a named method.
 
     Parameters
     ----------
     local_field_hz, mask, voxel_size, b0_direction, field_strength, weights, magnitude
         See :func:`tv`.
-    method : {"tv", "medi", "ilsqr", "tikhonov", "tkd"}
+    method : {"tv", "medi", "ilsqr", "tikhonov", "tkd", "single-step"}
+    info : dict, optional
+        Receives what the method reports about its run (single-step: ``iterations``, ``residual``);
+        left empty by the others.
     **settings
         Keyword settings of the chosen method; unknown names are an error.
 
@@ -660,6 +688,8 @@ def invert(local_field_hz, mask, *, method: str = "tv", voxel_size=(1.0, 1.0, 1.
     """
     func = INVERSION_METHODS.get(method)
     INVERSION_METHODS.check_settings(method, settings, _SIGNATURE_NAMES)
+    if info is not None and "info" in inspect.signature(func).parameters:
+        settings = dict(settings, info=info)
     return func(local_field_hz, mask, voxel_size=voxel_size, b0_direction=b0_direction,
                 field_strength=field_strength, weights=weights, magnitude=magnitude, **settings)
 
