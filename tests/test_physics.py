@@ -33,6 +33,15 @@ def test_constants_and_conversions():
     wrapped = physics.wrap_phase(np.array([np.pi, -np.pi, 3 * np.pi + 0.1, -0.2]))
     assert np.all(wrapped >= -np.pi) and np.all(wrapped < np.pi)
     np.testing.assert_allclose(wrapped, [-np.pi, -np.pi, -np.pi + 0.1, -0.2], atol=1e-12)
+    # float32 stays float32, in the half-open interval, and equal to the phase modulo 2 pi
+    phase = np.random.default_rng(0).normal(0.0, 40.0, 200_000).astype(np.float32)
+    phase[:4] = [np.pi, -np.pi, 3 * np.pi, np.float32(np.pi) * 5]
+    wrapped = physics.wrap_phase(phase)
+    assert wrapped.dtype == np.float32 and wrapped.shape == phase.shape
+    assert np.all(wrapped >= -np.float32(np.pi)) and np.all(wrapped < np.float32(np.pi))
+    turns = (phase.astype(np.float64) - wrapped) / (2 * np.pi)
+    np.testing.assert_allclose(turns, np.round(turns), atol=1e-5)
+    assert physics.wrap_phase(7.0) == pytest.approx(7.0 - 2 * np.pi) and np.ndim(physics.wrap_phase(7.0)) == 0
 
 
 @pytest.mark.parametrize("voxel_size", [(1.0, 1.0, 1.0), (1.0, 1.0, 1.5)])
