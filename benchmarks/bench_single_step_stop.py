@@ -7,8 +7,8 @@ off). Printed: per iteration the weighted data residual (Hz), its fall from the 
 iteration (%) and chi NRMSE % over the output mask within the true brain and over its 5 mm next
 to the brain's surface (demeaned, healthy head); then, for each residual-drop rule (stop after
 the first iteration from ``min_iter`` on whose residual fell by less than ``drop``), where it
-stops and what it scores, beside the best iterate and the current default (penalty 0.5, 30
-iterations, relative-change stop 0.01).
+stops and what it scores, beside the best iterate, the default and the default before 2026-12-07
+(penalty 0.5, 30 iterations).
 
     python benchmarks/bench_single_step_stop.py [--resolution 1] [--heads A,B] [--snrs 100,30] [--b0-angle 0]
         [--mu-data 0.1] [--iterations 20] [--drops 0.05,0.1,0.15] [--min-iters 3,5]
@@ -17,6 +17,7 @@ iterations, relative-change stop 0.01).
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ from chisep import metrics, pipeline, workflows
 from chisep.qsm import inversion
 
 SURFACE_BAND_MM = 5.0
+DEFAULTS = {name: p.default for name, p in inspect.signature(inversion.single_step).parameters.items()}
 
 
 def stop_iteration(residuals: list[float], drop: float, min_iter: int) -> int:
@@ -78,7 +80,7 @@ def main() -> None:
                         metrics.nrmse(chi, truth.chi, band), seconds)
 
             run(max_iter=1)  # compile once per grid (the iteration count is traced)
-            default = run()
+            default, previous = run(), run(mu_data=0.5, max_iter=30)
             print(f"### head {head}, SNR {snr:g}\n")
             print("| iteration | residual Hz | fall % | chi % | 5 mm band % |")
             print("|---|---|---|---|---|")
@@ -90,7 +92,9 @@ def main() -> None:
                 print(f"| {k} | {residual:.4g} | {fall:.1f} | {whole:.2f} | {edge:.2f} |", flush=True)
             residuals = [r for r, _, _ in trajectory]
             best = int(np.argmin([w for _, w, _ in trajectory]))
-            rows = [("default (0.5, 30, tol 0.01)", default[0], default[2], default[3]),
+            rows = [(f"default ({DEFAULTS['mu_data']}, {DEFAULTS['max_iter']}, tol {DEFAULTS['tol']})", *default[:1],
+                     *default[2:4]),
+                    ("before 2026-12-07 (0.5, 30, tol 0.01)", previous[0], previous[2], previous[3]),
                     ("best iterate", best + 1, trajectory[best][1], trajectory[best][2])]
             for drop in drops:
                 for min_iter in min_iters:

@@ -239,8 +239,10 @@ def total_field_head():
 def test_single_step_keeps_the_brain_field_that_background_removal_takes(total_field_head):
     # Sources against the brain's surface have a field that is partly harmonic inside the brain;
     # V-SHARP and LBV take that part out with the background and the inversion then fits the
-    # rest. Measured NRMSE %: single-step 9-10, MEDI on the TRUE local field 10, V-SHARP + MEDI 57,
-    # LBV + MEDI 52 (noiseless and with field noise at 10 % of the local field's SD).
+    # rest. Measured NRMSE %: single-step 17 with its default 10 iterations and 11 run to 100,
+    # MEDI on the TRUE local field 10, V-SHARP + MEDI 57, LBV + MEDI 52 (field noise at 10 % of the
+    # local field's SD). This head is piecewise constant, TV's best case, so more iterations help
+    # here; on the realistic heads the 10th iterate is the better one (benchmarks/RESULTS.md).
     from chisep.qsm import background
 
     h = total_field_head
@@ -249,13 +251,14 @@ def test_single_step_keeps_the_brain_field_that_background_removal_takes(total_f
     chi = inv.invert(h["noisy"], brain, method="single-step", **kw)
     assert chi.dtype == np.float32 and np.all(chi[~brain] == 0)
     score = nrmse(chi, h["chi"], brain)
-    assert score < 15.0, score
+    assert score < 20.0, score
     local, eroded = background.remove_background(h["noisy"], brain, method="vsharp", voxel_size=(3.0, 3.0, 3.0))
     two_step = nrmse(inv.medi(local, eroded, **kw), h["chi"], brain)
-    assert two_step > 3 * score, (two_step, score)
-    # no better than the true local field allows, i.e. the background is gone, not fitted as brain
+    assert two_step > 2.5 * score, (two_step, score)
+    # run on, no better than the true local field allows, i.e. the background is gone, not fitted as brain
     ideal = nrmse(inv.medi(np.where(brain, h["local"], 0), brain, **kw), h["chi"], brain)
-    assert score < ideal + 3.0, (score, ideal)
+    converged = nrmse(inv.invert(h["noisy"], brain, method="single-step", max_iter=100, tol=0.0, **kw), h["chi"], brain)
+    assert converged < ideal + 3.0, (converged, ideal)
 
 
 def test_single_step_with_oblique_b0():

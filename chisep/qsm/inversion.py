@@ -435,7 +435,7 @@ def _single_step_data(field, mask, radii, shape, voxel_size, b0):
 def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0.0, 0.0, 1.0),
                 field_strength, weights=None, magnitude=None, radii_mm=SINGLE_STEP_RADII_MM,
                 alpha: float = 3e-4, edge_fraction: float = 0.3, mu_grad: float | None = None,
-                mu_data: float = 0.5, max_iter: int = 30, tol: float = 0.01, relaxation: float = 1.6,
+                mu_data: float = 0.1, max_iter: int = 10, tol: float = 0.01, relaxation: float = 1.6,
                 residual_drop: float | None = None, min_iter: int = 5, pad_fraction: float = 0.0,
                 info: dict | None = None):
     """Single-step inversion of the total field: background removal and inversion in one problem.
@@ -478,18 +478,21 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
     edge_fraction, mu_grad
         As in :func:`medi`.
     mu_data, relaxation, max_iter, tol
-        ADMM's data penalty (0.5), over-relaxation (1.6), iteration cap (30) and relative-change
+        ADMM's data penalty (0.1), over-relaxation (1.6), iteration cap (10) and relative-change
         stop (0.01). Each iteration costs 2 + 2 x (number of radii) FFTs, twice MEDI's with three
-        radii, so these settings were chosen to reach a good iterate in fewer: on head A at 2 mm,
-        penalty 1 without relaxation needed 49 iterations to reach chi NRMSE 37.3 / 53.2 % (whole /
-        healthy), these settings 30 to reach 35.9 / 52.6 %. The result is an early-stopped iterate, about 20 % away
-        from the minimiser, and better than it: on the realistic heads the minimiser scores 0.5-6
-        points worse whole-brain at every TV weight tried (benchmarks/bench_single_step_convergence.py),
-        so ``max_iter`` regularises too; change it together with ``alpha``.
+        radii. The result is an early-stopped iterate, not the minimiser, and better than it on
+        the realistic heads: run to convergence the problem scores 0.5-6 points worse whole-brain
+        at every TV weight tried, and with penalty 0.1 the best iterate was the 7th to 10th on both
+        heads at 1 and 2 mm, SNR 30 and 100, axial and 30 degrees oblique
+        (benchmarks/bench_single_step_stop.py, bench_single_step_convergence.py). So ``max_iter``
+        regularises too; change it together with ``alpha``. A piecewise-constant phantom is TV's
+        best case and wants more (``max_iter=30, mu_data=0.5``, the defaults until 2026-12-07).
     residual_drop, min_iter
         Stop once the data term has levelled off: after the first iteration from ``min_iter`` (5)
         on whose weighted data residual ``sqrt(sum_r ||W_r (1 - S_r)(D chi - f)||^2)`` fell by
-        less than ``residual_drop`` times the previous one (None: off).
+        less than ``residual_drop`` times the previous one (None: off). Off by default: at SNR 30
+        the residual levels off by the 5th-6th iteration, before the best iterate (9th at 1 mm), and
+        a fixed count did better on every realistic case (benchmarks/RESULTS.md).
     info : dict, optional
         Receives ``iterations`` (run) and ``residual`` (the weighted data residual of the result,
         Hz).
