@@ -482,7 +482,7 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
         stop (0.01). Each iteration costs 2 + 2 x (number of radii) FFTs, twice MEDI's with three
         radii. The result is an early-stopped iterate, not the minimiser, and better than it on
         the realistic heads: run to convergence the problem scores 0.5-6 points worse whole-brain
-        at every TV weight tried, and with penalty 0.1 the best iterate was the 7th to 10th on both
+        at every TV weight tried, and with penalty 0.1 the best iterate was the 7th to 9th on both
         heads at 1 and 2 mm, SNR 30 and 100, axial and 30 degrees oblique
         (benchmarks/bench_single_step_stop.py, bench_single_step_convergence.py). So ``max_iter``
         regularises too; change it together with ``alpha``. A piecewise-constant phantom is TV's
