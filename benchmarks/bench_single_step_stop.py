@@ -92,8 +92,8 @@ def main() -> None:
                 print(f"| {k} | {residual:.4g} | {fall:.1f} | {whole:.2f} | {edge:.2f} |", flush=True)
             residuals = [r for r, _, _ in trajectory]
             best = int(np.argmin([w for _, w, _ in trajectory]))
-            rows = [(f"default ({DEFAULTS['mu_data']}, {DEFAULTS['max_iter']}, tol {DEFAULTS['tol']})", *default[:1],
-                     *default[2:4]),
+            rows = [(f"default ({DEFAULTS['mu_data']}, {DEFAULTS['max_iter']}, tol {DEFAULTS['tol']})", default[0],
+                     default[2], default[3]),
                     ("before 2026-12-07 (0.5, 30, tol 0.01)", previous[0], previous[2], previous[3]),
                     ("best iterate", best + 1, trajectory[best][1], trajectory[best][2])]
             for drop in drops:
