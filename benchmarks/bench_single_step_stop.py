@@ -21,12 +21,11 @@ import inspect
 import time
 
 import numpy as np
-from scipy import ndimage
+from bench_single_step_convergence import single_step_case
 
-from chisep import metrics, pipeline, workflows
+from chisep import metrics
 from chisep.qsm import inversion
 
-SURFACE_BAND_MM = 5.0
 DEFAULTS = {name: p.default for name, p in inspect.signature(inversion.single_step).parameters.items()}
 
 
@@ -56,28 +55,17 @@ def main() -> None:
     summary = []
     for snr in [float(s) for s in args.snrs.split(",")]:
         for head in args.heads.split(","):
-            sim = workflows.simulate(resolution=args.resolution, scenario="healthy", snr=snr, head=head,
-                                     b0_angle_deg=args.b0_angle)
-            qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
-            acq, truth = sim.acquisition, sim.truth
-            region, noise = qsm.reconstruction_mask, qsm.field_noise_used
-            inputs = dict(voxel_size=acq.voxel_size, b0_direction=acq.b0_direction,
-                          field_strength=acq.field_strength, weights=pipeline._noise_weights(noise, region),
-                          magnitude=sim.magnitude[..., 0],
-                          alpha=inversion.single_step_alpha(noise, region, field_strength=acq.field_strength))
-            scored = qsm.mask & truth.brain_mask
-            depth = ndimage.distance_transform_edt(truth.brain_mask, sampling=acq.voxel_size)
-            band = scored & (depth <= SURFACE_BAND_MM)
-            del sim
+            case = single_step_case(args.resolution, head, snr, args.b0_angle)
 
             def run(**options):
                 info: dict = {}
                 t0 = time.perf_counter()
-                chi = inversion.single_step(qsm.field_total, region, info=info, **inputs, **options)
+                chi = inversion.single_step(case.field, case.region, alpha=case.alpha, info=info, **case.inputs,
+                                            **options)
                 seconds = time.perf_counter() - t0
-                chi = inversion.reference(chi, qsm.mask)
-                return (info["iterations"], info["residual"], metrics.nrmse(chi, truth.chi, scored),
-                        metrics.nrmse(chi, truth.chi, band), seconds)
+                chi = inversion.reference(chi, case.output_mask)
+                return (info["iterations"], info["residual"], metrics.nrmse(chi, case.truth.chi, case.scored),
+                        metrics.nrmse(chi, case.truth.chi, case.band), seconds)
 
             run(max_iter=1)  # compile once per grid (the iteration count is traced)
             default, previous = run(), run(mu_data=0.5, max_iter=30)

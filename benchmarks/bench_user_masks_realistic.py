@@ -1,6 +1,6 @@
-"""User masks on the realistic heads: chi with the true brain mask, the true mask dilated into skull and
-scalp (1 and 3 voxels), a BET-style mask (dilated by 2, closed by 4: it bridges sulci) and the automatic
-mask, for each set of single-step options given.
+"""User masks on the realistic heads: chi with the masks of ``bench_reliability.user_masks`` (automatic,
+true brain, the true mask dilated into skull and scalp by 1-3 voxels, a BET-style mask that bridges sulci,
+dark holes), for each set of single-step options given.
 
 Scored qsm-ci style over the true brain mask (NRMSE % after demeaning; voxels the output mask leaves out
 count as zero). ``--options`` takes ';'-separated sets of ``name=value`` inversion options, '' for the
@@ -16,7 +16,7 @@ import argparse
 import time
 import warnings
 
-from scipy import ndimage
+from bench_reliability import user_masks
 
 from chisep import metrics, pipeline, workflows
 
@@ -39,16 +39,15 @@ def main() -> None:
     option_sets = [parse_options(text) for text in args.options.split(";")]
     print(f"## User masks on the realistic heads: {args.resolution:g} mm, SNR {args.snr:g}, "
           f"date {time.strftime('%Y-%m-%d')}\n")
-    names = ("true", "dilated 1", "dilated 3", "BET-style", "automatic")
-    print("| head | inversion options | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
-    for head in args.heads.split(","):
+    for number, head in enumerate(args.heads.split(",")):
         sim = workflows.simulate(resolution=args.resolution, scenario="healthy", snr=args.snr, head=head)
         brain = sim.truth.brain_mask
-        masks = [brain, ndimage.binary_dilation(brain, iterations=1), ndimage.binary_dilation(brain, iterations=3),
-                 ndimage.binary_closing(ndimage.binary_dilation(brain, iterations=2), iterations=4), None]
+        masks = user_masks(sim)
+        if number == 0:
+            print("| head | inversion options | " + " | ".join(masks) + " |\n|---|---|" + "---|" * len(masks))
         for options in option_sets:
             scores = []
-            for mask in masks:
+            for mask in masks.values():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # phase-wrap alarms from scalp in the dilated masks
                     qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition, mask=mask,
