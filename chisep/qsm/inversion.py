@@ -25,7 +25,6 @@ zero outside the mask.
 
 from __future__ import annotations
 
-import inspect
 from functools import partial
 
 import jax
@@ -700,7 +699,7 @@ def invert(local_field_hz, mask, *, method: str = "tv", voxel_size=(1.0, 1.0, 1.
     """
     func = INVERSION_METHODS.get(method)
     INVERSION_METHODS.check_settings(method, settings, _SIGNATURE_NAMES)
-    if info is not None and "info" in inspect.signature(func).parameters:
+    if info is not None and "info" in INVERSION_METHODS.settings_of(method):
         settings = dict(settings, info=info)
     return func(local_field_hz, mask, voxel_size=voxel_size, b0_direction=b0_direction,
                 field_strength=field_strength, weights=weights, magnitude=magnitude, **settings)
