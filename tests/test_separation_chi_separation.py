@@ -108,6 +108,23 @@ def test_closed_form_clips_and_resolves_the_other_component():
         assert np.all(resid <= (p2 - d2 - chi[clipped]) ** 2 + (p2 + d2 - r) ** 2 + 1e-15)
 
 
+def test_closed_form_weighs_the_r2prime_equation():
+    chi, r2p = np.array([0.1, -0.1, 0.1, -0.2]), np.array([0.0, 0.0, 30.0, 10.0])
+    default = closed_form(chi, r2p, dr_para=137.0, dr_dia=137.0)
+    np.testing.assert_allclose(closed_form(chi, r2p, dr_para=137.0, dr_dia=137.0, r2prime_weight=1.0), default)
+    # no weight on R2' (unknown, e.g. a signal void): where a component clips, chi alone decides,
+    # which is the thresholded QSM; where both are positive the solution is exact whatever the weight
+    para, dia = closed_form(chi, r2p, dr_para=137.0, dr_dia=137.0, r2prime_weight=np.array([0.0, 0.0, 0.0, 0.0]))
+    np.testing.assert_allclose(para[[0, 1, 3]], [0.1, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(dia[[0, 1, 3]], [0.0, 0.1, 0.2], atol=1e-12)
+    np.testing.assert_allclose([para[2], dia[2]], [default[0][2], default[1][2]], atol=1e-12)
+    # a clipped voxel minimises the weighted residual: chi_dia = (w^2 r + |chi|) / (w^2 + 1)
+    w = np.array([0.5, 2.0])
+    _, dia = closed_form(np.array([-0.1, -0.1]), np.array([0.0, 0.0]), dr_para=137.0, dr_dia=137.0,
+                         r2prime_weight=w)
+    np.testing.assert_allclose(dia, 0.1 / (w**2 + 1.0), rtol=1e-12)
+
+
 def test_closed_form_accepts_jax_arrays():
     para, dia = closed_form(jnp.asarray([0.02]), jnp.asarray([10.0]), dr_para=137.0, dr_dia=137.0)
     assert isinstance(para, jax.Array)
@@ -496,3 +513,10 @@ def test_a_calcification_whose_r2prime_reads_zero_is_split_by_the_field_when_mar
     # away from the lesion nothing changes
     far = calc.brain_mask & ~ndimage.binary_dilation(lesion, iterations=4)
     assert np.abs(unknown.chi_para - known.chi_para)[far].mean() < 0.1 * known.chi_para[far].mean()
+    # the solver starts where the field alone puts the lesion (the weighted closed form), so a few
+    # iterations already hold it; the unweighted start put it at half (R2' = 0 against chi)
+    chi_map = np.where(calc.brain_mask, calc.chi_para - calc.chi_dia, 0.0).astype(np.float32)
+    early = ChiSeparation(acquisition(voxel_size=calc.voxel_size), max_iter=2).fit(
+        SeparationInputs(mask=calc.brain_mask, local_field_hz=field, r2prime=r2prime, chi=chi_map,
+                         r2prime_unknown=lesion))
+    assert abs(early.chi_dia[lesion].mean() - true_dia) < 0.1 * true_dia

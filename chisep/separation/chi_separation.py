@@ -165,7 +165,7 @@ def load_constants(field_strength: float, path: str | Path | Mapping | None = No
 # ---------------------------------------------------------------------------
 # voxelwise closed form
 # ---------------------------------------------------------------------------
-def closed_form(chi_total, r2prime, *, dr_para: float, dr_dia: float):
+def closed_form(chi_total, r2prime, *, dr_para: float, dr_dia: float, r2prime_weight=None):
     """Voxelwise chi-separation given a total-susceptibility (QSM) map.
 
     Solves ``chi_total = chi_para - chi_dia`` and ``R2' = Dr_para chi_para +
@@ -176,15 +176,20 @@ def closed_form(chi_total, r2prime, *, dr_para: float, dr_dia: float):
 
     Where one component comes out negative it is set to 0 and the other is
     re-solved from both equations in the least-squares sense, each residual in
-    ppm (R2' divided by the mean Dr), the weighting of the joint solver; e.g.
-    with chi_dia = 0: chi_para = (a_p r + chi_total) / (a_p^2 + 1), with
-    a_p = Dr_para / Dr_mean and r = R2' / Dr_mean, then clipped at 0.
+    ppm (R2' divided by the mean Dr), the R2' equation weighted by ``w`` =
+    ``r2prime_weight``: e.g. with chi_dia = 0, chi_para = (w^2 a_p r + chi_total)
+    / (w^2 a_p^2 + 1), with a_p = Dr_para / Dr_mean and r = R2' / Dr_mean, then
+    clipped at 0. With w = 0 (R2' unknown, e.g. a signal void) this is the
+    thresholded QSM, with w = 1 (default) both equations count alike.
 
     Parameters
     ----------
     chi_total : array, ppm
     r2prime : array, 1/s (>= 0; R2' = max(R2* - R2, 0))
     dr_para, dr_dia : float, Hz/ppm (at the data's field strength)
+    r2prime_weight : float or array, optional
+        w >= 0, the weight of the R2' equation relative to the chi equation (default 1);
+        the joint solver's start takes W_r / W_f.
 
     Returns
     -------
@@ -192,15 +197,16 @@ def closed_form(chi_total, r2prime, *, dr_para: float, dr_dia: float):
     """
     if not (dr_para > 0 and dr_dia > 0):
         raise InputError(f"dr_para and dr_dia must be > 0 Hz/ppm, got {dr_para}, {dr_dia}")
-    xp = jnp if isinstance(chi_total, jax.Array) or isinstance(r2prime, jax.Array) else np
+    xp = jnp if any(isinstance(a, jax.Array) for a in (chi_total, r2prime, r2prime_weight)) else np
     chi = xp.asarray(chi_total)
     rp = xp.asarray(r2prime)
+    w2 = 1.0 if r2prime_weight is None else xp.asarray(r2prime_weight) ** 2
     dr_mean = 0.5 * (dr_para + dr_dia)
     a_p, a_d, r = dr_para / dr_mean, dr_dia / dr_mean, rp / dr_mean
     chi_para = (a_d * chi + r) / (a_p + a_d)
     chi_dia = (r - a_p * chi) / (a_p + a_d)
-    para_only = xp.maximum((a_p * r + chi) / (a_p**2 + 1.0), 0.0)
-    dia_only = xp.maximum((a_d * r - chi) / (a_d**2 + 1.0), 0.0)
+    para_only = xp.maximum((w2 * a_p * r + chi) / (w2 * a_p**2 + 1.0), 0.0)
+    dia_only = xp.maximum((w2 * a_d * r - chi) / (w2 * a_d**2 + 1.0), 0.0)
     neg_para, neg_dia = chi_para < 0, chi_dia < 0
     out_para = xp.where(neg_dia, para_only, xp.where(neg_para, 0.0, chi_para))
     out_dia = xp.where(neg_para, dia_only, xp.where(neg_dia, 0.0, chi_dia))
@@ -522,7 +528,11 @@ def solve_chi_separation(
         chi0 = _tkd(prob["phi"], prob["mask"], kernel, 0.19)
     else:
         chi0 = jnp.asarray(work.embed(np.where(mask, chi_init, 0.0)))
-    x_p, x_d = closed_form(chi0, prob["rp"] * dr_mean, dr_para=dr_para, dr_dia=dr_dia)
+    # the start weighs the R2' equation as the solver does, relative to the field's: where R2' is
+    # unknown (a signal void, W_r = 0) chi alone decides, i.e. a calcification starts at chi_dia = -chi
+    ratio = jnp.sqrt(prob["wr2"] / jnp.maximum(prob["wf2"], 1e-6))
+    x_p, x_d = closed_form(chi0, prob["rp"] * dr_mean, dr_para=dr_para, dr_dia=dr_dia,
+                           r2prime_weight=ratio)
     x_p = jnp.minimum(x_p, chi_max[0]) * prob["mask"]
     x_d = jnp.minimum(x_d, chi_max[1]) * prob["mask"]
     f32 = partial(jnp.asarray, dtype=jnp.float32)
