@@ -33,10 +33,13 @@ __all__ = [
 ]
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice]:
-    """Slices of the smallest box holding every True voxel of ``mask`` (non-empty)."""
-    idx = np.nonzero(mask)
-    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice]:
+    """Slices of the smallest box holding every True voxel of ``mask`` (non-empty), grown by
+    ``margin`` voxels on each side as far as the array reaches."""
+    # projections on the axes: a third of the time of np.nonzero on a 1 mm head
+    hits = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    return tuple(slice(max(int(i[0]) - margin, 0), min(int(i[-1]) + 1 + margin, n))
+                 for i, n in zip(hits, mask.shape))
 
 
 # ---------------------------------------------------------------------------
@@ -215,13 +218,21 @@ def edge_mask(image, mask, voxel_size, *, edge_fraction: float) -> np.ndarray:
     (72, True, True)
     """
     msk = np.asarray(mask, bool)
-    img = np.where(msk, np.asarray(image, np.float32), 0.0)
-    grads = np.stack([np.abs(np.roll(img, -1, axis=i) - img) / float(voxel_size[i]) for i in range(3)])
+    out = np.ones((3,) + msk.shape, np.float32)
     if edge_fraction <= 0 or not msk.any():
-        return np.ones(grads.shape, np.float32)
-    threshold = np.quantile(grads[:, msk], 1.0 - edge_fraction)
+        return out
+    # on the mask's box grown by one voxel (a zero rim, so the periodic difference at its border is
+    # the whole grid's); the whole grid when the mask touches the array's border
+    box = bounding_box(msk, margin=1)
+    if any(b.start == 0 or b.stop == n for b, n in zip(box, msk.shape)):
+        box = (slice(None),) * 3
+    inside = msk[box]
+    img = np.where(inside, np.asarray(image, np.float32)[box], np.float32(0))
+    grads = np.stack([np.abs(np.roll(img, -1, axis=i) - img) / np.float32(voxel_size[i]) for i in range(3)])
+    threshold = np.quantile(grads[:, inside], 1.0 - edge_fraction)
     edges = (grads >= threshold) & (grads > 0)
-    return np.where(edges, 0.0, 1.0).astype(np.float32)
+    out[(slice(None),) + box] = np.where(edges, np.float32(0), np.float32(1))
+    return out
 
 
 def as_jax(vs: np.ndarray) -> jax.Array:

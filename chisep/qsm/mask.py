@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from chisep import validate
 from chisep.errors import InputError
+from chisep.grid import bounding_box
 from chisep.physics import wrap_phase
 
 #: Gaussian width (mm) of the smoothing that estimates the bias field.
@@ -155,10 +156,7 @@ def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.n
         return m.copy()
     # distance to the nearest outside voxel, computed in the mask's bounding
     # box padded by one outside voxel (the array border counts as outside)
-    box = tuple(
-        slice(int(i[0]), int(i[-1]) + 1)
-        for i in (np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3))
-    )
+    box = bounding_box(m)
     out = np.zeros(m.shape, dtype=bool)
     half = np.floor((radius_mm + 1e-6) / vs).astype(int)
     if np.prod(2 * half + 1) <= SMALL_BALL_BOX_VOXELS:
@@ -391,7 +389,10 @@ def brain_region(head, unreliable, *, voxel_size=(1.0, 1.0, 1.0), opening_mm: fl
     core = _largest_component(erode_mask(candidates, vs, opening_mm))
     if not core.any():
         return ndimage.binary_fill_holes(_largest_component(candidates)) & head
-    near_core = ndimage.distance_transform_edt(~core, sampling=vs) <= opening_mm + 1e-6
+    # voxels within opening_mm of the core: the distance transform on the core's box grown by that much
+    box = bounding_box(core, margin=int(np.max(np.ceil(opening_mm / vs))) + 1)
+    near_core = np.zeros_like(core)
+    near_core[box] = ndimage.distance_transform_edt(~core[box], sampling=vs) <= opening_mm + 1e-6
     brain = _largest_component(near_core & candidates)
     return ndimage.binary_fill_holes(brain) & head
 

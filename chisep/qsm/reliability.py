@@ -59,7 +59,7 @@ from scipy import ndimage
 
 from chisep import validate
 from chisep.errors import InputError
-from chisep.grid import harmonic_fill
+from chisep.grid import bounding_box, harmonic_fill
 from chisep.physics import wrap_phase
 
 #: factor over the median in the mask above which a statistic marks a voxel unreliable; for
@@ -216,8 +216,14 @@ def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
 def mask_core(mask, fraction: float = 0.5) -> np.ndarray:
     """The ``fraction`` of the mask's voxels farthest from its edge (for a head mask: brain, not scalp)."""
     msk = np.asarray(mask, dtype=bool)
-    depth = ndimage.distance_transform_edt(msk)
-    return msk & (depth >= np.quantile(depth[msk], 1.0 - fraction))
+    if not msk.any():
+        return msk.copy()
+    # on the mask's box with a one-voxel rim: the nearest outside voxel is always within it
+    box = bounding_box(msk, margin=1)
+    depth = ndimage.distance_transform_edt(msk[box])
+    core = np.zeros_like(msk)
+    core[box] = msk[box] & (depth >= np.quantile(depth[msk[box]], 1.0 - fraction))
+    return core
 
 
 def check_factors(factors: dict | None) -> dict:

@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import breadth_first_order, connected_components, mini
 from chisep import validate
 from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
+from chisep.grid import bounding_box
 from chisep.physics import wrap_phase
 from chisep.registry import Registry
 
@@ -496,17 +497,12 @@ def unwrap_romeo(
     mag = _check_magnitude(magnitude, phi.shape)
     tes = None if phi.ndim == 3 else _check_echo_times(echo_times, phi.shape[-1])
     # work in the bounding box of the mask (a brain fills a third of its grid)
-    box = _bounding_box(msk)
+    box = bounding_box(msk)
     out = np.zeros(phi.shape, dtype=np.float32)
     out[box] = _romeo_in_box(
         phi[box], msk[box], None if mag is None else mag[box], tes, template_echo, individual
     )
     return out
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
-    nonzero = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in nonzero)
 
 
 def _romeo_in_box(phi, msk, mag, tes, template_echo, individual):
@@ -736,7 +732,7 @@ def unwrap_laplacian(
     msk = _check_mask(mask, phi.shape[:3])
     _check_magnitude(magnitude, phi.shape)
     # solve in the bounding box of the mask: the DCTs dominate the cost
-    box = _bounding_box(msk)
+    box = bounding_box(msk)
     out = np.zeros(phi.shape, dtype=np.float32)
     if phi.ndim == 3:
         out[box] = _laplacian_3d(phi[box], msk[box], vs, max_iter, tol)
