@@ -637,8 +637,14 @@ def estimate_noise(image, mask) -> float:
     uncertainty maps when no noise level is given (the fit residual would
     underestimate it: the R2' term is matched almost exactly, see ``fit``).
     """
-    x = np.asarray(image, np.float64)
-    inner = np.asarray(mask, bool).copy()
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return 0.0
+    # on the mask's box with a one-voxel rim (outside the mask): the same voxels and neighbours
+    box = grid.bounding_box(mask, margin=1)
+    x = np.asarray(image, np.float64)[box]
+    mask = mask[box]
+    inner = mask.copy()
     neighbours = np.zeros_like(x)
     for axis in range(3):
         for shift in (-1, 1):
