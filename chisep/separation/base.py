@@ -187,6 +187,11 @@ class SeparationInputs:
     def shape(self) -> tuple[int, int, int]:
         return self.mask.shape
 
+    @property
+    def r2_from_rule(self) -> bool:
+        """R2' was formed with the R2*-only rule's R2, not a measured one."""
+        return self.r2_source is not None and self.r2_source.startswith("R2*-only")
+
     def require(self, names, model: str) -> None:
         """Raise an error naming every input ``model`` needs that is missing."""
         missing = [n for n in names if getattr(self, n) is None]

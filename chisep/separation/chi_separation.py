@@ -87,9 +87,11 @@ class ChiSeparationConstants:
     dr_para: float
     dr_dia: float
     nominal_r2: float
+    r2_rule_uncertainty: float
     r2prime_low: float
     r2prime_high: float
     out_of_band_weight: float
+    balance_by_noise: bool
     lam: float
     lam_csf: float
     edge_fraction: float
@@ -139,14 +141,19 @@ def load_constants(field_strength: float, path: str | Path | Mapping | None = No
     edge_fraction = require_number(reg, "edge_fraction", source=src, minimum=0.0)
     if edge_fraction >= 1:
         raise ModelFileError(f"{src}: edge_fraction must be in [0, 1), found {edge_fraction}")
+    balance_by_noise = wts.get("balance_by_noise", True)
+    if not isinstance(balance_by_noise, bool):
+        raise ModelFileError(f"{src}: [weights] balance_by_noise must be true or false, found {balance_by_noise!r}")
     return ChiSeparationConstants(
         field_strength_t=float(field_strength),
         dr_para=scale(require_number(rel, "dr_para_hz_per_ppm", source=src, positive=True)),
         dr_dia=scale(require_number(rel, "dr_dia_hz_per_ppm", source=src, positive=True)),
         nominal_r2=require_number(r2, "nominal_r2_per_s", source=src, minimum=0.0),
+        r2_rule_uncertainty=require_number(r2, "rule_uncertainty_per_s", source=src, minimum=0.0),
         r2prime_low=scale(require_number(wts, "r2prime_low_hz", source=src, minimum=0.0)),
         r2prime_high=scale(require_number(wts, "r2prime_high_hz", source=src, positive=True)),
         out_of_band_weight=require_number(wts, "out_of_band_weight", source=src, minimum=0.0),
+        balance_by_noise=balance_by_noise,
         lam=require_number(reg, "lambda", source=src, minimum=0.0),
         lam_csf=require_number(reg, "lambda_csf", source=src, minimum=0.0),
         edge_fraction=edge_fraction,
@@ -574,6 +581,31 @@ def field_weight_from_noise(field_noise_hz, mask, *, cap: float = 5.0) -> np.nda
     return (w * mask).astype(np.float32)
 
 
+#: limits of :func:`noise_balance` (a noiseless map must not turn one data term off)
+NOISE_BALANCE_LIMITS = (0.01, 100.0)
+
+
+def noise_balance(field_noise_hz, r2prime_noise, mask, *, field_strength: float, dr_mean: float) -> float:
+    """Weight of the R2' term relative to the field term from their noise, both in ppm (1 when unknown).
+
+    The field term's weight W_f is 1 / field noise normalised to mean 1, so W_f = 1 stands for the
+    harmonic mean of the field noise, sigma_f / (CF 1e-6) in ppm; the R2' residual is in ppm after
+    dividing by the mean Dr, so its noise is sigma_R / Dr_mean. Least squares weighted by the inverse
+    noise (maximum likelihood for Gaussian noise) then weights the R2' term by their ratio, clipped
+    to :data:`NOISE_BALANCE_LIMITS`.
+    """
+    if field_noise_hz is None:
+        return 1.0
+    noise = np.broadcast_to(np.asarray(field_noise_hz, np.float64), np.shape(mask))[mask]
+    noise = noise[np.isfinite(noise) & (noise > 0)]
+    sigma_r = float(np.median(np.asarray(r2prime_noise, np.float64)[mask] if np.ndim(r2prime_noise)
+                              else r2prime_noise))
+    if noise.size == 0 or not (np.isfinite(sigma_r) and sigma_r > 0):
+        return 1.0
+    sigma_f_ppm = 1.0 / np.mean(1.0 / noise) / (physics.centre_frequency_hz(field_strength) * 1e-6)
+    return float(np.clip(sigma_f_ppm / (sigma_r / dr_mean), *NOISE_BALANCE_LIMITS))
+
+
 def r2prime_weight(r2prime, mask, *, low: float, high: float, out_of_band: float) -> np.ndarray:
     """W_r: 1 where low <= R2' <= high (Hz), ``out_of_band`` elsewhere in the mask, 0 outside."""
     r2prime = np.asarray(r2prime)
@@ -716,7 +748,8 @@ class ChiSeparation(SeparationModel):
         (pad_factor: FFT grid size relative to the mask's bounding box, >= 1).
     solver : {"admm", "fista"}
     r2prime_noise : float or (x, y, z) array, 1/s, optional
-        R2' noise for the uncertainty maps; default: ``estimate_noise`` of R2'.
+        R2' noise for the uncertainty maps and, with the field noise, the balance of the two
+        data terms (:func:`noise_balance`); default: ``estimate_noise`` of R2'.
 
     Examples
     --------
@@ -792,6 +825,16 @@ class ChiSeparation(SeparationModel):
             # a dark source's R2' reads ~0 where the truth is hundreds of 1/s: it would pull both
             # components of a calcification to zero (measured: chi_dia 1.1 of a true 2.7 ppm)
             weight_r = np.where(inputs.r2prime_unknown, 0.0, weight_r).astype(np.float32)
+        # R2' noise: the given level, else the map's own high-pass (the R2' term is matched almost
+        # exactly, so its fit residual would not do); it balances the data terms and feeds the std maps
+        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p, m)
+        if inputs.r2_from_rule and self.r2prime_noise is None:
+            # the rule's R2 is off by tissue (smooth, so the high-pass misses it): its spread adds
+            sigma_r = float(np.hypot(sigma_r, c.r2_rule_uncertainty))
+        dr_mean = 0.5 * (c.dr_para + c.dr_dia)
+        balance = (noise_balance(noise_map, sigma_r, m, field_strength=b0, dr_mean=dr_mean)
+                   if c.balance_by_noise else 1.0)
+        weight_r = (weight_r * np.float32(balance)).astype(np.float32)
         edges = grid.edge_mask(r2p, m, voxel_size, edge_fraction=c.edge_fraction)
         if inputs.magnitude is not None:
             edges = edges * grid.edge_mask(inputs.magnitude[..., 0], m, voxel_size, edge_fraction=c.edge_fraction)
@@ -806,14 +849,11 @@ class ChiSeparation(SeparationModel):
         )
         chi_p, chi_d = out["chi_para"], out["chi_dia"]
         cf = physics.centre_frequency_hz(b0) * 1e-6
-        dr_mean = 0.5 * (c.dr_para + c.dr_dia)
         res_f = np.where(m, field - out["d_chi_hz"], 0.0).astype(np.float32)
         res_r = np.where(m, r2p - c.dr_para * chi_p - c.dr_dia * chi_d, 0.0).astype(np.float32)
         residual = np.sqrt((res_f / cf) ** 2 + (res_r / dr_mean) ** 2).astype(np.float32)
-        # field: the fit residual (the dipole term cannot follow white noise); R2': the map's
-        # own high-pass (the R2' term is matched almost exactly, so its residual would not do)
+        # field: the fit residual (the dipole term cannot follow white noise)
         sigma_f = noise_map if noise_map is not None else _robust_std(res_f[m])
-        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p, m)
         # voxels with infinite field noise (unusable) get an infinite std
         std_p, std_d = voxelwise_std(sigma_f, sigma_r, field_strength=b0, dr_para=c.dr_para, dr_dia=c.dr_dia)
         std_p = np.where(m, np.broadcast_to(std_p, shape), 0.0).astype(np.float32)
@@ -831,6 +871,7 @@ class ChiSeparation(SeparationModel):
             b0_direction=b0_dir.tolist(), initialiser="chi closed form" if chi_init is not None else "TKD closed form",
             field_noise_hz_used=float(np.median(np.asarray(sigma_f)[m])) if np.ndim(sigma_f) == 3 else float(sigma_f),
             r2prime_noise_used=float(np.median(np.asarray(sigma_r))) if np.ndim(sigma_r) else float(sigma_r),
+            r2prime_term_weight=balance,
             std_note="voxelwise linearisation of the closed form; ignores regularisation and spatial coupling",
         )
         return SeparationFit(
