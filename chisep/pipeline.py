@@ -578,6 +578,10 @@ def separate(acquisition: Acquisition, inputs: SeparationInputs, *,
         # a bar appears only for a model that reports progress (DECOMPOSE's voxel fits)
         with step(f"separation:{name}"), _ProgressBar(f"{name} voxels", enabled=progress_bars) as bar:
             results[name] = model.fit(inputs, progress=bar.update)
+        info = results[name].info
+        if "r2prime_term_weight" in info:
+            log(f"  {name}: R2' term weighted {info['r2prime_term_weight']:.3g} against the field term (R2' noise "
+                f"{info['r2prime_noise_used']:.3g} 1/s, field noise {info['field_noise_hz_used']:.3g} Hz)")
     return results
 
 
