@@ -428,11 +428,14 @@ def test_user_masks_with_intra_voxel_dephasing(head_partial_volume, reference_sc
     # Measured chi NRMSE %, true mask / dilated 3 / BET-style: 63.7 / 69.8 / 69.0 with single-step's
     # 10 iterations, 61.8 / 65.3 / 64.7 with 30 at penalty 0.5 (before 2026-12-07). On the realistic
     # heads at 2 mm the same masks cost at most 1.9 points with either (benchmarks/RESULTS.md).
+    # chi-separation with its data terms balanced by their noise follows chi more closely (the R2'
+    # term weighs 0.03 here): chi_para 116.1 / 122.6 / 122.3, chi_dia 74.5 / 78.7 / 76.9 (weighted
+    # alike: 118.7 / 120.7 / 119.9 and 96.9 / 100.1 / 98.9), so it gets chi's allowance.
     sim = head_partial_volume
     _, scores = _scores(sim, _user_masks(sim)[mask_name])
     reference = reference_scores["partial volume"]
     for name, value in scores.items():
-        assert value <= reference[name] + (7.0 if name == "chi" else 5.0), (mask_name, name, value, reference[name])
+        assert value <= reference[name] + 7.0, (mask_name, name, value, reference[name])
 
 
 @pytest.mark.slow
