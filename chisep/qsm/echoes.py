@@ -439,7 +439,7 @@ def _correct_echo_wraps(f, phi0, msk, tes, *, window: int = 7, rounds: int = 10)
         return f, phi0, 0
     # work in the mask's bounding box (plus the window), in float32: the phases are compared
     # with 0.5-1 rad margins, and the field is corrected by whole multiples of 1/dTE in float64
-    box = tuple(slice(max(b.start - window, 0), b.stop + window) for b in bounding_box(msk))
+    box = bounding_box(msk, margin=window)
     inside = msk[box]
     p_map = np.zeros(inside.shape, np.float32)
     p_map[inside] = wrap_phase(phi0)
