@@ -50,6 +50,70 @@ def test_echo_spread_is_zero_for_one_frequency_and_sees_two():
     assert reliability.echo_spread_hz(decay, phase, uneven, np.array([70.0]))[0] == pytest.approx(0.0, abs=1e-4)
 
 
+def test_echo_spread_noise_scale_is_the_spread_that_noise_gives():
+    tes = np.array([0.004, 0.009, 0.014, 0.019, 0.024, 0.029])
+    # constant magnitude m, equal spacing: each pair's frequency has SD sqrt(2) sigma / (2 pi m dTE)
+    flat = np.full((1, 6), 7.0)
+    assert reliability.echo_spread_noise_hz(flat, tes, 2.0)[0] == pytest.approx(
+        np.sqrt(2) * 2.0 / (2 * np.pi * 7.0 * 0.005), rel=1e-9)
+    assert reliability.echo_spread_noise_hz(np.array([[3.0, 0.0, 1.0]]), tes[:3], 1.0)[0] == np.inf
+    assert reliability.echo_spread_noise_hz(flat[:, :2], tes[:2], 1.0)[0] == 0.0
+
+    # one field, decaying, complex noise: spread / scale has the same distribution at any SNR, with a
+    # median near 0.9 and a tail far below the default factor (the criterion's false-alarm rate)
+    rng = np.random.default_rng(0)
+    ratios = {}
+    for snr in (30.0, 300.0):
+        clean = snr * np.exp(-20.0 * tes + 2j * np.pi * 3.0 * tes)
+        noisy = clean + rng.standard_normal((20000, 6)) + 1j * rng.standard_normal((20000, 6))
+        spread = reliability.echo_spread_hz(np.abs(noisy), np.angle(noisy), tes)
+        ratios[snr] = spread / reliability.echo_spread_noise_hz(np.abs(noisy), tes, 1.0)
+    # the raw spread follows the noise (what a median-relative threshold follows too) ...
+    for ratio in ratios.values():
+        assert 0.75 < np.median(ratio) < 1.0
+        assert np.mean(ratio > reliability.DEFAULT_FACTORS["echo_spread_over_noise"]) < 1e-3
+    # ... the ratio does not
+    assert np.median(ratios[30.0]) == pytest.approx(np.median(ratios[300.0]), rel=0.05)
+
+
+def test_echo_spread_over_noise_flags_partial_volume_that_the_median_rule_misses_at_low_snr():
+    """At SNR 30 the brain's echo spread is its noise, and 10x its median rises above the systematic
+    spread of tissue next to bone (two compartments 60 Hz apart, decaying at different rates): the
+    automatic mask then leaked through the skull (benchmarks/RESULTS.md). In noise units it stands out."""
+    rng = np.random.default_rng(1)
+    tes = np.array([0.004, 0.009, 0.014, 0.019, 0.024, 0.029])
+    shape = (16, 16, 16)
+    mask = np.ones(shape, bool)
+    slab = np.zeros(shape, bool)
+    slab[:3] = True  # partial volume at one face of the mask
+    one_field = np.exp(-20.0 * tes + 2j * np.pi * 3.0 * tes)
+    two_fields = 0.7 * np.exp(-10.0 * tes) + 0.4 * np.exp(-40.0 * tes + 2j * np.pi * 60.0 * tes)
+    assert reliability.echo_spread_hz(np.abs(two_fields)[None], np.angle(two_fields)[None], tes)[0] > 12.0
+    for snr, median_rule_finds_it in ((30.0, False), (300.0, True)):
+        clean = snr * np.where(slab[..., None], two_fields, one_field)
+        noisy = clean + rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)
+        rel = reliability.field_reliability(np.abs(noisy), np.angle(noisy), tes, mask,
+                                            field_noise_hz=np.full(shape, 0.5), field_hz=np.full(shape, 3.0),
+                                            noise_sigma=1.0)
+        by_median = rel.flagged_by["echo_spread"][slab].mean()
+        assert (by_median > 0.9) if median_rule_finds_it else (by_median < 0.1)
+        over_noise = rel.flagged_by["echo_spread_over_noise"]
+        assert over_noise[slab].mean() > 0.8 and over_noise[~slab].mean() < 0.002
+        assert rel.excluded[slab].mean() > 0.8  # at the mask's face: connected to the outside
+        assert rel.thresholds["echo_spread_over_noise"] == reliability.DEFAULT_FACTORS["echo_spread_over_noise"]
+        assert rel.statistics["echo_spread_over_noise"][~slab].max() < 4.0
+    # the criterion needs the noise sigma, and can be switched off
+    unknown = reliability.field_reliability(np.abs(noisy), np.angle(noisy), tes, mask,
+                                            field_noise_hz=np.full(shape, 0.5))
+    assert unknown.thresholds["echo_spread_over_noise"] is None
+    assert not unknown.flagged_by["echo_spread_over_noise"].any()
+    off = reliability.field_reliability(np.abs(noisy), np.angle(noisy), tes, mask, field_noise_hz=np.full(shape, 0.5),
+                                        noise_sigma=1.0, factors={"echo_spread_over_noise": "off"})
+    assert not off.flagged_by["echo_spread_over_noise"].any()
+    with pytest.raises(InputError, match=r"echo_spread_over_noise=0.5 must be a number > 1 \(in noise units\)"):
+        reliability.check_factors({"echo_spread_over_noise": 0.5})
+
+
 def test_decay_residual_is_zero_for_mono_exponential_and_large_for_noise():
     mono = 3.0 * np.exp(-25.0 * TES)[None]
     assert reliability.decay_residual(mono, TES)[0] == pytest.approx(0.0, abs=1e-6)
@@ -278,7 +342,8 @@ def test_reliability_factors_come_from_a_config_file(tmp_path):
     settings = pipeline.PipelineSettings.from_sources(config_path=config)
     assert settings.qsm.reliability == {"echo_spread": 5.0, "decay_residual": "off"}
     assert reliability.check_factors(settings.qsm.reliability) == {
-        "low_signal": 3.0, "field_noise": 10.0, "echo_spread": 5.0, "decay_residual": None}
+        "low_signal": 3.0, "field_noise": 10.0, "echo_spread": 5.0, "decay_residual": None,
+        "echo_spread_over_noise": 4.0}
     config.write_text('[qsm]\nreliability = {echo_spread = 0.5}\n')
     with pytest.raises(InputError, match="echo_spread=0.5 must be a number > 1"):
         pipeline.PipelineSettings.from_sources(config_path=config)
