@@ -14,6 +14,10 @@ Usage::
 
     python benchmarks/bench_mask.py [--resolution 2] [--heads A,B] [--snr 30,100]
         [--echo-sets "5,11,17,23,29;4,9,14,19,24,29"] [--flip-angles 8,15,25]
+        [--reliability "default;echo_spread_over_noise=off"]
+
+``--reliability`` runs each simulated head once per variant of the reliability factors
+(``criterion=value,...``, or ``default``), so a criterion's effect is measured on the same data.
 """
 
 from __future__ import annotations
@@ -43,12 +47,16 @@ def main(argv=None) -> None:
                         help="echo-time sets in ms, separated by ';'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flip-angles", default="15", help="flip angles in degrees, comma separated (default 15)")
+    parser.add_argument("--reliability", default="default", metavar="NAME=VALUE,...;...",
+                        help="variants of the reliability factors, separated by ';' (default: the defaults)")
     args = parser.parse_args(argv)
+    variants = [(text.strip(), _factors(text)) for text in args.reliability.split(";")]
     warnings.simplefilter("ignore")
     print(f"# automatic mask, {args.resolution} mm, default QSM settings, seed {args.seed}; "
           "Dice against the true brain; chi NRMSE % over the true brain\n")
-    print("| echo times (ms) | flip (deg) | SNR | head | Dice region / output | mask mL (true) | chi % | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| echo times (ms) | flip (deg) | SNR | head | reliability | Dice region / output | mask mL (true) | chi % "
+          "| seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     worst = []
     for echo_set in args.echo_sets.split(";"):
         tes = tuple(float(te) / 1000 for te in echo_set.split(","))
@@ -57,19 +65,34 @@ def main(argv=None) -> None:
             sim = simulate_head(args.resolution, head=head, scenario="all", snr=snr, seed=args.seed,
                                 echo_times=tes, repetition_time=max(0.035, tes[-1] + 0.006),
                                 flip_angle_deg=flip)
-            t0 = time.perf_counter()
-            qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
-            seconds = time.perf_counter() - t0
-            brain = sim.truth.brain_mask
-            voxel_ml = float(np.prod(sim.acquisition.voxel_size) / 1000)
-            dice = metrics.dice(qsm.reconstruction_mask, brain)
-            chi = metrics.nrmse(qsm.chi, sim.truth.chi, brain)
-            worst.append((dice, echo_set, flip, snr, head))
-            print(f"| {echo_set} | {flip:g} | {snr:g} | {head} | {dice:.3f} / {metrics.dice(qsm.mask, brain):.3f} | "
-                  f"{qsm.reconstruction_mask.sum() * voxel_ml:.0f} ({brain.sum() * voxel_ml:.0f}) | "
-                  f"{chi:.1f} | {seconds:.0f} |", flush=True)
-    dice, echo_set, flip, snr, head = min(worst)
-    print(f"\nlowest region Dice {dice:.3f}: echoes {echo_set} ms, flip {flip:g} deg, SNR {snr:g}, head {head}")
+            for label, factors in variants:
+                t0 = time.perf_counter()
+                qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition,
+                                               settings=pipeline.QsmSettings(reliability=factors))
+                seconds = time.perf_counter() - t0
+                brain = sim.truth.brain_mask
+                voxel_ml = float(np.prod(sim.acquisition.voxel_size) / 1000)
+                dice = metrics.dice(qsm.reconstruction_mask, brain)
+                chi = metrics.nrmse(qsm.chi, sim.truth.chi, brain)
+                worst.append((dice, echo_set, flip, snr, head, label))
+                print(f"| {echo_set} | {flip:g} | {snr:g} | {head} | {label} | {dice:.3f} / "
+                      f"{metrics.dice(qsm.mask, brain):.3f} | {qsm.reconstruction_mask.sum() * voxel_ml:.0f} "
+                      f"({brain.sum() * voxel_ml:.0f}) | {chi:.1f} | {seconds:.0f} |", flush=True)
+    for label, _ in variants:
+        dice, echo_set, flip, snr, head, _ = min(case for case in worst if case[-1] == label)
+        print(f"\n{label}: lowest region Dice {dice:.3f}: echoes {echo_set} ms, flip {flip:g} deg, SNR {snr:g}, "
+              f"head {head}")
+
+
+def _factors(text: str) -> dict:
+    """``criterion=value,...`` (values: numbers or off) as QsmSettings.reliability; ``default``: {}."""
+    if text.strip() == "default":
+        return {}
+    factors = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        factors[name.strip()] = "off" if value.strip() == "off" else float(value)
+    return factors
 
 
 if __name__ == "__main__":
