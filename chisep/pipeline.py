@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -307,9 +307,10 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                                              field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
                                              voxel_size=vs, noise_sigma=floor_sigma,
                                              factors=settings.reliability,
-                                             reference_masks={"echo_spread": core} if mask is None else None)
-        if head_pass:  # that pass's field is right only up to whole cycles: its branch check means nothing
-            rel = replace(rel, off_branch=np.zeros_like(rel.off_branch))
+                                             reference_masks={"echo_spread": core} if mask is None else None,
+                                             # that pass's field is right only up to whole cycles between
+                                             # neighbours: no branch checks
+                                             field_unwrapped=not head_pass)
         summary = rel.summary()
         notes.append(summary.replace("reliability:", "reliability over the head (to find the skull):", 1)
                      if mask is None else summary)

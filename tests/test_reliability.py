@@ -114,6 +114,48 @@ def test_echo_spread_over_noise_flags_partial_volume_that_the_median_rule_misses
         reliability.check_factors({"echo_spread_over_noise": 0.5})
 
 
+def test_edge_off_branch_finds_a_wrapped_cap_and_leaves_gradients_and_inner_sources():
+    """A cap of the mask's edge a whole wrap (200 Hz) off, under a steep harmonic background
+    (8 Hz/mm) and beside a strong compact source inside: only the cap is flagged. A cap that reaches
+    just past the band (its deepest voxels are then references) is peeled in rounds."""
+    shape, vs = (40, 40, 40), (1.0, 1.0, 1.0)
+    x, y, z = np.indices(shape).astype(np.float64) - 19.5
+    radius = np.sqrt(x**2 + y**2 + z**2)
+    mask = radius <= 16.0
+    background = 8.0 * x + 0.05 * (x**2 - y**2)  # harmonic; 8 Hz/mm
+    source = np.where(radius <= 3.0, 300.0, 0.0)  # inside, far from the band
+    for thickness, rounds, all_found in ((3.0, 1, True), (4.0, 1, False), (4.0, 4, True)):
+        cap = mask & (radius > 16.0 - thickness) & (x > 8.0)
+        field = background + source + np.where(cap, 200.0, 0.0)
+        flagged = reliability.edge_off_branch(field, mask, mask, voxel_size=vs, tolerance_hz=100.0, rounds=rounds)
+        assert not (flagged & ~cap).any()
+        assert (flagged[cap].mean() > 0.99) if all_found else (flagged[cap].mean() < 0.5)
+    # without a wrong branch nothing is flagged; untrusted voxels are not a reference
+    assert not reliability.edge_off_branch(background + source, mask, mask, voxel_size=vs, tolerance_hz=100.0).any()
+    assert not reliability.edge_off_branch(field, mask, np.zeros(shape, bool), voxel_size=vs, tolerance_hz=100.0).any()
+
+
+def test_edge_off_branch_in_field_reliability_needs_a_spatially_unwrapped_field():
+    from chisep.qsm import echoes
+
+    mag, ph, mask, tissue, dark = _shell_volume()
+    fit = echoes.fit_multi_echo_field(mag, ph, TES, mask, unwrap="laplacian")
+    wrap_hz = 1.0 / float(np.diff(TES).min())
+    edge = tissue & ~ndimage.binary_erosion(tissue) & (np.indices(mask.shape)[0] < 8)
+    field = np.where(edge, fit.field_hz + wrap_hz, fit.field_hz)
+
+    def judged(**kwargs):
+        return reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz, field_hz=field,
+                                             voxel_size=(2.0, 2.0, 2.0), **kwargs)
+
+    unwrapped = judged()
+    assert unwrapped.flagged_by["edge_off_branch"][edge].all() and unwrapped.excluded[edge].all()
+    assert unwrapped.excluded_ml_by_criterion()["edge_off_branch"] > 0
+    assert not unwrapped.flagged_by["edge_off_branch"][tissue & ~edge].any()
+    temporal_only = judged(field_unwrapped=False)
+    assert "edge_off_branch" not in temporal_only.flagged_by and not temporal_only.excluded[edge].any()
+
+
 def test_decay_residual_is_zero_for_mono_exponential_and_large_for_noise():
     mono = 3.0 * np.exp(-25.0 * TES)[None]
     assert reliability.decay_residual(mono, TES)[0] == pytest.approx(0.0, abs=1e-6)
@@ -252,7 +294,7 @@ def test_excluded_voxels_do_not_depend_on_whole_cycle_field_errors():
 
     def judged(field):
         return reliability.field_reliability(mag, ph, TES, mask, field_noise_hz=fit.field_noise_hz,
-                                             field_hz=field, voxel_size=(2.0, 2.0, 2.0))
+                                             field_hz=field, voxel_size=(2.0, 2.0, 2.0), field_unwrapped=False)
 
     reference = judged(fit.field_hz)
     patch = tissue & ~dark & (np.indices(mask.shape)[0] < 12)
