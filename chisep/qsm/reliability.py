@@ -83,10 +83,14 @@ from chisep.physics import wrap_phase
 #: factors alone are SNR-dependent: at SNR 30 noise-only bone has only 12x the brain's echo
 #: spread, and most of it passed (benchmarks/bench_head.py --snr 30). ``echo_spread_over_noise`` is in
 #: units of the voxel's own noise spread too: in brain (noise only) its 99.99th percentile was 2.8.
+#: ``edge_off_branch`` (:func:`edge_off_branch`) flags edge voxels more than 1 / factor of a wrap between
+#: echoes from the brain's field just inside them: 2, half a wrap, where the nearest branch changes.
 DEFAULT_FACTORS = {"low_signal": 3.0, "field_noise": 10.0, "echo_spread": 10.0, "decay_residual": 10.0,
-                   "echo_spread_over_noise": 4.0}
+                   "echo_spread_over_noise": 4.0, "edge_off_branch": 2.0}
 #: the criteria whose factor is in noise units (absolute), not a multiple of the median in the mask
 NOISE_UNIT_CRITERIA = ("low_signal", "echo_spread_over_noise")
+#: the criteria whose factor multiplies their median in the mask (or in ``reference_masks``)
+MEDIAN_CRITERIA = ("field_noise", "echo_spread", "decay_residual")
 CRITERIA = tuple(DEFAULT_FACTORS)
 #: an enclosed unreliable voxel whose field is further than this fraction of a wrap between echoes
 #: (1 / echo spacing) from the harmonic bridge of its reliable neighbours is on the wrong branch.
@@ -113,8 +117,9 @@ class Reliability:
         wrong phase branch and is not used (the pipeline gives it no weight)
     flagged_by : dict criterion -> bool map of the voxels that criterion flagged
     statistics : dict criterion -> float32 map (0 outside the mask)
-    thresholds : dict criterion -> threshold used (Hz for field_noise and echo_spread,
-        relative for decay_residual), None when the criterion was off or could not rank voxels
+    thresholds : dict criterion -> threshold used (Hz for field_noise, echo_spread and
+        edge_off_branch, relative for decay_residual, noise units for low_signal and
+        echo_spread_over_noise), None when the criterion was off or could not rank voxels
     voxel_volume_ml : float, mL per voxel
     """
 
@@ -278,15 +283,16 @@ def edge_off_branch(field_hz, mask, trusted, *, voxel_size=(1.0, 1.0, 1.0), tole
     """Voxels of the mask's outer band whose field is on another branch than the brain's inside it.
 
     The band is the voxels within ``depth_mm`` of the mask's outside. Each is compared with the
-    nearest ``trusted`` voxel deeper than the band (within twice ``depth_mm``); more than
-    ``tolerance_hz`` apart (half a wrap between echoes in the pipeline), its field is taken to be
-    on the wrong branch. The background field changes by tens of Hz over a few mm next to
-    sinuses, a wrong branch by a whole wrap (1 / echo spacing, 100-300 Hz). Once those voxels
-    are out, the band moves inwards and the check repeats, up to ``rounds`` times. A patch on
-    the wrong branch much thicker than the band is beyond this check: its deeper voxels are taken
-    as the reference (and a few right voxels beside it can then be flagged).
-    Compact sources inside the brain (calcifications, bleeds) have fields of hundreds of Hz
-    next to them; they are not in the band (see :func:`field_reliability`'s ``off_branch`` for them).
+    field of the ``trusted`` voxels deeper than the band around it: their Gaussian-weighted mean
+    (SD ``depth_mm / 2``, so mostly the nearest ones, up to twice ``depth_mm`` away; a band voxel
+    without such neighbours is not judged). More than ``tolerance_hz`` apart (half a wrap between
+    echoes in the pipeline), its field is taken to be on the wrong branch. The background field
+    changes by tens of Hz over a few mm next to sinuses, a wrong branch by a whole wrap
+    (1 / echo spacing, 100-300 Hz). Once those voxels are out, the band moves inwards and the
+    check repeats, up to ``rounds`` times. A patch on the wrong branch much thicker than the band
+    is found only in part: its deeper voxels count in the reference. Compact sources inside the brain (calcifications, bleeds)
+    have fields of hundreds of Hz next to them; they are not in the band (see
+    :func:`field_reliability`'s ``off_branch`` for them).
 
     Parameters
     ----------
@@ -305,25 +311,44 @@ def edge_off_branch(field_hz, mask, trusted, *, voxel_size=(1.0, 1.0, 1.0), tole
     if not msk.any():
         return flagged
     vs = np.asarray(voxel_size, dtype=np.float64)
-    # on the mask's box with a one-voxel rim (the outside nearest to any voxel is in it)
-    box = bounding_box(msk, margin=1)
-    inside, field = msk[box].copy(), np.asarray(field_hz, np.float32)[box]
-    trust = np.asarray(trusted, dtype=bool)[box]
-    off = np.zeros_like(inside)
+    inside = msk.copy()
+    field = np.asarray(field_hz, np.float32)
+    trust = np.asarray(trusted, dtype=bool)
+    # first round on the mask's box (its one-voxel rim holds the outside nearest to any voxel)
+    box, near_new = bounding_box(msk, margin=1), None
     for _ in range(rounds):
-        depth = ndimage.distance_transform_edt(inside, sampling=vs)
-        band = inside & (depth <= depth_mm)
-        deeper = inside & trust & (depth > depth_mm)
-        if not (band.any() and deeper.any()):
-            break
-        distance, nearest = ndimage.distance_transform_edt(~deeper, sampling=vs, return_indices=True)
-        new = band & (distance <= 2.0 * depth_mm) & (np.abs(field - field[tuple(nearest)]) > tolerance_hz)
+        new = _off_branch_in_band(field[box], inside[box], trust[box], vs, tolerance_hz, depth_mm)
+        if near_new is not None:  # near the last round's voxels: only there can the verdict change
+            new &= near_new
         if not new.any():
             break
-        off |= new
-        inside &= ~new
-    flagged[box] = off
+        new_full = np.zeros_like(msk)
+        new_full[box] = new
+        flagged |= new_full
+        inside &= ~new_full
+        # the next round: voxels within 3 depths of these can change (their band or their deeper
+        # neighbours moved); their depth and reference need 3 more depths of correct context
+        reach = int(np.max(np.ceil(3.0 * depth_mm / vs)))
+        box = bounding_box(new_full, margin=2 * reach + 1)
+        near_new = ndimage.distance_transform_edt(~new_full[box], sampling=vs) <= 3.0 * depth_mm
     return flagged
+
+
+def _off_branch_in_band(field, inside, trusted, vs, tolerance_hz, depth_mm):
+    """One round of :func:`edge_off_branch` on a box around ``inside``."""
+    depth = ndimage.distance_transform_edt(inside, sampling=vs)
+    band = inside & (depth <= depth_mm)
+    deeper = inside & trusted & (depth > depth_mm)
+    if not (band.any() and deeper.any()):
+        return np.zeros_like(inside)
+    # normalised convolution: the mean field of the deeper voxels near each band voxel
+    sigma_vox = 0.5 * depth_mm / vs
+    weight = ndimage.gaussian_filter(deeper.astype(np.float32), sigma_vox, mode="constant", truncate=4.0)
+    weighted = ndimage.gaussian_filter(np.where(deeper, field, np.float32(0.0)), sigma_vox, mode="constant",
+                                       truncate=4.0)
+    judged = band & (weight > 1e-3)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return judged & (np.abs(field - weighted / weight) > tolerance_hz)
 
 
 def mask_core(mask, fraction: float = 0.5) -> np.ndarray:
@@ -348,7 +373,8 @@ def check_factors(factors: dict | None) -> dict:
         if value == "off":
             value = None
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1):
-            unit = "in noise units" if name in NOISE_UNIT_CRITERIA else "times the median in the mask"
+            unit = ("in noise units" if name in NOISE_UNIT_CRITERIA else "times the median in the mask"
+                    if name in MEDIAN_CRITERIA else "1 / factor of a wrap between echoes")
             raise InputError(f"reliability factor {name}={value!r} must be a number > 1 ({unit}), "
                              "or None / \"off\" to switch the criterion off")
         chosen[name] = value
@@ -389,8 +415,9 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         wraps between echoes from voxel to voxel.
     factors : dict, optional
         Per criterion (``low_signal``, ``field_noise``, ``echo_spread``, ``decay_residual``,
-        ``echo_spread_over_noise``), the factor over its median in the mask (in noise units for
-        :data:`NOISE_UNIT_CRITERIA`) beyond which a voxel is unreliable;
+        ``echo_spread_over_noise``, ``edge_off_branch``), the factor over its median in the mask
+        (in noise units for :data:`NOISE_UNIT_CRITERIA`; ``edge_off_branch``: 1 / factor of a
+        wrap between echoes) beyond which a voxel is unreliable;
         ``None``, ``"off"`` or ``inf`` switches a criterion off. Defaults: :data:`DEFAULT_FACTORS`.
 
     Returns
@@ -441,7 +468,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
     reference = np.ones(int(msk.sum()), bool)
     restricted = {}
     for name, ref in (reference_masks or {}).items():
-        if name not in DEFAULT_FACTORS or name in NOISE_UNIT_CRITERIA:
+        if name not in MEDIAN_CRITERIA:
             raise InputError(f"reference_masks: unknown criterion {name!r}; choose from field_noise, "
                              "echo_spread, decay_residual")
         restricted[name] = validate.as_mask(ref, msk.shape, name=f"reference_masks[{name!r}]")[msk]
@@ -486,13 +513,20 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
             reference = reference & ~sel
     unreliable = np.logical_or.reduce(list(flagged.values())) & msk
     vs = validate.check_voxel_size(voxel_size)
-    if field_hz is not None and field_unwrapped and tes.size >= 2 and not unreliable.all():
+    edge_factor = chosen["edge_off_branch"]
+    flagged["edge_off_branch"] = np.zeros(msk.shape, bool)
+    thresholds["edge_off_branch"] = None
+    if (field_hz is not None and field_unwrapped and tes.size >= 2 and not unreliable.all()
+            and edge_factor is not None and np.isfinite(edge_factor)):
         # A voxel at the mask's edge with fat or bone in it can pass every statistic and still sit a
         # whole wrap off its neighbours (echoes whose spacing keeps fat nearly in phase: marrow
         # 190-210 Hz off at 4, 9, ..., 29 ms); background removal spreads it over the brain.
-        flagged["edge_off_branch"] = edge_off_branch(
-            field, msk, msk & ~unreliable, voxel_size=vs,
-            tolerance_hz=BRANCH_TOLERANCE / float(np.min(np.diff(np.sort(tes)))))
+        # The edge is that of the reliable voxels with their holes filled: unreliable voxels at the
+        # mask's edge (skull) go anyway, enclosed ones (dark sources) must not make an inner surface.
+        trusted = msk & ~unreliable
+        thresholds["edge_off_branch"] = 1.0 / (edge_factor * float(np.min(np.diff(np.sort(tes)))))
+        flagged["edge_off_branch"] = edge_off_branch(field, ndimage.binary_fill_holes(trusted), trusted,
+                                                     voxel_size=vs, tolerance_hz=thresholds["edge_off_branch"])
         unreliable = unreliable | flagged["edge_off_branch"]
     reliable = msk & ~unreliable
     if not reliable.any():
@@ -519,5 +553,5 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
                        info=info)
 
 
-__all__ = ["CRITERIA", "DEFAULT_FACTORS", "NOISE_UNIT_CRITERIA", "Reliability", "check_factors", "decay_residual",
+__all__ = ["CRITERIA", "DEFAULT_FACTORS", "MEDIAN_CRITERIA", "NOISE_UNIT_CRITERIA", "Reliability", "check_factors", "decay_residual",
            "edge_off_branch", "echo_spread_hz", "echo_spread_noise_hz", "field_reliability"]
