@@ -121,25 +121,25 @@ def test_automatic_brain_mask_cuts_scalp_on_the_realistic_head():
     assert metrics.nrmse(qsm.r2star, t.r2star, inner) < 35.0
 
 
-@pytest.mark.parametrize("head, snr, echo_times_ms, chi_max", [
-    ("A", 40, (4, 9, 14, 19, 24, 29), 75.0),   # fat's peaks near in phase every 5 ms: the marrow looks reliable
-    ("B", 40, (4, 9, 14, 19, 24, 29), 75.0),
-    ("B", 30, (5, 11, 17, 23, 29), 75.0),      # the heads' default echoes at clinical SNR
+@pytest.mark.parametrize("head, snr, echo_times_ms", [
+    ("A", 40, (4, 9, 14, 19, 24, 29)),   # fat's peaks near in phase every 5 ms: the marrow looks reliable
+    ("B", 40, (4, 9, 14, 19, 24, 29)),
+    ("B", 30, (5, 11, 17, 23, 29)),       # the heads' default echoes at clinical SNR
     # the brain's noise spread above bone's: Dice 0.954 without echo_spread_over_noise; marrow a whole
-    # wrap off at the brain's edge: chi 249 % without the edge branch check
-    ("B", 30, (4, 9, 14, 19, 24, 29), 150.0),
+    # wrap off at the brain's edge: chi 249 % without edge_off_branch
+    ("B", 30, (4, 9, 14, 19, 24, 29)),
 ])
-def test_automatic_brain_mask_holds_over_echo_times_and_snr(head, snr, echo_times_ms, chi_max):
+def test_automatic_brain_mask_holds_over_echo_times_and_snr(head, snr, echo_times_ms):
     """The reliability thresholds that find the skull are multiples of medians; with the whole head's
     medians, scalp fat set the echo spread's, and echoes at 4, 9, ..., 29 ms let the cut leak into the
     temporal muscle (3 mm, SNR 40: Dice 0.954 / 0.957; chi NRMSE 167 / 274 % at 2 mm)."""
     sim = simulate_head(3.0, head=head, scenario="all", snr=snr, seed=0,
                         echo_times=tuple(te / 1000 for te in echo_times_ms))
     qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
-    # measured 0.986 / 0.986 for the two heads at 4, 9, ..., 29 ms and SNR 40, 0.982 for B at SNR 30
+    # measured 0.986 / 0.986 for the two heads at 4, 9, ..., 29 ms and SNR 40, 0.985 and 0.982 for B at SNR 30
     assert metrics.dice(qsm.reconstruction_mask, sim.truth.brain_mask) > 0.97
-    # measured 56.4, 58.8, 59.5 and 94.9 %: 3 mm voxels of bone and marrow keep fat's chemical shift
-    assert metrics.nrmse(qsm.chi, sim.truth.chi, sim.truth.brain_mask) < chi_max
+    # measured 56.4, 58.7, 59.5 and 62.5 %
+    assert metrics.nrmse(qsm.chi, sim.truth.chi, sim.truth.brain_mask) < 75.0
 
 
 @pytest.mark.parametrize("head, snr", [("B", 100), ("A", 30)])
