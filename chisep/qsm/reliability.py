@@ -219,16 +219,17 @@ def echo_spread_noise_hz(magnitude: np.ndarray, echo_times: np.ndarray, noise_si
     """
     if magnitude.shape[-1] < 3:
         return np.zeros(magnitude.shape[:-1])
-    m = np.asarray(magnitude, np.float64)
-    sigma = np.broadcast_to(np.asarray(noise_sigma, np.float64), m.shape[:-1])
-    dte = np.diff(np.asarray(echo_times, np.float64))
+    # float32 (a scale compared with a factor of 4; float64 took 1.7 s over a 1 mm head)
+    m = np.asarray(magnitude, np.float32)
+    per_pair = (1.0 / (2.0 * np.pi * np.diff(np.asarray(echo_times, np.float64))) ** 2).astype(np.float32)
     early, late = m[..., :-1], m[..., 1:]
-    w = early * late
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         # w_e v_e without dividing by m^2: sigma^2 (m_e+1 / m_e + m_e / m_e+1) / (2 pi dTE)^2
-        wv = (late / early + early / late) / (2.0 * np.pi * dte) ** 2
-        scale = sigma * np.sqrt(wv.sum(-1) / w.sum(-1))
-    return np.where((early > 0).all(-1) & (late > 0).all(-1), scale, np.inf)
+        ratio = late / early
+        wv = ((ratio + 1.0 / ratio) * per_pair).sum(-1)
+        scale = np.sqrt(wv / (early * late).sum(-1)) * np.asarray(noise_sigma, np.float32)
+    # a zero magnitude makes a ratio 0 or inf (or nan): no finite scale
+    return np.where(np.isfinite(scale), scale, np.float32(np.inf)).astype(np.float64)
 
 
 def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
