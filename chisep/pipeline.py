@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-from scipy import ndimage
 
 from chisep import denoise as _denoise
 from chisep import signals, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError
+from chisep.grid import fill_holes
 from chisep.qsm import background as _background
 from chisep.qsm import inversion as _inversion
 from chisep.qsm import reliability as _reliability
@@ -251,7 +251,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                 raise InputError("the given mask does not overlap the data (magnitude is zero in it)")
         # Holes inside a mask are dark tissue a threshold cut out (bleeds, calcifications, veins):
         # the strongest sources. Fill them; the reliability step decides what their field is worth.
-        filled = ndimage.binary_fill_holes(head)
+        filled = fill_holes(head)
         n_holes = int(np.count_nonzero(filled & ~head))
         if n_holes:
             notes.append(f"mask: filled {n_holes} voxels ({n_holes * np.prod(vs) / 1000:.1f} mL) enclosed by the mask")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from chisep import validate
+from chisep import grid, validate
 from chisep.errors import InputError
 from chisep.grid import bounding_box
 from chisep.physics import wrap_phase
@@ -225,7 +225,7 @@ def brain_mask(
     if largest_component and mask.any():
         mask = _largest_component(mask)
     if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = grid.fill_holes(mask)
     if erode_mm > 0:
         mask = erode_mask(mask, vs, erode_mm)
     if not mask.any():
@@ -316,7 +316,7 @@ def refine_mask_by_phase_quality(
         raise InputError(
             f"no voxel of the mask has phase quality >= {threshold}; lower the threshold"
         )
-    return ndimage.binary_fill_holes(_largest_component(keep)) & m
+    return grid.fill_holes(_largest_component(keep)) & m
 
 
 #: Radius (mm) of the opening that cuts the brain from scalp and muscle through the
@@ -388,13 +388,13 @@ def brain_region(head, unreliable, *, voxel_size=(1.0, 1.0, 1.0), opening_mm: fl
             candidates = candidates & bright
     core = _largest_component(erode_mask(candidates, vs, opening_mm))
     if not core.any():
-        return ndimage.binary_fill_holes(_largest_component(candidates)) & head
+        return grid.fill_holes(_largest_component(candidates)) & head
     # voxels within opening_mm of the core: the distance transform on the core's box grown by that much
     box = bounding_box(core, margin=int(np.max(np.ceil(opening_mm / vs))) + 1)
     near_core = np.zeros_like(core)
     near_core[box] = ndimage.distance_transform_edt(~core[box], sampling=vs) <= opening_mm + 1e-6
     brain = _largest_component(near_core & candidates)
-    return ndimage.binary_fill_holes(brain) & head
+    return grid.fill_holes(brain) & head
 
 
 __all__ = [

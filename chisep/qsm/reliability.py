@@ -74,7 +74,7 @@ from scipy import ndimage
 
 from chisep import validate
 from chisep.errors import InputError
-from chisep.grid import bounding_box, harmonic_fill
+from chisep.grid import bounding_box, fill_holes, harmonic_fill
 from chisep.physics import wrap_phase
 
 #: factor over the median in the mask above which a statistic marks a voxel unreliable; for
@@ -574,7 +574,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         # mask's edge (skull) go anyway, enclosed ones (dark sources) must not make an inner surface.
         trusted = msk & ~unreliable
         thresholds["edge_off_branch"] = 1.0 / (edge_factor * float(np.min(np.diff(np.sort(tes)))))
-        flagged["edge_off_branch"] = edge_off_branch(field, ndimage.binary_fill_holes(trusted), trusted,
+        flagged["edge_off_branch"] = edge_off_branch(field, fill_holes(trusted), trusted,
                                                      voxel_size=vs, tolerance_hz=thresholds["edge_off_branch"])
         unreliable = unreliable | flagged["edge_off_branch"]
     reliable = msk & ~unreliable
@@ -582,7 +582,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         raise InputError("every voxel of the mask has an unreliable field (noise-level magnitude or a phase "
                          "that is not linear in TE); check that magnitude and phase belong together and "
                          "that the mask covers the head")
-    enclosed = unreliable & ndimage.binary_fill_holes(reliable)
+    enclosed = unreliable & fill_holes(reliable)
     excluded = unreliable & ~enclosed
     off_branch = np.zeros(msk.shape, bool)
     if field_hz is not None and field_unwrapped and enclosed.any() and tes.size >= 2:
