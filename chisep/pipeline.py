@@ -334,7 +334,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, brain,
                                                  field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
                                                  voxel_size=vs, noise_sigma=floor_sigma,
-                                                 factors=settings.reliability)
+                                                 factors=settings.reliability, reuse=rel)
             notes.append(f"brain mask: {rel.volume_ml(brain):.0f} mL of a {rel.volume_ml(head):.0f} mL head "
                          f"(scalp, muscle, bone and air cut off)")
             log(f"  {notes[-1]}")

@@ -619,3 +619,23 @@ def test_low_signal_criterion_marks_noise_only_voxels_in_noise_units():
     assert not off.flagged_by["low_signal"].any()
     without = reliability.field_reliability(magnitude, phase, tes, mask, field_noise_hz=field_noise)
     assert not without.flagged_by["low_signal"].any() and without.thresholds["low_signal"] is None
+
+
+def test_reuse_takes_the_decay_residual_of_an_earlier_pass_and_changes_nothing():
+    from chisep.qsm import echoes
+
+    mag, ph, mask, tissue, dark = _shell_volume()
+    fit = echoes.fit_multi_echo_field(mag, ph, TES, mask, unwrap="laplacian")
+
+    def judged(msk, **kwargs):
+        return reliability.field_reliability(mag, ph, TES, msk, field_noise_hz=fit.field_noise_hz,
+                                             field_hz=fit.field_hz, voxel_size=(2.0, 2.0, 2.0), **kwargs)
+
+    head = judged(mask)
+    fresh, reused = judged(tissue), judged(tissue, reuse=head)
+    for name in fresh.statistics:
+        np.testing.assert_array_equal(fresh.statistics[name], reused.statistics[name])
+    np.testing.assert_array_equal(fresh.region, reused.region)
+    assert fresh.thresholds == reused.thresholds
+    with pytest.raises(InputError, match="reuse holds decay_residual over a mask that does not contain this one"):
+        judged(mask, reuse=judged(tissue))
