@@ -137,8 +137,12 @@ def test_pipeline_denoises_by_default_for_r2star_only(tmp_path):
     off = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition,
                                    settings=pipeline.QsmSettings(denoise="off"))
     on = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)  # the default
-    # the field comes from the measured signal either way (the noise level is MP-PCA's then)
-    np.testing.assert_allclose(on.field_total[on.head_mask], off.field_total[off.head_mask], atol=1e-3)
+    # the field comes from the measured signal either way (the noise level is MP-PCA's then); the
+    # brain it is fitted in may differ by a few voxels: the reliability criteria in noise units
+    # (low_signal, echo_spread_over_noise) need MP-PCA's sigma
+    both = on.reconstruction_mask & off.reconstruction_mask
+    assert np.count_nonzero(on.reconstruction_mask ^ off.reconstruction_mask) < 0.001 * both.sum()
+    np.testing.assert_allclose(on.field_total[both], off.field_total[both], atol=1e-3)
     brain = sim.truth.brain_mask & on.mask
     assert metrics.nrmse(on.r2star, sim.truth.r2star, brain) < metrics.nrmse(off.r2star, sim.truth.r2star, brain)
     assert on.noise_sigma is not None and off.noise_sigma is None
