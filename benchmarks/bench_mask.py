@@ -14,7 +14,7 @@ Usage::
 
     python benchmarks/bench_mask.py [--resolution 2] [--heads A,B] [--snr 30,100]
         [--echo-sets "5,11,17,23,29;4,9,14,19,24,29"] [--flip-angles 8,15,25]
-        [--reliability "default;echo_spread_over_noise=off"]
+        [--reliability "default;echo_spread_over_noise=off"] [--field-strength 7]
 
 ``--reliability`` runs each simulated head once per variant of the reliability factors
 (``criterion=value,...``, or ``default``), so a criterion's effect is measured on the same data.
@@ -47,12 +47,13 @@ def main(argv=None) -> None:
                         help="echo-time sets in ms, separated by ';'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--flip-angles", default="15", help="flip angles in degrees, comma separated (default 15)")
+    parser.add_argument("--field-strength", type=float, default=3.0, help="B0 in tesla (default 3)")
     parser.add_argument("--reliability", default="default", metavar="NAME=VALUE,...;...",
                         help="variants of the reliability factors, separated by ';' (default: the defaults)")
     args = parser.parse_args(argv)
     variants = [(text.strip(), _factors(text)) for text in args.reliability.split(";")]
     warnings.simplefilter("ignore")
-    print(f"# automatic mask, {args.resolution} mm, default QSM settings, seed {args.seed}; "
+    print(f"# automatic mask, {args.resolution} mm, {args.field_strength:g} T, seed {args.seed}; "
           "Dice against the true brain; chi NRMSE % over the true brain\n")
     print("| echo times (ms) | flip (deg) | SNR | head | reliability | Dice region / output | mask mL (true) | chi % "
           "| seconds |")
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
                                                  [float(s) for s in args.snr.split(",")], args.heads.split(",")):
             sim = simulate_head(args.resolution, head=head, scenario="all", snr=snr, seed=args.seed,
                                 echo_times=tes, repetition_time=max(0.035, tes[-1] + 0.006),
-                                flip_angle_deg=flip)
+                                flip_angle_deg=flip, field_strength=args.field_strength)
             for label, factors in variants:
                 t0 = time.perf_counter()
                 qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition,
