@@ -576,18 +576,21 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
             reference = reference & ~sel
     unreliable = np.logical_or.reduce(list(flagged.values())) & msk
     vs = validate.check_voxel_size(voxel_size)
+    # both branch checks (at the edge and for enclosed voxels) need a spatially unwrapped field and a
+    # wrap to measure it in: 1 / the shortest echo spacing
+    branch_checks = field_hz is not None and field_unwrapped and tes.size >= 2
+    echo_spacing = float(np.min(np.diff(np.sort(tes)))) if branch_checks else None
     edge_factor = chosen["edge_off_branch"]
     flagged["edge_off_branch"] = np.zeros(msk.shape, bool)
     thresholds["edge_off_branch"] = None
-    if (field_hz is not None and field_unwrapped and tes.size >= 2 and not unreliable.all()
-            and edge_factor is not None and np.isfinite(edge_factor)):
+    if branch_checks and not unreliable.all() and edge_factor is not None and np.isfinite(edge_factor):
         # A voxel at the mask's edge with fat or bone in it can pass every statistic and still sit a
         # whole wrap off its neighbours (echoes whose spacing keeps fat nearly in phase: marrow
         # 190-210 Hz off at 4, 9, ..., 29 ms); background removal spreads it over the brain.
         # The edge is that of the reliable voxels with their holes filled: unreliable voxels at the
         # mask's edge (skull) go anyway, enclosed ones (dark sources) must not make an inner surface.
         trusted = msk & ~unreliable
-        thresholds["edge_off_branch"] = 1.0 / (edge_factor * float(np.min(np.diff(np.sort(tes)))))
+        thresholds["edge_off_branch"] = 1.0 / (edge_factor * echo_spacing)
         flagged["edge_off_branch"] = edge_off_branch(field, fill_holes(trusted), trusted,
                                                      voxel_size=vs, tolerance_hz=thresholds["edge_off_branch"])
         unreliable = unreliable | flagged["edge_off_branch"]
@@ -599,14 +602,13 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
     enclosed = unreliable & fill_holes(reliable)
     excluded = unreliable & ~enclosed
     off_branch = np.zeros(msk.shape, bool)
-    if field_hz is not None and field_unwrapped and enclosed.any() and tes.size >= 2:
+    if branch_checks and enclosed.any():
         # The phase fixes the field only up to whole wraps between echoes; a dark source's dephased
         # signal often lands on the wrong branch (measured: 100-400 Hz off next to a calcified
         # lesion with B0 30 degrees oblique). The background field is harmonic and a compact
         # source's own field is small inside it, so the reliable neighbours' harmonic bridge is
         # the nearest plausible branch; more than half a wrap from it, the fitted value is wrong.
         bridge = harmonic_fill(field, reliable, enclosed)
-        echo_spacing = float(np.min(np.diff(np.sort(tes))))
         off_branch = enclosed & (np.abs(field - bridge) > BRANCH_TOLERANCE / echo_spacing)
     info = {"factors": dict(chosen), "thresholds": thresholds,
             "excluded_voxels": int(excluded.sum()), "enclosed_voxels": int(enclosed.sum())}
