@@ -145,6 +145,11 @@ def as_phase(value, name: str = "phase") -> np.ndarray:
 def check_finite(arr, name: str, mask=None, *, fix: str = "replace them or exclude those voxels with the mask") -> None:
     """No NaN or inf (inside ``mask`` when given; axes beyond the mask's, e.g. echoes, count per voxel)."""
     values = np.asarray(arr)
+    # a float32 sum is finite only if every value is (or overflow, then the exact test below
+    # decides): 13 ms instead of 45-95 ms for a 1 mm multi-echo volume, checked several times a run
+    with np.errstate(over="ignore", invalid="ignore"):
+        if values.size == 0 or not np.issubdtype(values.dtype, np.floating) or np.isfinite(values.sum()):
+            return
     bad = ~np.isfinite(values)
     if mask is not None:
         mask = np.asarray(mask, bool)
@@ -159,6 +164,8 @@ def check_finite(arr, name: str, mask=None, *, fix: str = "replace them or exclu
 def check_non_negative(arr, name: str, mask=None, *, fix: str) -> None:
     """No negative value (inside ``mask`` when given)."""
     values = np.asarray(arr)
+    if values.size == 0 or values.min() >= 0:  # a NaN minimum leads to the exact test
+        return
     neg = values < 0
     if mask is not None:
         mask = np.asarray(mask, bool)

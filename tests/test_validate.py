@@ -38,6 +38,28 @@ def test_each_check_names_the_input_and_the_fix(call, match):
         call()
 
 
+def test_finiteness_and_sign_checks_agree_with_the_exact_test_on_every_kind_of_volume():
+    """The checks' fast path (a sum, a minimum) never changes their verdict."""
+    big = np.full(SHAPE, np.finfo(np.float32).max / 2, np.float32)  # finite, but its float32 sum overflows
+    v.check_finite(big, "magnitude")
+    v.check_non_negative(big, "magnitude", fix="")
+    mixed = np.ones(SHAPE + (3,), np.float32)
+    mixed[0, 0, 0, 1] = -1.0
+    mixed[1, 1, 1, 0] = np.nan  # a NaN must not hide the negative value (its minimum is NaN)
+    with pytest.raises(InputError, match="1 negative"):
+        v.check_non_negative(mixed, "magnitude", fix="")
+    with pytest.raises(InputError, match="1 voxel"):
+        v.check_finite(mixed, "magnitude")
+    inside = np.ones(SHAPE, bool)
+    inside[1, 1, 1] = False  # the NaN lies outside the mask: tolerated
+    v.check_finite(mixed, "magnitude", inside)
+    cancelling = np.zeros(SHAPE)
+    cancelling[0, 0, 0], cancelling[0, 0, 1] = np.inf, -np.inf
+    with pytest.raises(InputError, match="2 voxel"):
+        v.check_finite(cancelling, "field")
+    v.check_finite(np.arange(8).reshape(2, 2, 2), "labels")  # integers are always finite
+
+
 def test_valid_inputs_pass_and_are_normalised():
     assert v.as_mask(np.ones(SHAPE, np.uint8), SHAPE).dtype == bool
     assert v.as_mask(None, SHAPE, default_all=True).all()
