@@ -31,7 +31,11 @@ def main() -> None:
     parser.add_argument("--models", default="chi-separation,linear,decompose")
     parser.add_argument("--background", default=pipeline.QsmSettings().background)
     parser.add_argument("--inversion", default=pipeline.QsmSettings().inversion)
+    parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                        help="keep: reuse freed memory as the command line does (pipeline.keep_freed_memory); "
+                             "default: glibc's own behaviour, as a library call in a notebook")
     args = parser.parse_args()
+    kept = pipeline.keep_freed_memory() if args.allocator == "keep" else False
 
     t0 = time.perf_counter()
     sim = workflows.simulate(resolution=args.resolution, scenario=args.scenario, snr=args.snr)
@@ -57,6 +61,7 @@ def main() -> None:
 
     print(f"## End-to-end on the phantom: {args.resolution} mm, scenario {args.scenario}, SNR {args.snr:g}\n")
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.platform()}; date {time.strftime('%Y-%m-%d')}")
+    print(f"allocator: {'freed memory kept for reuse' if kept else 'default'}")
     print(f"grid {sim.magnitude.shape}, brain voxels {int(truth.brain_mask.sum())}, final mask {int(mask.sum())}\n")
     print("| stage | metric | value |\n|---|---|---|")
     print(f"| mask | Dice vs truth brain: output mask / head mask (the field fit's, scalp included) | "
@@ -101,6 +106,9 @@ def main() -> None:
     for step, t in timings.items():
         print(f"| {step} | {t:.1f} | {timings_again.get(step, float('nan')):.1f} |")
     print(f"| QSM total (mask to chi) | {t_qsm:.1f} | {t_again:.1f} |")
+    if models:  # the issue's figure: magnitude and phase to chi_para / chi_dia of the first model
+        print(f"| magnitude and phase to {models[0]} | {t_qsm + timings[f'separation:{models[0]}']:.1f} | "
+              f"{t_again + timings_again[f'separation:{models[0]}']:.1f} |")
     print(f"\npeak resident memory {peak_gb:.2f} GB (before the second run)")
 
 

@@ -168,6 +168,15 @@ def _use_compile_cache(args) -> None:
         pipeline.use_compilation_cache(path)
 
 
+def _keep_freed_memory() -> None:
+    import os
+
+    from chisep import pipeline
+
+    if os.environ.get(pipeline.KEEP_FREED_MEMORY_ENV, "").strip().lower() != "off":
+        pipeline.keep_freed_memory()
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -456,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.showwarning = _one_line_warning
             if args.command in _COMPUTING:
                 _use_compile_cache(args)
+                _keep_freed_memory()
             return COMMANDS[args.command](args)
     except (KeyboardInterrupt, signals.Terminated) as exc:
         print(f"chisep: {'terminated' if isinstance(exc, signals.Terminated) else 'interrupted'}; finished outputs "

@@ -171,6 +171,38 @@ def test_the_command_line_keeps_compiled_programs_for_the_next_run(dataset, tmp_
     assert not files(unused)
 
 
+_FAULTS_OF_TEMPORARIES = """
+import resource, sys
+import numpy as np
+from chisep import pipeline
+kept = pipeline.keep_freed_memory() if sys.argv[1] == "keep" else None
+volume = np.ones((128, 128, 128, 6), np.float32)  # 50 MB: above glibc's largest mmap threshold (32 MB)
+total = (volume * 2 + volume).sum()  # the first time faults the memory in either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    total = (volume * 2 + volume).sum()  # two volume-sized temporaries, freed at once
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, total)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_command_line_process_reuses_freed_memory_instead_of_faulting_it_in_again():
+    """keep_freed_memory: temporaries reuse freed blocks (page faults once, not on every allocation)."""
+    import subprocess
+    import sys
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_OF_TEMPORARIES, mode], check=True,
+                             capture_output=True, text=True).stdout.split()
+        return out[0], int(out[1]), float(out[2])
+
+    kept, with_reuse, total = faults("keep")
+    _, default, total_default = faults("default")
+    assert kept == "True" and total == total_default == 3 * 128**3 * 6
+    # measured: 0 faults against 5360 (each of 20 temporaries faulted in afresh)
+    assert with_reuse * 10 < default, (with_reuse, default)
+
+
 def test_separate_refuses_chi_in_hz(dataset, tmp_path, capsys):
     truth = dataset / "derivatives/truth"
     code = cli.main(["separate", "--chi", str(truth / "field_total.nii.gz"), "--r2star", str(truth / "r2star.nii.gz"),
