@@ -580,6 +580,47 @@ def _effective_chunk(n_voxels: int, chunk_size: int) -> int:
     return min(chunk_size, max(64, 1 << max(0, int(n_voxels - 1).bit_length())))
 
 
+#: rows per call of :func:`map_rows`: a few MB per operand, so that a fused kernel works in cache
+#: (a five-echo statistic over 3.5 M voxels: 0.16 s in blocks, 0.35 s in one call, 1.0 s in NumPy)
+ROW_BLOCK = 262144
+
+
+def map_rows(kernel: Callable, rows, *, args: tuple = (), block: int = ROW_BLOCK):
+    """Apply a jit-compiled voxelwise ``kernel(*row_blocks, *args)`` block by block.
+
+    One fused pass per block instead of a NumPy temporary per operation; blocks of a fixed
+    length (the last padded; small inputs a power of two) keep it to one compilation per shape.
+
+    Parameters
+    ----------
+    kernel : jitted callable
+        Takes one block of each array in ``rows`` (float32, ``block`` rows) and then ``args``;
+        returns an array or a tuple of arrays whose first axis is the block's rows.
+    rows : sequence of arrays with a common first dimension (voxels)
+    args : tuple
+        Passed after the blocks unchanged (echo times, scalars).
+
+    Returns
+    -------
+    numpy array, or a tuple of them, with the rows' first dimension
+    """
+    rows = [np.asarray(r, np.float32) for r in rows]
+    n = rows[0].shape[0]
+    size = _effective_chunk(max(n, 1), block)
+    outputs = None
+    for start in range(0, max(n, 1), size):
+        stop = min(start + size, n)
+        blocks = [_pad_rows(r[start:stop], size) if stop > start else np.zeros((size,) + r.shape[1:], np.float32)
+                  for r in rows]
+        result = kernel(*(jnp.asarray(b) for b in blocks), *args)
+        parts = result if isinstance(result, tuple) else (result,)
+        if outputs is None:
+            outputs = [np.empty((n,) + p.shape[1:], p.dtype) for p in parts]
+        for out, part in zip(outputs, parts):
+            out[start:stop] = np.asarray(part)[: stop - start]
+    return tuple(outputs) if isinstance(result, tuple) else outputs[0]
+
+
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     """Pad along axis 0 to ``rows`` by repeating the last row (padded voxels fit like a real one)."""
     if a.shape[0] == rows:
@@ -887,5 +928,5 @@ def numerical_gradient(fun: Callable[[np.ndarray], float], x, *, step: float = 1
     return g
 
 
-__all__ = ["VoxelModel", "FitResult", "fit_voxelwise", "grid_init", "voxel_loss", "weighted_residual",
+__all__ = ["VoxelModel", "FitResult", "fit_voxelwise", "grid_init", "map_rows", "voxel_loss", "weighted_residual",
            "numerical_gradient", "OPTIMIZERS"]

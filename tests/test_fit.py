@@ -201,3 +201,22 @@ def test_bad_inputs():
         fit_voxelwise(DECAY, data, aux=jnp.asarray(TE), init=(1.0, 2.0, 3.0))
     with pytest.raises(InputError, match="sigmoid"):
         VoxelModel(decay, ("s0", "r2"), (0.0, 0.0), (np.inf, 200.0), transform="sigmoid")
+
+
+def test_map_rows_gives_what_one_call_gives_over_any_number_of_rows():
+    """Blocks, the padded last block, small inputs and no rows at all."""
+    from chisep.fit import map_rows
+
+    @jax.jit
+    def kernel(a, b, scale):
+        return (a * b).sum(-1) * scale, a.max(-1)
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 63, 64, 65, 1000, 2 * 128 + 5):
+        a, b = rng.normal(size=(n, 4)), rng.normal(size=(n, 4))
+        weighted, peak = map_rows(kernel, (a, b), args=(2.0,), block=128)
+        assert weighted.shape == peak.shape == (n,)
+        np.testing.assert_allclose(weighted, 2.0 * (a * b).sum(-1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(peak, a.max(-1) if n else peak, rtol=1e-6)
+    single = map_rows(jax.jit(lambda a: a.sum(-1)), (np.ones((300, 3)),), block=128)
+    assert isinstance(single, np.ndarray) and np.all(single == 3.0)

@@ -69,13 +69,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
 from chisep import validate
 from chisep.errors import InputError
+from chisep.fit import map_rows
 from chisep.grid import bounding_box, fill_holes, harmonic_fill
-from chisep.physics import wrap_phase
 
 #: factor over the median in the mask above which a statistic marks a voxel unreliable; for
 #: ``low_signal`` the first-echo magnitude in units of the noise sigma below which a voxel is
@@ -181,20 +183,23 @@ def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndar
     """
     if magnitude.shape[-1] < 3:
         return np.zeros(magnitude.shape[:-1])
-    mag = np.asarray(magnitude, np.float32)
-    ph = np.asarray(phase, np.float32)
+    reference = np.zeros(magnitude.shape[:-1], np.float32) if field_hz is None else field_hz
     dte = np.diff(np.asarray(echo_times, np.float64)).astype(np.float32)
-    reference = (np.zeros(mag.shape[:-1], np.float32) if field_hz is None
-                 else np.asarray(field_hz, np.float32))
+    # float32 is ample: the statistic is compared with ten times its median
+    return map_rows(_echo_spread_rows, (magnitude, phase, reference), args=(jnp.asarray(dte),)).astype(np.float64)
+
+
+@jax.jit
+def _echo_spread_rows(mag, ph, reference, dte):
     # Each pair's phase change relative to the fitted field's, wrapped to [-pi, pi): the angle of
-    # s[e+1] conj(s[e]) exp(-i turn), in real arithmetic (float32 is ample: the statistic is
-    # compared with ten times its median)
-    delta = wrap_phase(ph[..., 1:] - ph[..., :-1] - np.float32(2.0 * np.pi) * reference[..., None] * dte)
-    freq = delta / (np.float32(2.0 * np.pi) * dte)  # relative to the fitted field (a spread ignores it)
-    w = mag[..., 1:] * mag[..., :-1]
-    w_sum = np.maximum(w.sum(-1), np.float32(1e-30))
+    # s[e+1] conj(s[e]) exp(-i turn), in real arithmetic
+    turn = ph[:, 1:] - ph[:, :-1] - (2.0 * jnp.pi) * reference[:, None] * dte
+    delta = turn - (2.0 * jnp.pi) * jnp.floor((turn + jnp.pi) / (2.0 * jnp.pi))
+    freq = delta / ((2.0 * jnp.pi) * dte)  # relative to the fitted field (a spread ignores it)
+    w = mag[:, 1:] * mag[:, :-1]
+    w_sum = jnp.maximum(w.sum(-1), 1e-30)
     mean = (w * freq).sum(-1) / w_sum
-    return np.sqrt((w * (freq - mean[..., None]) ** 2).sum(-1) / w_sum).astype(np.float64)
+    return jnp.sqrt((w * (freq - mean[:, None]) ** 2).sum(-1) / w_sum)
 
 
 def echo_spread_noise_hz(magnitude: np.ndarray, echo_times: np.ndarray, noise_sigma) -> np.ndarray:
@@ -219,17 +224,21 @@ def echo_spread_noise_hz(magnitude: np.ndarray, echo_times: np.ndarray, noise_si
     """
     if magnitude.shape[-1] < 3:
         return np.zeros(magnitude.shape[:-1])
-    # float32 (a scale compared with a factor of 4; float64 took 1.7 s over a 1 mm head)
-    m = np.asarray(magnitude, np.float32)
+    # float32: a scale compared with a factor of 4 (float64 NumPy took 1.7 s over a 1 mm head)
     per_pair = (1.0 / (2.0 * np.pi * np.diff(np.asarray(echo_times, np.float64))) ** 2).astype(np.float32)
-    early, late = m[..., :-1], m[..., 1:]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        # w_e v_e without dividing by m^2: sigma^2 (m_e+1 / m_e + m_e / m_e+1) / (2 pi dTE)^2
-        ratio = late / early
-        wv = ((ratio + 1.0 / ratio) * per_pair).sum(-1)
-        scale = np.sqrt(wv / (early * late).sum(-1)) * np.asarray(noise_sigma, np.float32)
+    sigma = np.broadcast_to(np.asarray(noise_sigma, np.float32), magnitude.shape[:-1])
+    return map_rows(_echo_spread_noise_rows, (magnitude, sigma), args=(jnp.asarray(per_pair),)).astype(np.float64)
+
+
+@jax.jit
+def _echo_spread_noise_rows(m, sigma, per_pair):
+    early, late = m[:, :-1], m[:, 1:]
+    # w_e v_e without dividing by m^2: sigma^2 (m_e+1 / m_e + m_e / m_e+1) / (2 pi dTE)^2
+    ratio = late / early
+    wv = ((ratio + 1.0 / ratio) * per_pair).sum(-1)
+    scale = jnp.sqrt(wv / (early * late).sum(-1)) * sigma
     # a zero magnitude makes a ratio 0 or inf (or nan): no finite scale
-    return np.where(np.isfinite(scale), scale, np.float32(np.inf)).astype(np.float64)
+    return jnp.where(jnp.isfinite(scale), scale, jnp.inf)
 
 
 def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
@@ -244,32 +253,30 @@ def decay_residual(magnitude: np.ndarray, echo_times: np.ndarray) -> np.ndarray:
     """
     if magnitude.shape[-1] < 3:
         return np.zeros(magnitude.shape[:-1])
-    m = np.asarray(magnitude, np.float32)
-    peak = m.max(-1, keepdims=True)
-    s = m / np.where(peak > 0, peak, np.float32(1.0))
-    # zeros get a tiny floor: with weights s^2 they then carry no weight
-    s_floored = np.maximum(s, np.float32(1e-18))
-    y = np.log(s_floored)
     t = np.asarray(echo_times, np.float64)
     t = ((t - t.mean()) / max(float(np.ptp(t)), 1e-30)).astype(np.float32)
+    return map_rows(_decay_residual_rows, (magnitude,), args=(jnp.asarray(t),)).astype(np.float64)
+
+
+@jax.jit
+def _decay_residual_rows(m, t):
+    peak = m.max(-1, keepdims=True)
+    s = m / jnp.where(peak > 0, peak, 1.0)
+    # zeros get a tiny floor: with weights s^2 they then carry no weight
+    s_floored = jnp.maximum(s, 1e-18)
+    y = jnp.log(s_floored)
     w = s_floored * s_floored
-    sw = w.sum(-1)
-    st = w @ t
-    stt = w @ (t * t)
-    wy = w * y
-    sy = wy.sum(-1)
-    sty = wy @ t
+    sw, st, stt = w.sum(-1), w @ t, w @ (t * t)
+    sy, sty = (w * y).sum(-1), (w * y) @ t
     det = sw * stt - st * st
-    with np.errstate(invalid="ignore", divide="ignore"):
-        slope = (sw * sty - st * sy) / det
-        intercept = (sy - slope * st) / sw
-    slope = np.where(np.isfinite(slope), slope, np.float32(0.0))
-    intercept = np.where(np.isfinite(intercept), intercept, np.float32(0.0))
-    fit = np.exp(np.minimum(intercept[..., None] + slope[..., None] * t, np.float32(80.0)))
+    slope = (sw * sty - st * sy) / det
+    intercept = (sy - slope * st) / sw
+    slope = jnp.where(jnp.isfinite(slope), slope, 0.0)
+    intercept = jnp.where(jnp.isfinite(intercept), intercept, 0.0)
+    fit = jnp.exp(jnp.minimum(intercept[:, None] + slope[:, None] * t, 80.0))
     energy = (s * s).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        residual = np.sqrt(((s - fit) ** 2).sum(-1) / energy)
-    return np.where(energy > 0, residual, np.float32(1.0)).astype(np.float64)
+    residual = jnp.sqrt(((s - fit) ** 2).sum(-1) / energy)
+    return jnp.where(energy > 0, residual, 1.0)
 
 
 #: depth (mm) of the mask's outer band that :func:`edge_off_branch` checks, and the number of times it
