@@ -27,7 +27,7 @@ from chisep import physics, validate
 from chisep.errors import InputError
 
 __all__ = [
-    "Grid", "bounding_box", "fill_holes", "margin_voxels", "rfft", "irfft", "conv", "dipole_half", "laplacian_half",
+    "Grid", "bounding_box", "fill_holes", "distance_within", "margin_voxels", "rfft", "irfft", "conv", "dipole_half", "laplacian_half",
     "sphere_half", "gradient", "divergence_adjoint", "gradient_half", "tkd_inverse", "edge_mask", "harmonic_fill",
     "as_jax",
 ]
@@ -53,6 +53,41 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     filled = np.zeros_like(msk)
     filled[box] = ndimage.binary_fill_holes(msk[box])
     return filled
+
+
+def distance_within(inside: np.ndarray, voxel_size, radius_mm: float, *, border_outside: bool) -> np.ndarray:
+    """Euclidean distance (mm) from each voxel to the nearest voxel not in ``inside``, where it is at
+    most ``radius_mm``; inf beyond (0 on voxels not in ``inside``).
+
+    The exact distance transform's separable form (squared distances, one minimum-plus pass per
+    axis; Felzenszwalb and Huttenlocher, Theory Comput 2012) cut at the radius: an outside voxel
+    within it is at most radius / voxel size away along every axis, so each pass needs only
+    that many shifts. For the 4 mm shells of the brain mask, 0.2 s at 1 mm against 1.2 s for
+    ``scipy.ndimage.distance_transform_edt``, which computes every distance. ``border_outside``:
+    whether the space beyond the array counts as outside (scipy's transform: it does not).
+    """
+    vs = np.asarray(voxel_size, dtype=np.float64)
+    inside = np.asarray(inside, dtype=bool)
+    limit = np.float32((radius_mm + 1e-6) ** 2)
+    squared = np.where(inside, np.float32(np.inf), np.float32(0.0))
+    beyond = np.float32(0.0) if border_outside else np.float32(np.inf)
+    for axis in range(3):
+        reach = int(np.floor((radius_mm + 1e-6) / vs[axis]))
+        if reach == 0:
+            continue
+        widths = [(0, 0)] * 3
+        widths[axis] = (reach, reach)
+        padded = np.pad(squared, widths, constant_values=beyond)
+        n = squared.shape[axis]
+        for k in range(1, reach + 1):
+            ahead = [slice(None)] * 3
+            behind = [slice(None)] * 3
+            ahead[axis], behind[axis] = slice(reach + k, reach + k + n), slice(reach - k, reach - k + n)
+            nearer = np.minimum(padded[tuple(ahead)], padded[tuple(behind)])
+            nearer += np.float32((k * vs[axis]) ** 2)
+            np.minimum(squared, nearer, out=squared)
+    squared[squared > limit] = np.inf
+    return np.sqrt(squared)
 
 
 # ---------------------------------------------------------------------------

@@ -120,3 +120,24 @@ def test_fill_holes_on_the_box_equals_scipy_on_the_volume():
         np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
     assert fill_holes(shell).sum() > shell.sum()  # the hole is filled
     assert (fill_holes(at_border) & ~at_border).sum() < (fill_holes(shell) & ~shell).sum()
+
+
+def test_distance_within_a_radius_equals_the_exact_distance_transform():
+    """grid.distance_within against scipy's exact transform: random masks, anisotropic voxels, radii from a
+    fraction of a voxel to several, thin arrays, and either convention at the array's border."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        shape = tuple(int(n) for n in rng.integers(1, 20, 3))
+        vs, radius = rng.uniform(0.5, 2.5, 3), float(rng.uniform(0.3, 6.0))
+        inside = rng.random(shape) > rng.uniform(0.05, 0.6)
+        for border_outside in (True, False):
+            if not border_outside and inside.all():
+                continue  # no outside voxel at all: scipy's transform is undefined there
+            exact = ndimage.distance_transform_edt(np.pad(inside, 1, constant_values=not border_outside),
+                                                   sampling=vs)[1:-1, 1:-1, 1:-1]
+            expected = np.where(exact <= radius + 1e-6, exact, np.inf)
+            got = grid.distance_within(inside, vs, radius, border_outside=border_outside)
+            np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
+            np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], atol=1e-5)

@@ -133,8 +133,8 @@ def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.n
     the mask; outside the array counts as outside the mask. Small balls (in a box of
     at most :data:`SMALL_BALL_BOX_VOXELS` voxels, e.g. the one-voxel rim) erode with the
     ball itself as structuring element; larger ones with the Euclidean distance
-    transform (exact, and fast for large radii; 1 s for a 1 mm head, 10x the
-    one-voxel erosion).
+    transform cut at the radius (:func:`chisep.grid.distance_within`; exact, 0.2 s for a
+    1 mm head at 4 mm).
 
     Parameters
     ----------
@@ -155,8 +155,7 @@ def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.n
     m = m.astype(bool)
     if radius_mm == 0 or not m.any():
         return m.copy()
-    # distance to the nearest outside voxel, computed in the mask's bounding
-    # box padded by one outside voxel (the array border counts as outside)
+    # in the mask's bounding box; the array's border counts as outside
     box = bounding_box(m)
     out = np.zeros(m.shape, dtype=bool)
     half = np.floor((radius_mm + 1e-6) / vs).astype(int)
@@ -165,9 +164,7 @@ def erode_mask(mask, voxel_size=(1.0, 1.0, 1.0), radius_mm: float = 1.0) -> np.n
         ball = sum(o**2 for o in offsets) <= (radius_mm + 1e-6) ** 2
         out[box] = ndimage.binary_erosion(m[box], structure=ball, border_value=0)
         return out
-    padded = np.pad(m[box], 1, constant_values=False)
-    dist = ndimage.distance_transform_edt(padded, sampling=vs)[1:-1, 1:-1, 1:-1]
-    out[box] = dist > radius_mm + 1e-6
+    out[box] = ~np.isfinite(grid.distance_within(m[box], vs, radius_mm, border_outside=True))
     return out
 
 
@@ -393,7 +390,7 @@ def brain_region(head, unreliable, *, voxel_size=(1.0, 1.0, 1.0), opening_mm: fl
     # voxels within opening_mm of the core: the distance transform on the core's box grown by that much
     box = bounding_box(core, margin=int(np.max(np.ceil(opening_mm / vs))) + 1)
     near_core = np.zeros_like(core)
-    near_core[box] = ndimage.distance_transform_edt(~core[box], sampling=vs) <= opening_mm + 1e-6
+    near_core[box] = np.isfinite(grid.distance_within(~core[box], vs, opening_mm, border_outside=False))
     brain = _largest_component(near_core & candidates)
     return grid.fill_holes(brain) & head
 

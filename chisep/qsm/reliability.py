@@ -77,7 +77,7 @@ from scipy import ndimage
 from chisep import validate
 from chisep.errors import InputError
 from chisep.fit import map_rows
-from chisep.grid import bounding_box, fill_holes, harmonic_fill
+from chisep.grid import bounding_box, distance_within, fill_holes, harmonic_fill
 
 #: factor over the median in the mask above which a statistic marks a voxel unreliable; for
 #: ``low_signal`` the first-echo magnitude in units of the noise sigma below which a voxel is
@@ -339,15 +339,14 @@ def edge_off_branch(field_hz, mask, trusted, *, voxel_size=(1.0, 1.0, 1.0), tole
         # neighbours moved); their depth and reference need 3 more depths of correct context
         reach = int(np.max(np.ceil(3.0 * depth_mm / vs)))
         box = bounding_box(new_full, margin=2 * reach + 1)
-        near_new = ndimage.distance_transform_edt(~new_full[box], sampling=vs) <= 3.0 * depth_mm
+        near_new = np.isfinite(distance_within(~new_full[box], vs, 3.0 * depth_mm, border_outside=False))
     return flagged
 
 
 def _off_branch_in_band(field, inside, trusted, vs, tolerance_hz, depth_mm):
     """One round of :func:`edge_off_branch` on a box around ``inside``."""
-    depth = ndimage.distance_transform_edt(inside, sampling=vs)
-    band = inside & (depth <= depth_mm)
-    deeper = inside & trusted & (depth > depth_mm)
+    band = inside & np.isfinite(distance_within(inside, vs, depth_mm, border_outside=False))
+    deeper = inside & trusted & ~band
     if not (band.any() and deeper.any()):
         return np.zeros_like(inside)
     reference, judged = _linear_extrapolation(field, deeper, band, vs, sigma_mm=0.5 * depth_mm)
