@@ -214,3 +214,17 @@ def test_brain_region_cuts_scalp_joined_by_a_bridge_through_the_skull():
     assert tiny.sum() == (r < 2.5).sum()
     with pytest.raises(InputError, match="reliable"):
         brain_region(head, head, voxel_size=(1.0, 1.0, 1.0))
+
+
+def test_bias_field_upsampling_is_scipys_linear_zoom():
+    """The bias estimate goes back to the full grid as ndimage.zoom(order=1, grid_mode=True) would."""
+    from scipy import ndimage
+
+    from chisep.qsm.mask import _resize_linear
+
+    rng = np.random.default_rng(1)
+    for small_shape, shape in [((9, 11, 8), (45, 50, 38)), ((1, 5, 3), (4, 20, 3)), ((7, 7, 7), (7, 7, 7))]:
+        small = rng.random(small_shape)
+        zoomed = ndimage.zoom(small, [n / m for n, m in zip(shape, small_shape)], order=1, mode="nearest",
+                              grid_mode=True)
+        np.testing.assert_allclose(_resize_linear(small, shape), zoomed, atol=1e-6)

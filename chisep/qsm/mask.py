@@ -90,12 +90,25 @@ def _bias_corrected(mag: np.ndarray, voxel_size: np.ndarray) -> np.ndarray:
     step = np.maximum(1, np.floor(sigma_vox / 4).astype(int))
     sl = tuple(slice(None, None, s) for s in step)
     small = _smooth(mag[sl].astype(np.float64), rough[sl].astype(np.float64), sigma_vox / step)
-    zoom = [n / m for n, m in zip(mag.shape, small.shape)]
-    bias = ndimage.zoom(small, zoom, order=1, mode="nearest", grid_mode=True)
-    bias = bias[: mag.shape[0], : mag.shape[1], : mag.shape[2]]
+    bias = _resize_linear(small, mag.shape)
     fill = float(np.median(mag[rough])) if rough.any() else float(mag.max())
     bias = np.where(bias > 1e-6 * fill, bias, fill)
     return (mag / bias).astype(np.float32)
+
+
+def _resize_linear(small: np.ndarray, shape) -> np.ndarray:
+    """Linear interpolation of ``small`` onto ``shape`` with voxel edges aligned, as
+    ``ndimage.zoom(order=1, mode="nearest", grid_mode=True)``, one axis at a time as a matrix
+    product (float32; 0.06 s instead of 0.4 s onto a 1 mm head)."""
+    out = small.astype(np.float32)
+    for axis, (n_in, n_out) in enumerate(zip(small.shape, shape)):
+        x = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+        low = np.floor(x).astype(int)
+        weights = np.zeros((n_out, n_in), np.float32)
+        np.add.at(weights, (np.arange(n_out), low), 1.0 - (x - low))
+        np.add.at(weights, (np.arange(n_out), np.minimum(low + 1, n_in - 1)), x - low)
+        out = np.moveaxis(np.tensordot(weights, out, axes=(1, axis)), 0, axis)
+    return np.ascontiguousarray(out)
 
 
 def _threshold_log(mag: np.ndarray, threshold: float | None) -> np.ndarray:
