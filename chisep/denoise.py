@@ -222,8 +222,10 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
     def box_sum(values):  # from the patch centres to every mask voxel their patches cover
         lattice_values = np.zeros(on_lattice.shape, np.float32)
         lattice_values[on_lattice] = values
-        return _box_sum_from_lattice(lattice_values, inside.shape, size, stride)[inside].astype(np.float64)
+        return _box_sum_from_lattice(lattice_values, inside.shape, size, stride)[inside]
 
+    # the estimate in float32 like the box sums it adds up (0.9 s of float64 arithmetic at 1 mm);
+    # sigma and the component count, averages of a few patches, in float64 as before
     total = box_sum(weight)
     estimate = np.stack([box_sum(offset[:, i]) for i in range(n_echoes)])  # (echo, voxel)
     for i in range(n_echoes):
@@ -234,14 +236,15 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
                 estimate[j] += pij * centre[i]
 
     out = np.array(mag, dtype=np.float32, copy=True)
-    denoised = np.maximum(estimate / total * scale, 0.0)
+    denoised = np.maximum(estimate / total * np.float32(scale), np.float32(0.0))
     for e in range(n_echoes):
         out[box + (e,)][inside] = denoised[e]  # out[box + (e,)] is a view
     sigma = np.zeros(msk.shape, np.float32)
     components = np.zeros(msk.shape, np.uint8)
     # per voxel: the weighted mean over the patches covering it
+    total = total.astype(np.float64)
     sigma[box][inside] = (np.sqrt(box_sum(weight * sigma2) / total) * scale).astype(np.float32)
-    components[box][inside] = np.rint(box_sum(weight * kept) / total).astype(np.uint8)
+    components[box][inside] = np.rint(box_sum(weight * kept).astype(np.float64) / total).astype(np.uint8)
     info = {"method": "mppca", "patch_voxels": n_samples, "stride": stride,
             "median_sigma": float(np.median(sigma[msk])),
             "median_signal_components": float(np.median(components[msk]))}
