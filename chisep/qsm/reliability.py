@@ -513,12 +513,13 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         raise InputError("field_reliability: the mask is empty; pass the mask the field was fitted in")
     tes = np.asarray(echo_times, dtype=np.float64)
 
-    spread = echo_spread_hz(mag[msk], ph[msk], tes, field[msk])
+    rows = mag[msk]  # (voxel, echo), gathered once for every statistic
+    spread = echo_spread_hz(rows, ph[msk], tes, field[msk])
     if noise_sigma is not None:
         sigma = np.broadcast_to(np.asarray(noise_sigma, dtype=np.float64), msk.shape)[msk]
-        snr = np.where(sigma > 0, mag[msk, 0] / np.where(sigma > 0, sigma, 1.0), np.inf)
+        snr = np.where(sigma > 0, rows[:, 0] / np.where(sigma > 0, sigma, 1.0), np.inf)
         with np.errstate(divide="ignore", invalid="ignore"):
-            spread_noise = echo_spread_noise_hz(mag[msk], tes, sigma)
+            spread_noise = echo_spread_noise_hz(rows, tes, sigma)
             # 0 where the noise scale is unknown or infinite (no signal: low_signal's voxels)
             over_noise = np.where((spread_noise > 0) & np.isfinite(spread_noise), spread / spread_noise, 0.0)
     else:
@@ -528,7 +529,7 @@ def field_reliability(magnitude, phase, echo_times, mask, *, field_noise_hz, fie
         "low_signal": snr,
         "field_noise": np.where(np.isfinite(noise[msk]), noise[msk], np.inf),
         "echo_spread": spread,
-        "decay_residual": (decay_residual(mag[msk], tes) if reuse is None
+        "decay_residual": (decay_residual(rows, tes) if reuse is None
                            else _reused(reuse, "decay_residual", msk)),
         "echo_spread_over_noise": over_noise,
     }

@@ -510,7 +510,7 @@ def unwrap_romeo(
 def _romeo_in_box(phi, msk, mag, tes, template_echo, individual):
     if phi.min() < -np.pi or phi.max() > np.pi:
         phi = wrap_phase(phi)
-    phi = np.where(msk if phi.ndim == 3 else msk[..., None], phi, 0.0).astype(np.float32)
+    phi = np.where(msk if phi.ndim == 3 else msk[..., None], phi, np.float32(0.0)).astype(np.float32, copy=False)
     if phi.ndim == 3:
         return _spatial_romeo(phi, msk, edge_quality(phi, mag))
 
