@@ -105,6 +105,9 @@ def main() -> None:
     print(f"| simulate | {t_sim:.1f} | |")
     for step, t in timings.items():
         print(f"| {step} | {t:.1f} | {timings_again.get(step, float('nan')):.1f} |")
+    fit_steps = [name for name in timings if name.startswith("field")]  # over the head, then the brain
+    print(f"| field fit ({' + '.join(fit_steps)}) | {sum(timings[n] for n in fit_steps):.1f} | "
+          f"{sum(timings_again.get(n, float('nan')) for n in fit_steps):.1f} |")
     print(f"| QSM total (mask to chi) | {t_qsm:.1f} | {t_again:.1f} |")
     if models:  # the issue's figure: magnitude and phase to chi_para / chi_dia of the first model
         print(f"| magnitude and phase to {models[0]} | {t_qsm + timings[f'separation:{models[0]}']:.1f} | "

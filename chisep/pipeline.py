@@ -287,10 +287,10 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             notes.append(f"mask: filled {n_holes} voxels ({n_holes * np.prod(vs) / 1000:.1f} mL) enclosed by the mask")
             log(f"  {notes[-1]}")
         head = filled
-    denoising = settings.denoise == "mppca" and acquisition.n_echoes >= 3
-    # the deeper half of the mask, for a head the brain: the medians of the noise sigma and of the head
-    # pass's echo spread (a distance transform, 2.6 s at 1 mm: only when one of them is needed)
-    core = _reliability.mask_core(head) if denoising or mask is None else None
+        denoising = settings.denoise == "mppca" and acquisition.n_echoes >= 3
+        # the deeper half of the mask, for a head the brain: the medians of the noise sigma and of the
+        # head pass's echo spread (a distance transform, 0.9 s at 1 mm: only when one of them is needed)
+        core = _reliability.mask_core(head) if denoising or mask is None else None
     relax_magnitude, sigma_map, sigma = magnitude, None, None
     if denoising:
         with step("denoise"):
@@ -351,15 +351,18 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                          "voxels whose field is unreliable (skull, air or noise at its edge): they were left out "
                          "of background removal, inversion and outputs; check the mask")
             log(f"  warning: {notes[-1]}")
-        if mask is None:
+    if mask is None:
+        with step("brain mask"):
             brain = _mask.brain_region(head, rel.excluded, voxel_size=vs, magnitude=relax_magnitude[..., 0])
             if settings.mask_erode_mm > 0:
                 brain = _mask.erode_mask(brain, vs, settings.mask_erode_mm)
+        with step("field (brain)"):
             # refit on the brain: unwrapping paths and echo-wrap checks through scalp fat (chemical
             # shift) leave whole-cycle errors at the brain's edge (measured: 145 voxels at 2 mm)
             fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, brain,
                                               method=settings.field_fit, unwrap=settings.unwrap, voxel_size=vs,
                                               noise_sigma=sigma)
+        with step("reliability (brain)"):
             # second pass on the brain alone: medians over scalp and fat are loose for the brain's edge
             rel = _reliability.field_reliability(magnitude, phase, acquisition.echo_times, brain,
                                                  field_noise_hz=fit.field_noise_hz, field_hz=fit.field_hz,
@@ -370,13 +373,13 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             log(f"  {notes[-1]}")
             notes.append(rel.summary().replace("reliability:", "reliability over the brain:", 1))
             log(f"  {notes[-1]}")
-        region = rel.region
-        low, high = _mask.PLAUSIBLE_BRAIN_ML
-        volume = rel.volume_ml(region)
-        if not low <= volume <= high:
-            notes.append(f"the brain mask holds {volume:.0f} mL, outside the {low:.0f}-{high:.0f} mL of a human "
-                         "brain: check it in report.png (give --mask, or --mask-erode if it holds scalp)")
-            log(f"  warning: {notes[-1]}")
+    region = rel.region
+    low, high = _mask.PLAUSIBLE_BRAIN_ML
+    volume = rel.volume_ml(region)
+    if not low <= volume <= high:
+        notes.append(f"the brain mask holds {volume:.0f} mL, outside the {low:.0f}-{high:.0f} mL of a human "
+                     "brain: check it in report.png (give --mask, or --mask-erode if it holds scalp)")
+        log(f"  warning: {notes[-1]}")
     with step("r2star"):
         method = settings.r2star
         if method == "auto":
