@@ -118,6 +118,11 @@ def test_round_trip_per_echo_files(tmp_path):
     np.testing.assert_array_equal(data.phase, phase)
     assert data.acquisition.echo_times == tuple(TES)
     assert len(data.sources["checksums"]) == 6
+    # echoes last and contiguous (NIfTI volumes come in Fortran order): the layout the stages want
+    assert data.magnitude.flags["C_CONTIGUOUS"] and data.phase.flags["C_CONTIGUOUS"]
+    m, p = write_4d(tmp_path, mag, phase)
+    data = io.load_gre(m, p)
+    assert data.magnitude.flags["C_CONTIGUOUS"] and data.phase.flags["C_CONTIGUOUS"]
 
 
 def test_mixed_4d_magnitude_and_per_echo_phase(tmp_path):
