@@ -106,10 +106,10 @@ def keep_freed_memory() -> bool:
 
     The stages allocate and free hundreds of volume-sized temporaries. glibc maps every block
     above 32 MB fresh from the kernel and unmaps it when freed, so each temporary pays page
-    faults and the kernel's zeroing of its pages: a 1 mm reconstruction spent 23 of its 88
+    faults and the kernel's zeroing of its pages: two 1 mm reconstructions spent 23 of their 112
     CPU seconds in the kernel on a 2-core VM (benchmarks/RESULTS.md). With blocks up to 1 GB
     taken from the heap, and the heap not trimmed, freed blocks are reused. The price: the
-    process keeps its peak memory until it exits (5.4 against 5.1 GB peak there). Called by the
+    process keeps its peak memory until it exits (a 1 mm run: 4.4 against 3.9 GB). Called by the
     command line (a process chisep owns), never on import, nor in Dask workers, whose memory
     monitor wants freed memory returned. glibc only (``mallopt``); returns whether it took effect.
     """
