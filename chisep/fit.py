@@ -621,6 +621,20 @@ def map_rows(kernel: Callable, rows, *, args: tuple = (), block: int = ROW_BLOCK
     return tuple(outputs) if isinstance(result, tuple) else outputs[0]
 
 
+def weighted_line(w, y, t):
+    """Per row, the weighted least-squares line ``y_e = a + b t_e`` (weights ``w_e``), in JAX.
+
+    ``w, y``: (rows, n); ``t``: (n,), best centred (the normal equations are then well conditioned
+    in float32). Returns ``(a, b, sum of w, det)``, ``det`` the normal matrix's determinant, so that
+    ``var(b) = sigma^2 sum(w) / det`` per unit weight; rows with ``det = 0`` give inf or nan.
+    """
+    sw, st, stt = w.sum(-1), w @ t, w @ (t * t)
+    sy, sty = (w * y).sum(-1), (w * y) @ t
+    det = sw * stt - st * st
+    slope = (sw * sty - st * sy) / det
+    return (stt * sy - st * sty) / det, slope, sw, det
+
+
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
     """Pad along axis 0 to ``rows`` by repeating the last row (padded voxels fit like a real one)."""
     if a.shape[0] == rows:
@@ -928,5 +942,5 @@ def numerical_gradient(fun: Callable[[np.ndarray], float], x, *, step: float = 1
     return g
 
 
-__all__ = ["VoxelModel", "FitResult", "fit_voxelwise", "grid_init", "map_rows", "voxel_loss", "weighted_residual",
+__all__ = ["VoxelModel", "FitResult", "fit_voxelwise", "grid_init", "map_rows", "weighted_line", "voxel_loss", "weighted_residual",
            "numerical_gradient", "OPTIMIZERS"]

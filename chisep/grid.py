@@ -27,9 +27,9 @@ from chisep import physics, validate
 from chisep.errors import InputError
 
 __all__ = [
-    "Grid", "bounding_box", "fill_holes", "distance_within", "margin_voxels", "rfft", "irfft", "conv", "dipole_half", "laplacian_half",
-    "sphere_half", "gradient", "divergence_adjoint", "gradient_half", "tkd_inverse", "edge_mask", "harmonic_fill",
-    "as_jax",
+    "Grid", "bounding_box", "fill_holes", "distance_within", "margin_voxels", "rfft", "irfft", "conv", "dipole_half",
+    "laplacian_half", "sphere_half", "gradient", "divergence_adjoint", "gradient_half", "tkd_inverse", "edge_mask",
+    "harmonic_fill", "as_jax",
 ]
 
 

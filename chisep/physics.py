@@ -93,6 +93,13 @@ def wrap_phase(phase):
     return out if p.ndim else out[0]
 
 
+def wrap_phase_jax(phase):
+    """:func:`wrap_phase` inside jit-compiled code: [-pi, pi) by floor, in the array's precision."""
+    import jax.numpy as jnp  # here, not at the top: this module is imported on the command line's fast path
+
+    return phase - (2.0 * jnp.pi) * jnp.floor((phase + jnp.pi) / (2.0 * jnp.pi))
+
+
 # ---------------------------------------------------------------------------
 # geometry
 # ---------------------------------------------------------------------------

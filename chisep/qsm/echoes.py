@@ -27,9 +27,9 @@ import numpy as np
 from chisep import validate
 from chisep.acquisition import check_echo_times
 from chisep.errors import InputError
-from chisep.fit import map_rows
+from chisep.fit import map_rows, weighted_line
 from chisep.grid import bounding_box
-from chisep.physics import wrap_phase
+from chisep.physics import wrap_phase, wrap_phase_jax
 from chisep.qsm.unwrap import UNWRAP_METHODS, unwrap_temporal_only
 from chisep.qsm.unwrap import unwrap as unwrap_phase
 
@@ -195,18 +195,14 @@ def _field_rows(u, phase, m, tes, nonlinear):
     w = jnp.where(peak[:, None] > 0, jnp.maximum(m / jnp.where(peak > 0, peak, 1.0)[:, None], 1e-18) ** 2, 1.0)
     t_mean = tes.mean()
     tc = tes - t_mean
-    sw, st, stt = w.sum(-1), w @ tc, w @ (tc * tc)
-    sy, sty = (w * u).sum(-1), (w * u) @ tc
-    det = sw * stt - st * st
-    omega = (sw * sty - st * sy) / det
-    at_mean = (stt * sy - st * sty) / det
+    at_mean, omega, sw, det = weighted_line(w, u, tc)
     phi0 = at_mean - omega * t_mean
     sd_f = jnp.sqrt(jnp.maximum(sw / det, 0.0)) / (2.0 * jnp.pi) / jnp.maximum(peak, 1e-30)
     if not nonlinear:
         rss = (w * (u - at_mean[:, None] - omega[:, None] * tc) ** 2).sum(-1) * peak * peak
         return phi0, omega / (2.0 * jnp.pi), sd_f, rss
     ok = jnp.isfinite(phi0) & jnp.isfinite(omega)
-    start_phi0 = jnp.where(ok, phi0 - (2.0 * jnp.pi) * jnp.floor((phi0 + jnp.pi) / (2.0 * jnp.pi)), 0.0)
+    start_phi0 = jnp.where(ok, wrap_phase_jax(phi0), 0.0)
     start_f = jnp.where(ok, omega / (2.0 * jnp.pi), 0.0)
     phi0, f, rss = _phasor_gauss_newton(phase, w, tes, start_phi0, start_f, PHASOR_STEPS)
     return phi0, f, sd_f, rss * peak * peak
@@ -328,8 +324,8 @@ def fit_multi_echo_field(
         _field_rows, (unwrapped, ph[msk] if nonlinear else unwrapped, mag[msk]),
         args=(jnp.asarray(tes, jnp.float32), nonlinear)))
     if method == "echo-average":
-        u, m = u4[msk].astype(np.float64), mag[msk].astype(np.float64)
-        f, coef_var = _echo_average(u, m, tes, phi0, np.maximum(m, 1e-30) ** 2)
+        m = mag[msk].astype(np.float64)
+        f, coef_var = _echo_average(unwrapped.astype(np.float64), m, tes, phi0, np.maximum(m, 1e-30) ** 2)
         coef_sd = np.sqrt(np.maximum(coef_var, 0.0))
 
     if fix_echo_wraps:

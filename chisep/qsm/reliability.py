@@ -76,8 +76,9 @@ from scipy import ndimage
 
 from chisep import validate
 from chisep.errors import InputError
-from chisep.fit import map_rows
+from chisep.fit import map_rows, weighted_line
 from chisep.grid import bounding_box, distance_within, fill_holes, harmonic_fill
+from chisep.physics import wrap_phase_jax
 
 #: factor over the median in the mask above which a statistic marks a voxel unreliable; for
 #: ``low_signal`` the first-echo magnitude in units of the noise sigma below which a voxel is
@@ -193,8 +194,7 @@ def echo_spread_hz(magnitude: np.ndarray, phase: np.ndarray, echo_times: np.ndar
 def _echo_spread_rows(mag, ph, reference, dte):
     # Each pair's phase change relative to the fitted field's, wrapped to [-pi, pi): the angle of
     # s[e+1] conj(s[e]) exp(-i turn), in real arithmetic
-    turn = ph[:, 1:] - ph[:, :-1] - (2.0 * jnp.pi) * reference[:, None] * dte
-    delta = turn - (2.0 * jnp.pi) * jnp.floor((turn + jnp.pi) / (2.0 * jnp.pi))
+    delta = wrap_phase_jax(ph[:, 1:] - ph[:, :-1] - (2.0 * jnp.pi) * reference[:, None] * dte)
     freq = delta / ((2.0 * jnp.pi) * dte)  # relative to the fitted field (a spread ignores it)
     w = mag[:, 1:] * mag[:, :-1]
     w_sum = jnp.maximum(w.sum(-1), 1e-30)
@@ -265,12 +265,7 @@ def _decay_residual_rows(m, t):
     # zeros get a tiny floor: with weights s^2 they then carry no weight
     s_floored = jnp.maximum(s, 1e-18)
     y = jnp.log(s_floored)
-    w = s_floored * s_floored
-    sw, st, stt = w.sum(-1), w @ t, w @ (t * t)
-    sy, sty = (w * y).sum(-1), (w * y) @ t
-    det = sw * stt - st * st
-    slope = (sw * sty - st * sy) / det
-    intercept = (sy - slope * st) / sw
+    intercept, slope, _, _ = weighted_line(s_floored * s_floored, y, t)
     slope = jnp.where(jnp.isfinite(slope), slope, 0.0)
     intercept = jnp.where(jnp.isfinite(intercept), intercept, 0.0)
     fit = jnp.exp(jnp.minimum(intercept[:, None] + slope[:, None] * t, 80.0))
