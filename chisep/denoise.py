@@ -72,29 +72,53 @@ def _noise_components(eigenvalues: np.ndarray, n_samples: int) -> tuple[np.ndarr
     return c, sigma2
 
 
+def _lattice_slice(axis: int, start: int, count: int, stride: int) -> tuple:
+    index = [slice(None)] * 3
+    index[axis] = slice(start, start + stride * count, stride)
+    return tuple(index)
+
+
 def _box_mean_on_lattice(volume: np.ndarray, size: int, stride: int) -> np.ndarray:
     """``uniform_filter(volume, size)[::stride, ::stride, ::stride]`` (reflecting edges), one axis at a time.
 
-    Subsampling after each axis's pass makes the later passes 2 and 4 times smaller (stride 2).
+    Each axis's mean is taken at the lattice points only, as ``size`` strided slices added up: contiguous
+    NumPy passes, 2.5 times faster than filtering every voxel along the outer axes and subsampling; and the
+    later axes run on a grid 2 and 4 times smaller (stride 2).
     """
+    radius = size // 2
     out = volume
     for axis in range(3):
-        out = ndimage.uniform_filter1d(out, size, axis=axis, mode="reflect")
-        out = out[(slice(None),) * axis + (slice(None, None, stride),)]
+        n = out.shape[axis]
+        count = -(-n // stride)
+        pad = [(0, 0)] * 3
+        pad[axis] = (radius, radius + stride * count - n)
+        padded = np.pad(out, pad, mode="symmetric")  # scipy's "reflect": the edge voxel repeated
+        total = padded[_lattice_slice(axis, 0, count, stride)].copy()
+        for shift in range(1, size):
+            total += padded[_lattice_slice(axis, shift, count, stride)]
+        total *= np.float32(1.0 / size)
+        out = total
     return out
 
 
 def _box_sum_from_lattice(lattice_values: np.ndarray, shape, size: int, stride: int) -> np.ndarray:
     """Box mean over ``size``^3 of a volume of ``shape`` that is zero except on the lattice
     ``[::stride, ::stride, ::stride]``, where it holds ``lattice_values`` (the adjoint of
-    :func:`_box_mean_on_lattice`): one axis at a time, from the small lattice grid up."""
+    :func:`_box_mean_on_lattice`): one axis at a time, from the small lattice grid up, each lattice
+    value added to the ``size`` voxels its box covers (zero beyond the volume)."""
+    radius = size // 2
     out = lattice_values
     for axis in (2, 1, 0):
+        count = out.shape[axis]
         full = list(out.shape)
-        full[axis] = shape[axis]
+        full[axis] = stride * count + 2 * radius
         spread = np.zeros(full, np.float32)
-        spread[(slice(None),) * axis + (slice(None, None, stride),)] = out
-        out = ndimage.uniform_filter1d(spread, size, axis=axis, mode="constant")
+        for shift in range(size):
+            spread[_lattice_slice(axis, shift, count, stride)] += out
+        spread *= np.float32(1.0 / size)
+        index = [slice(None)] * 3
+        index[axis] = slice(radius, radius + shape[axis])
+        out = spread[tuple(index)]
     return out
 
 
@@ -162,10 +186,13 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
     # echo-first and contiguous: every filter and product below runs over one echo's contiguous volume
     data = np.ascontiguousarray(np.moveaxis(mag[box], -1, 0), dtype=np.float32)
     inside = msk[box]
-    scale = float(np.percentile(data[:, inside], 99)) or 1.0
+    centre = data[:, inside]  # (echo, voxel)
     # products of O(1) numbers: no overflow or underflow in the box filters; float32 filters run twice as
-    # fast and their rounding (6e-8) is 0.06 % of the noise variance at SNR 100
+    # fast and their rounding (6e-8) is 0.06 % of the noise variance at SNR 100. (Any scale of that
+    # size does: the method is scale-free; every 7th voxel's 99th percentile costs a tenth of all's.)
+    scale = float(np.percentile(centre[:, ::7], 99)) or 1.0
     data /= np.float32(scale)
+    centre /= np.float32(scale)
 
     # patch centres: every stride-th voxel within patch_radius of the mask (so every mask voxel is covered)
     near = ndimage.binary_dilation(inside, np.ones((size, size, size), bool))
@@ -176,12 +203,15 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
     def box_mean(volume):
         return _box_mean_on_lattice(volume, size, stride)[on_lattice]
 
-    means = np.stack([box_mean(data[e]) for e in range(n_echoes)], axis=-1).astype(np.float64)
+    # NumPy's copies, sums, batched eigh and matmul release the GIL: the per-echo and per-product passes
+    # and the eigen-decompositions' chunks run on the cores this process may use
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=cores)
+    means = np.stack(list(pool.map(box_mean, data)), axis=-1).astype(np.float64)
     cov = np.empty((means.shape[0], n_echoes, n_echoes))
-    for i in range(n_echoes):
-        for j in range(i, n_echoes):
-            cov[:, i, j] = cov[:, j, i] = box_mean(data[i] * data[j]) - means[:, i] * means[:, j]
-    centre = data[:, inside]  # (echo, voxel)
+    pairs = [(i, j) for i in range(n_echoes) for j in range(i, n_echoes)]
+    for (i, j), patch_mean in zip(pairs, pool.map(lambda pair: box_mean(data[pair[0]] * data[pair[1]]), pairs)):
+        cov[:, i, j] = cov[:, j, i] = patch_mean - means[:, i] * means[:, j]
 
     # Per patch (centred on each mask voxel): its weight w = 1 / (1 + kept components)
     # (Manjon et al. 2013), its mean mu and its projection P onto the signal components.
@@ -212,12 +242,9 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
         sigma2[part] = s2
         kept[part] = n_kept
 
-    # numpy's batched eigh and matmul release the GIL: chunks run on the cores this process may use
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n_chunks = max(cores, -(-n_voxels // chunk_voxels))
     bounds = np.linspace(0, n_voxels, n_chunks + 1).astype(int)
-    with ThreadPoolExecutor(max_workers=cores) as pool:
-        list(pool.map(project, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+    list(pool.map(project, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
 
     def box_sum(values):  # from the patch centres to every mask voxel their patches cover
         lattice_values = np.zeros(on_lattice.shape, np.float32)
@@ -227,13 +254,12 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
     # the estimate in float32 like the box sums it adds up (0.9 s of float64 arithmetic at 1 mm);
     # sigma and the component count, averages of a few patches, in float64 as before
     total = box_sum(weight)
-    estimate = np.stack([box_sum(offset[:, i]) for i in range(n_echoes)])  # (echo, voxel)
-    for i in range(n_echoes):
-        for j in range(i, n_echoes):
-            pij = box_sum(projection[:, i, j])
-            estimate[i] += pij * centre[j]
-            if j != i:
-                estimate[j] += pij * centre[i]
+    estimate = np.stack(list(pool.map(box_sum, offset.T)))  # (echo, voxel)
+    for (i, j), pij in zip(pairs, pool.map(lambda pair: box_sum(projection[:, pair[0], pair[1]]), pairs)):
+        estimate[i] += pij * centre[j]
+        if j != i:
+            estimate[j] += pij * centre[i]
+    pool.shutdown()
 
     out = np.array(mag, dtype=np.float32, copy=True)
     denoised = np.maximum(estimate / total * np.float32(scale), np.float32(0.0))

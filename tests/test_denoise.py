@@ -171,12 +171,13 @@ def test_default_patch_beats_dipys_on_the_realistic_head(snr, ratio):
     assert errors[1] < ratio * errors[2], errors
 
 
-@pytest.mark.parametrize("size, stride", [(3, 2), (5, 2), (5, 3)])
-def test_lattice_box_filters_equal_the_full_filters(size, stride):
+@pytest.mark.parametrize("size, stride, shape", [(3, 2, (13, 10, 11)), (5, 2, (13, 10, 11)), (5, 3, (13, 10, 11)),
+                                                 (3, 1, (13, 10, 11)), (5, 2, (2, 9, 3)), (3, 2, (1, 4, 7))])
+def test_lattice_box_filters_equal_the_full_filters(size, stride, shape):
     """The patch means at the lattice and their adjoint (patches back to voxels), computed one axis at a time
     on the shrinking grid, equal the full 3D box filter sampled at / scattered from the lattice."""
     rng = np.random.default_rng(1)
-    volume = rng.random((13, 10, 11)).astype(np.float32)
+    volume = rng.random(shape).astype(np.float32)  # also thinner than the patch along some axes
     lattice = (slice(None, None, stride),) * 3
     np.testing.assert_allclose(_box_mean_on_lattice(volume, size, stride),
                                ndimage.uniform_filter(volume, size, mode="reflect")[lattice], rtol=1e-5, atol=1e-6)
