@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -290,23 +291,27 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             log(f"  {notes[-1]}")
         head = filled
         denoising = settings.denoise == "mppca" and acquisition.n_echoes >= 3
-        # the deeper half of the mask, for a head the brain: the medians of the noise sigma and of the
-        # head pass's echo spread (a distance transform, 0.9 s at 1 mm: only when one of them is needed)
-        core = _reliability.mask_core(head) if denoising or mask is None else None
     relax_magnitude, sigma_map, sigma = magnitude, None, None
-    if denoising:
-        with step("denoise"):
-            # the magnitude only: the field fit keeps the measured signal, relaxometry gets the denoised one
-            den = _denoise.mppca(magnitude, head, **settings.denoise_options)
-            relax_magnitude, sigma_map = den.magnitude, den.sigma
-            # The field's absolute noise (and the uncertainty maps) take one sigma: the median over the
-            # mask's core. Over a whole head, scalp fat's beating echoes and the skull's partial volume
-            # look like noise to MP-PCA: at SNR 100 the head's median was 1.9x the true sigma, the
-            # brain's within 2 % (benchmarks/RESULTS.md).
-            sigma = float(np.median(sigma_map[core]))
-            notes.append(f"denoise: MP-PCA on the magnitude, noise sigma {sigma:.3g} (median in the mask's core), "
-                         f"{den.info['median_signal_components']:g} signal components of {acquisition.n_echoes}")
-            log(f"  {notes[-1]}")
+    # the deeper half of the mask, for a head the brain: the medians of the noise sigma and of the head
+    # pass's echo spread. A distance transform (one core, 0.9 s at 1 mm): only when one of them is needed,
+    # and beside MP-PCA (1.5 of 2 cores)
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        core_job = beside.submit(_reliability.mask_core, head) if denoising or mask is None else None
+        if denoising:
+            with step("denoise"):
+                # the magnitude only: the field fit keeps the measured signal, relaxometry gets the denoised one
+                den = _denoise.mppca(magnitude, head, **settings.denoise_options)
+                relax_magnitude, sigma_map = den.magnitude, den.sigma
+                # The field's absolute noise (and the uncertainty maps) take one sigma: the median over the
+                # mask's core. Over a whole head, scalp fat's beating echoes and the skull's partial volume
+                # look like noise to MP-PCA: at SNR 100 the head's median was 1.9x the true sigma, the
+                # brain's within 2 % (benchmarks/RESULTS.md).
+                sigma = float(np.median(sigma_map[core_job.result()]))
+                notes.append(f"denoise: MP-PCA on the magnitude, noise sigma {sigma:.3g} (median in the mask's "
+                             f"core), {den.info['median_signal_components']:g} signal components of "
+                             f"{acquisition.n_echoes}")
+                log(f"  {notes[-1]}")
+        core = None if core_job is None else core_job.result()
     # noise floor for the reliability step's low_signal criterion: the local MP-PCA sigma, its median elsewhere
     floor_sigma = None if sigma_map is None else np.where(sigma_map > 0, sigma_map, sigma).astype(np.float32)
     with step("field"), warnings.catch_warnings():
@@ -382,24 +387,38 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         notes.append(f"the brain mask holds {volume:.0f} mL, outside the {low:.0f}-{high:.0f} mL of a human "
                      "brain: check it in report.png (give --mask, or --mask-erode if it holds scalp)")
         log(f"  warning: {notes[-1]}")
-    with step("r2star"):
+    def r2star_map() -> np.ndarray:
         method = settings.r2star
         if method == "auto":
             method = "arlo" if (acquisition.echo_spacing is not None and acquisition.n_echoes >= 3) else "loglinear"
-        if acquisition.n_echoes < 2:
-            r2star = np.zeros(magnitude.shape[:3], np.float32)
-            notes.append("single echo: no R2* map (zeros)")
-        else:
-            decay = relax_magnitude
-            if settings.gradient_correction:
-                # gradients from reliable neighbours only: a skull voxel's field would bend the brain edge's
-                decay = relax.gradient_dephasing_correction(relax_magnitude, fit.field_hz,
-                                                            acquisition.echo_times, region)
-            r2star = relax.r2star_map(decay, acquisition.echo_times, head, method=method)
-    local, eroded, chi = qsm_from_field(fit.field_hz, region, acquisition,
-                                        field_noise_hz=_field_noise_used(fit.field_noise_hz, rel),
-                                        magnitude=magnitude[..., 0], r2star=r2star, settings=settings, log=log,
-                                        timings=timings, notes=notes)
+        decay = relax_magnitude
+        if settings.gradient_correction:
+            # gradients from reliable neighbours only: a skull voxel's field would bend the brain edge's
+            decay = relax.gradient_dephasing_correction(relax_magnitude, fit.field_hz, acquisition.echo_times, region)
+        return relax.r2star_map(decay, acquisition.echo_times, head, method=method)
+
+    def chi_maps(r2star_or_none):
+        return qsm_from_field(fit.field_hz, region, acquisition,
+                              field_noise_hz=_field_noise_used(fit.field_noise_hz, rel),
+                              magnitude=magnitude[..., 0], r2star=r2star_or_none, settings=settings, log=log,
+                              timings=timings, notes=notes)
+
+    if acquisition.n_echoes < 2:
+        r2star = np.zeros(magnitude.shape[:3], np.float32)
+        notes.append("single echo: no R2* map (zeros)")
+        local, eroded, chi = chi_maps(r2star)
+    elif settings.reference == "csf":  # the reference needs R2* (CSF), so it comes first
+        with step("r2star"):
+            r2star = r2star_map()
+        local, eroded, chi = chi_maps(r2star)
+    else:
+        # R2* (NumPy, one core) beside the inversion (JAX, 1.4 of 2 cores at 1 mm): it hides behind it
+        # (1.9 s at 1 mm); "r2star" times what is left of it once the inversion is done
+        with ThreadPoolExecutor(max_workers=1) as beside:
+            r2star_job = beside.submit(r2star_map)
+            local, eroded, chi = chi_maps(None)
+            with step("r2star"):
+                r2star = r2star_job.result()
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
