@@ -452,26 +452,38 @@ def _correct_echo_wraps(f, phi0, msk, tes, *, window: int = 7, rounds: int = 10)
     if near_half:
         f_map = np.zeros(inside.shape, np.float32)
         f_map[inside] = f
+    # the first round judges every voxel; a later one only those within the window of the last round's
+    # fixes (the others see the same neighbourhood as before), on the box around them
+    sub = tuple(slice(0, n) for n in inside.shape)
+    near = None
     for _ in range(rounds):
-        ref = np.arctan2(ndimage.uniform_filter(np.where(inside, np.sin(p_map), 0), window),
-                         ndimage.uniform_filter(np.where(inside, np.cos(p_map), 0), window))
-        misfit = p_map - ref
+        p_sub, in_sub = p_map[sub], inside[sub]
+        ref = np.arctan2(ndimage.uniform_filter(np.where(in_sub, np.sin(p_sub), 0), window),
+                         ndimage.uniform_filter(np.where(in_sub, np.cos(p_sub), 0), window))
+        misfit = p_sub - ref
         current = np.abs(wrap_phase(misfit))
         up = np.abs(wrap_phase(misfit - shift32))  # phi0 misfit after f += 1/dTE
         down = np.abs(wrap_phase(misfit + shift32))  # after f -= 1/dTE
         if not near_half:
             k = np.where(up < down, 1, -1).astype(np.int32)
         else:  # TE1/dTE near 1/2: both directions move phi0 alike, the neighbours' field decides
-            f_ref = ndimage.uniform_filter(np.where(inside, f_map, 0), window) / np.maximum(weight, 1e-12)
-            k = np.where(f_map > f_ref, -1, 1).astype(np.int32)
+            f_sub = f_map[sub]
+            f_ref = ndimage.uniform_filter(np.where(in_sub, f_sub, 0), window) / np.maximum(weight[sub], 1e-12)
+            k = np.where(f_sub > f_ref, -1, 1).astype(np.int32)
         candidate = np.where(k > 0, up, down)
-        fix = inside & (weight > 0.3) & (current > 1.0) & (candidate < 0.5)
+        fix = in_sub & (weight[sub] > 0.3) & (current > 1.0) & (candidate < 0.5)
+        if near is not None:
+            fix &= near
         if not fix.any():
             break
-        k_map[fix] += k[fix]
-        p_map[fix] = wrap_phase(p_map[fix] - k[fix] * shift32)
+        k_map[sub][fix] += k[fix]
+        p_sub[fix] = wrap_phase(p_sub[fix] - k[fix] * shift32)  # p_sub is a view of p_map
         if near_half:
-            f_map[fix] += k[fix] / np.float32(dte)
+            f_map[sub][fix] += k[fix] / np.float32(dte)
+        fixed = np.zeros(inside.shape, bool)
+        fixed[sub] = fix
+        sub = bounding_box(fixed, margin=window)
+        near = ndimage.maximum_filter(fixed[sub], window)
     cycles = k_map[inside].astype(np.float64)
     return f + cycles / dte, phi0 - cycles * shift, int(np.count_nonzero(cycles))
 
