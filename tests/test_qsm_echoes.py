@@ -202,6 +202,30 @@ def test_whole_cycle_field_errors_are_corrected_from_the_phase_offset():
     assert n_blind == 0 and np.array_equal(f_same, f_est[mask])
 
 
+def test_echo_wrap_rounds_grow_into_a_thick_patch_and_judge_only_near_their_last_fixes():
+    """A patch thicker than the window's reach is corrected from its rim inwards over several rounds; a
+    later round judges only the voxels near the last round's fixes, which leaves every fix the same: a
+    lone wrong voxel far away is corrected in the first round and not looked at again."""
+    from chisep.qsm.echoes import _correct_echo_wraps
+
+    shape = (40, 44, 36)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = x**2 + y**2 + z**2 < 0.95
+    tes = np.array([0.004, 0.010, 0.016, 0.022])
+    dte = 0.006
+    f_true = 150 * x + 60 * y * z
+    phi0_true = 0.6 * x - 0.4 * y + 0.2
+    cycles = np.zeros(shape)
+    cycles[12:17, 16:26, 12:22] = -1  # 5 x 10 x 10 voxels
+    cycles[30, 10, 18] = 1
+    f_est, phi0_est = f_true + cycles / dte, phi0_true - 2 * np.pi * cycles * tes[0] / dte
+    _, _, n_first = _correct_echo_wraps(f_est[mask], phi0_est[mask], mask, tes, rounds=1)
+    f_fix, _, n = _correct_echo_wraps(f_est[mask], phi0_est[mask], mask, tes)
+    assert 1 < n_first < 0.5 * n  # the first round reaches the patch's rim and the lone voxel only
+    assert n == np.count_nonzero(cycles[mask]) == 501
+    np.testing.assert_allclose(f_fix, f_true[mask], atol=1e-9)
+
+
 def test_global_cycle_ambiguity_is_settled_by_the_median_field():
     """f + k/dTE with phi0 - 2 pi k TE1/dTE fits equally spaced echoes exactly; the median picks k."""
     from chisep.qsm.echoes import _centre_whole_cycles
