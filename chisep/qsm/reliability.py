@@ -67,6 +67,7 @@ field from the neighbours (:func:`chisep.grid.harmonic_fill`).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
@@ -378,8 +379,14 @@ def _linear_extrapolation(field, known, wanted, vs, *, sigma_mm):
 
     basis = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))
     second = [tuple(np.add(i, j)) for n, i in enumerate(basis) for j in basis[n:]]
-    weight_moments = moments(known.astype(np.float32), second)
-    field_moments = moments(np.where(known, field, np.float32(0.0)).astype(np.float32), basis)
+    known32 = known.astype(np.float32)
+    # three chains of 9-10 passes on two threads (scipy's filters release the GIL): 0.6 -> 0.35 s at 1 mm
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(moments, known32, [o for o in second if o[0] == 0]),
+                pool.submit(moments, known32, [o for o in second if o[0] > 0]),
+                pool.submit(moments, np.where(known, field, np.float32(0.0)).astype(np.float32), basis)]
+        weight_moments = {**jobs[0].result(), **jobs[1].result()}
+        field_moments = jobs[2].result()
     total = weight_moments[0, 0, 0]
     judged = total > 1e-3  # known voxels within reach (one known voxel 3.7 SD away weighs 1e-3)
     n = int(np.count_nonzero(wanted))
