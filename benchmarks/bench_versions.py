@@ -7,9 +7,12 @@ old and new ``--repeats`` times, each process twice (the second pass is compiled
 reuses freed memory as the command line does when its checkout has ``keep_freed_memory``.
 
     python benchmarks/bench_versions.py OLD_CHECKOUT NEW_CHECKOUT [--resolution 1] [--repeats 2]
+        [--compilation-cache]
 
 e.g. ``git worktree add /tmp/old <commit>`` for the old checkout. Prints a markdown table of the
-second passes (one value per process) and the first passes' totals.
+second passes (one value per process) and the first passes' totals; with ``--compilation-cache``
+each checkout gets a persistent compilation cache as the command line does, so the first pass of
+every process after the first starts warm.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import json, pickle, sys, time, warnings
 warnings.simplefilter("ignore")
 from chisep import pipeline
 kept = pipeline.keep_freed_memory() if hasattr(pipeline, "keep_freed_memory") else False
+if len(sys.argv) > 2:  # the checkout's own persistent compilation cache, as the command line keeps one
+    pipeline.use_compilation_cache(sys.argv[2])
 magnitude, phase, acquisition = pickle.load(open(sys.argv[1], "rb"))
 passes = []
 for _ in range(2):
@@ -44,10 +49,10 @@ print(json.dumps({"kept": kept, "passes": passes}))
 """
 
 
-def run(checkout: Path, data: Path) -> dict:
+def run(checkout: Path, data: Path, cache: Path | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(data)], env=env, check=True, capture_output=True,
-                         text=True, cwd=checkout)
+    command = [sys.executable, "-c", _CHILD, str(data)] + ([] if cache is None else [str(cache)])
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=checkout)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -58,6 +63,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=float, default=1.0)
     parser.add_argument("--head", default="A")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compilation-cache", action="store_true",
+                        help="give each checkout a persistent compilation cache (new and empty), as the command "
+                             "line keeps one: the first process compiles into it, the later ones start warm")
     args = parser.parse_args()
     sim = workflows.simulate(resolution=args.resolution, head=args.head, scenario="healthy", snr=100.0)
     results: dict[str, list] = {"old": [], "new": []}
@@ -65,9 +73,10 @@ def main() -> None:
         data = Path(tmp) / "data.pkl"
         with open(data, "wb") as f:
             pickle.dump((sim.magnitude, sim.phase, sim.acquisition), f)
+        caches = {name: Path(tmp) / f"cache-{name}" if args.compilation_cache else None for name in ("old", "new")}
         for _ in range(args.repeats):
             for name in ("old", "new"):
-                results[name].append(run(getattr(args, name).resolve(), data))
+                results[name].append(run(getattr(args, name).resolve(), data, caches[name]))
     steps = []
     for name in ("new", "old"):  # the new checkout's step order first
         for res in results[name]:
@@ -83,7 +92,9 @@ def main() -> None:
     for step in steps + ["qsm", "total"]:
         label = {"qsm": "QSM, mask to chi", "total": "magnitude and phase to chi-separation"}.get(step, step)
         print(f"| {label} | {cells('old', step)} | {cells('new', step)} |")
-    print(f"| magnitude and phase to chi-separation, first pass (compiling) | {cells('old', 'total', 0)} | "
+    first = ("first pass (the first process compiling into the empty cache, the later ones reading it)"
+             if args.compilation_cache else "first pass (compiling)")
+    print(f"| magnitude and phase to chi-separation, {first} | {cells('old', 'total', 0)} | "
           f"{cells('new', 'total', 0)} |")
 
 
