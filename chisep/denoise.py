@@ -9,13 +9,13 @@ and the noise level, with no parameter to tune (Veraart et al., NeuroImage
 2016;142:394). Denoising the magnitude before R2* mapping halves the R2*
 error at clinical SNR (Does et al., MRM 2019;81:3503); the phase is left as it is.
 
-Implementation: the patch means and echo covariances of every voxel come from
-box filters of the echo products (one pass per product, cost independent of
-the patch size), the 6 x 6 (echoes x echoes) eigenproblems are solved in one
-batched call, and each voxel keeps its own projection onto the signal
-components, and every voxel's estimate is the weighted average of the
-estimates of all patches that contain it (Manjon et al. 2013; dipy's
-weights), also computed with box filters. The result matches dipy's
+Implementation: the patch means and echo covariances come from box filters of
+the echo products taken at the patch centres only (separable strided sums, one
+pass per product and axis); the echoes x echoes eigenproblems are solved in
+batched calls on the process's cores; each patch keeps its own projection onto
+the signal components, and every voxel's estimate is the weighted average of the
+estimates of all patches that contain it (Manjon et al. 2013; dipy's weights),
+also computed with box filters. The result matches dipy's
 ``localpca.mppca`` at a fraction of its run time.
 """
 
@@ -143,8 +143,8 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
         drop 8-fold and each voxel is still averaged over 1 to 8 patches
         (r = 1) or 8 to 27 (r = 2), at a small cost in accuracy (R2* NRMSE +1.5 to
         2 points at SNR 30). Default: 1 while that means at most
-        :data:`MAX_DENSE_PATCHES` patches (a 2 mm head: about 3 s on 2 cores), else 2
-        (a 1 mm head: about 6 s instead of 25).
+        :data:`MAX_DENSE_PATCHES` patches (a 2 mm head: about 2 s on 2 cores), else 2
+        (a 1 mm head: about 3.5 s instead of 25).
     chunk_voxels : int
         Patches per batched eigen-decomposition (bounds memory).
 
