@@ -295,6 +295,40 @@ def test_complex_fit_steps_reach_the_least_squares_optimum():
         assert rss[i] == pytest.approx(np.sum(best.fun**2), rel=1e-3, abs=1e-6)
 
 
+def test_rows_left_stepping_by_a_block_end_where_every_row_run_alone_ends():
+    """A block leaves its Gauss-Newton loop while a few noise-only rows still step; fit_multi_echo_field
+    takes those on in small blocks. Every row ends where it ends when each row steps to its own end, and
+    a well-measured row's field does not depend on the noise-only rows beside it."""
+    from chisep.qsm.echoes import PHASOR_STEPS, _field_rows, _phasor_gauss_newton
+
+    rng = np.random.default_rng(7)
+    n, n_noise = 4096, 3  # a block of 4096 leaves its loop once at most 4 rows step
+    f_true, p_true = rng.uniform(-40, 40, n), rng.uniform(-3, 3, n)
+    mag = np.exp(-30.0 * TES)[None] * rng.uniform(0.5, 1.0, (n, 1))
+    s = mag * np.exp(1j * (p_true[:, None] + 2 * np.pi * f_true[:, None] * TES))
+    s = s + 0.03 * (rng.standard_normal(s.shape) + 1j * rng.standard_normal(s.shape))
+    s[:n_noise] = 0.05 * (rng.standard_normal((n_noise, TES.size)) + 1j * rng.standard_normal((n_noise, TES.size)))
+    phase, m = np.angle(s).astype(np.float32), np.abs(s).astype(np.float32)
+    unwrapped = np.unwrap(phase, axis=1).astype(np.float32)
+    rows = tuple(map(jnp.asarray, (unwrapped, phase, m)))
+    tes = jnp.asarray(TES, jnp.float32)
+    phi0, f, _, rss, stepping, left = (np.asarray(a) for a in _field_rows(*rows, tes, True))
+    assert stepping[:n_noise].all() and stepping.sum() <= n // 1024
+    # every row to its end, from the weighted-linear start
+    linear_phi0, linear_f, *_ = _field_rows(*rows, tes, False)
+    w = (m / m.max(1, keepdims=True)) ** 2
+    _, f_alone, rss_alone = (np.asarray(a) for a in _phasor_gauss_newton(
+        rows[1], jnp.asarray(w), tes, jnp.angle(jnp.exp(1j * linear_phi0)), linear_f, PHASOR_STEPS))
+    # a row stops once its step is below 1e-3 Hz: from starts that differ by rounding, within a few of that
+    done = stepping == 0
+    np.testing.assert_allclose(f[done], f_alone[done], atol=5e-3)
+    fit = fit_multi_echo_field(m[:, None, None, :], unwrapped[:, None, None, :], TES, unwrap="none", noise_sigma=1.0,
+                               fix_echo_wraps=False)
+    cycle = 1.0 / (TES[1] - TES[0])  # the fit centres the field's whole cycles between echoes on the median's
+    np.testing.assert_allclose((fit.field_hz[:, 0, 0] - f_alone + cycle / 2) % cycle - cycle / 2, 0.0, atol=5e-3)
+    assert np.any(np.abs(f[:n_noise] - f_alone[:n_noise]) > 0.05)  # the second round moved them on
+
+
 def test_temporal_unwrapping_gets_the_field_up_to_whole_cycles_between_echoes():
     """unwrap="temporal-only" (the automatic mask's head pass): no spatial unwrapping, so the field may be off
     by whole cycles between echoes (k / dTE), never by anything else."""
