@@ -412,8 +412,8 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
             r2star = r2star_map()
         local, eroded, chi = chi_maps(r2star)
     else:
-        # R2* (NumPy, one core) beside the inversion (JAX, 1.4 of 2 cores at 1 mm): it hides behind it
-        # (1.9 s at 1 mm); "r2star" times what is left of it once the inversion is done
+        # R2* and its gradient correction (mostly NumPy on one core, 1.5-2 s at 1 mm) beside the inversion
+        # (JAX, 1.4 of 2 cores): it hides behind it; "r2star" times what is left of it once the inversion is done
         with ThreadPoolExecutor(max_workers=1) as beside:
             r2star_job = beside.submit(r2star_map)
             local, eroded, chi = chi_maps(None)

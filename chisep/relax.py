@@ -79,8 +79,8 @@ def _arlo_rows(s, dte):
 def _arlo(values: np.ndarray, tes: np.ndarray) -> np.ndarray:
     """ARLO (Pei et al. 2015) for equally spaced echoes: R2* (1/s).
 
-    One jit-compiled float32 pass over blocks of voxels (0.6 -> 0.15 s for a 1 mm head in float64
-    NumPy); each sum has three or four terms of one sign, so float32 keeps R2* to about 1e-6 relative.
+    One jit-compiled float32 pass over blocks of voxels: the 4.3 M voxels of a 1 mm head in 0.2 s, against
+    1 s in float64 NumPy. Each sum has (echoes - 2) terms of like size, so float32 keeps R2* within 1e-4 1/s.
     """
     dte = float(np.mean(np.diff(tes)))
     return map_rows(_arlo_rows, (values,), args=(jnp.float32(dte),)).astype(np.float64)
