@@ -177,7 +177,7 @@ def solver_study(resolution):
     w_r = r2prime_weight(truth.r2prime, mask, low=c.r2prime_low, high=c.r2prime_high, out_of_band=c.out_of_band_weight)
     kw = dict(field_strength=3.0, voxel_size=vs, b0_direction=sim.acquisition.b0_direction, dr_para=c.dr_para,
               dr_dia=c.dr_dia, lam=c.lam, tol=0.0, rho=c.rho, pad_factor=c.pad_factor, edge_weight=edges,
-              r2prime_weight=w_r, tv_epsilon=c.tv_epsilon)
+              r2prime_weight=w_r, tv_epsilon=c.tv_epsilon, report_objective=True)
     print(f"\n## Solver comparison ({resolution:g} mm, noiseless, lambda {c.lam:g}, tolerance 0)\n")
     print("| solver | iterations | objective | NRMSE chi_para % | NRMSE chi_dia % | time s |")
     print("|---|---|---|---|---|---|")

@@ -252,7 +252,7 @@ def test_voxelwise_box_qp_is_the_constrained_minimum():
 def test_admm_and_fista_minimise_the_same_objective(tiny_problem):
     p = tiny_problem
     kw = dict(field_strength=3.0, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0, 0, 1), dr_para=DR_3T,
-              dr_dia=DR_3T, lam=1e-3, tol=0.0)
+              dr_dia=DR_3T, lam=1e-3, tol=0.0, report_objective=True)
     run = partial(cs.solve_chi_separation, p["field"], p["r2p"], p["mask"], **kw)
     start, admm, fista = run(max_iter=1), run(max_iter=300), run(max_iter=1000, solver="fista")
     # both reach the same minimum (the ADMM one is not smoothed, FISTA's TV is smoothed by 1e-4 ppm/mm)
