@@ -404,6 +404,22 @@ def _tkd(phi, mask, kernel, threshold):
     return mask * jnp.fft.irfftn(jnp.fft.rfftn(phi) * grid.tkd_inverse(kernel, threshold), s=phi.shape)
 
 
+@partial(jax.jit, static_argnames=("dr_para", "dr_dia", "chi_max"))
+def _start(prob, chi0, *, dr_para, dr_dia, chi_max):
+    """The solver's start: the closed form from chi0, within the bounds, on the mask (one program)."""
+    # the start weighs the R2' equation as the solver does, relative to the field's: where R2' is
+    # unknown (a signal void, W_r = 0) chi alone decides, i.e. a calcification starts at chi_dia = -chi
+    ratio = jnp.sqrt(prob["wr2"] / jnp.maximum(prob["wf2"], 1e-6))
+    x_p, x_d = closed_form(chi0, prob["rp"] * (0.5 * (dr_para + dr_dia)), dr_para=dr_para, dr_dia=dr_dia,
+                           r2prime_weight=ratio)
+    return jnp.minimum(x_p, chi_max[0]) * prob["mask"], jnp.minimum(x_d, chi_max[1]) * prob["mask"]
+
+
+@jax.jit
+def _dipole_field_hz(v_p, v_d, kernel, cf):
+    return grid.conv(v_p - v_d, kernel) * cf
+
+
 # ---------------------------------------------------------------------------
 # pure core
 # ---------------------------------------------------------------------------
@@ -540,13 +556,8 @@ def solve_chi_separation(
         chi0 = _tkd(prob["phi"], prob["mask"], kernel, 0.19)
     else:
         chi0 = jnp.asarray(work.embed(np.where(mask, chi_init, 0.0)))
-    # the start weighs the R2' equation as the solver does, relative to the field's: where R2' is
-    # unknown (a signal void, W_r = 0) chi alone decides, i.e. a calcification starts at chi_dia = -chi
-    ratio = jnp.sqrt(prob["wr2"] / jnp.maximum(prob["wf2"], 1e-6))
-    x_p, x_d = closed_form(chi0, prob["rp"] * dr_mean, dr_para=dr_para, dr_dia=dr_dia,
-                           r2prime_weight=ratio)
-    x_p = jnp.minimum(x_p, chi_max[0]) * prob["mask"]
-    x_d = jnp.minimum(x_d, chi_max[1]) * prob["mask"]
+    x_p, x_d = _start(prob, chi0, dr_para=float(dr_para), dr_dia=float(dr_dia),
+                      chi_max=tuple(float(c) for c in chi_max))
     f32 = partial(jnp.asarray, dtype=jnp.float32)
     params = dict(
         lam=f32(lam), lam_csf=f32(lam_csf), rho_f=f32(rho[0]), rho_g=f32(rho[1]), rho_v=f32(rho[2]),
@@ -556,7 +567,7 @@ def solve_chi_separation(
     )
     run = _admm if solver == "admm" else _fista
     v_p, v_d, k, history = run(prob, x_p, x_d, params)
-    d_chi = grid.conv(v_p - v_d, kernel) * cf
+    d_chi = _dipole_field_hz(v_p, v_d, kernel, jnp.float32(cf))
     value = (float(_objective_compiled(v_p, v_d, prob, lam=lam, lam_csf=lam_csf, a_p=a_p, a_d=a_d))
              if report_objective else None)
     k = int(k)
