@@ -116,9 +116,7 @@ def _box_sum_from_lattice(lattice_values: np.ndarray, shape, size: int, stride: 
         for shift in range(size):
             spread[_lattice_slice(axis, shift, count, stride)] += out
         spread *= np.float32(1.0 / size)
-        index = [slice(None)] * 3
-        index[axis] = slice(radius, radius + shape[axis])
-        out = spread[tuple(index)]
+        out = spread[_lattice_slice(axis, radius, shape[axis], 1)]
     return out
 
 
@@ -206,60 +204,59 @@ def mppca(magnitude, mask=None, *, patch_radius: int = 1, stride: int | None = N
     # NumPy's copies, sums, batched eigh and matmul release the GIL: the per-echo and per-product passes
     # and the eigen-decompositions' chunks run on the cores this process may use
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    pool = ThreadPoolExecutor(max_workers=cores)
-    means = np.stack(list(pool.map(box_mean, data)), axis=-1).astype(np.float64)
-    cov = np.empty((means.shape[0], n_echoes, n_echoes))
-    pairs = [(i, j) for i in range(n_echoes) for j in range(i, n_echoes)]
-    for (i, j), patch_mean in zip(pairs, pool.map(lambda pair: box_mean(data[pair[0]] * data[pair[1]]), pairs)):
-        cov[:, i, j] = cov[:, j, i] = patch_mean - means[:, i] * means[:, j]
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        means = np.stack(list(pool.map(box_mean, data)), axis=-1).astype(np.float64)
+        cov = np.empty((means.shape[0], n_echoes, n_echoes))
+        pairs = [(i, j) for i in range(n_echoes) for j in range(i, n_echoes)]
+        for (i, j), patch_mean in zip(pairs, pool.map(lambda pair: box_mean(data[pair[0]] * data[pair[1]]), pairs)):
+            cov[:, i, j] = cov[:, j, i] = patch_mean - means[:, i] * means[:, j]
 
-    # Per patch (centred on each mask voxel): its weight w = 1 / (1 + kept components)
-    # (Manjon et al. 2013), its mean mu and its projection P onto the signal components.
-    # Every voxel's estimate is the w-weighted average over the patches that contain it of
-    # mu + P (x - mu) = (mu - P mu) + P x: box sums of w (mu - P mu) and of w P give it in
-    # closed form, with no loop over patches.
-    tau_factor = (1.0 + np.sqrt(n_echoes / n_samples)) ** 2
-    n_voxels = means.shape[0]  # patches
-    weight = np.empty(n_voxels)
-    offset = np.empty((n_voxels, n_echoes))                 # w (mu - P mu)
-    projection = np.empty((n_voxels, n_echoes, n_echoes))   # w P
-    sigma2 = np.empty(n_voxels)
-    kept = np.empty(n_voxels, np.uint8)
+        # Per patch (centred on each mask voxel): its weight w = 1 / (1 + kept components)
+        # (Manjon et al. 2013), its mean mu and its projection P onto the signal components.
+        # Every voxel's estimate is the w-weighted average over the patches that contain it of
+        # mu + P (x - mu) = (mu - P mu) + P x: box sums of w (mu - P mu) and of w P give it in
+        # closed form, with no loop over patches.
+        tau_factor = (1.0 + np.sqrt(n_echoes / n_samples)) ** 2
+        n_voxels = means.shape[0]  # patches
+        weight = np.empty(n_voxels)
+        offset = np.empty((n_voxels, n_echoes))                 # w (mu - P mu)
+        projection = np.empty((n_voxels, n_echoes, n_echoes))   # w P
+        sigma2 = np.empty(n_voxels)
+        kept = np.empty(n_voxels, np.uint8)
 
-    def project(part):
-        values, vectors = np.linalg.eigh(cov[part])       # ascending eigenvalues
-        values = np.maximum(values, 0.0)
-        _, s2 = _noise_components(values, n_samples)
-        signal = values >= tau_factor * s2[:, None]         # dipy's threshold on the MP noise level
-        u = vectors * signal[:, None, :]
-        p = u @ u.transpose(0, 2, 1)
-        n_kept = signal.sum(axis=1)
-        w = 1.0 / (1.0 + n_kept)
-        mu = means[part]
-        weight[part] = w
-        offset[part] = w[:, None] * (mu - (p @ mu[:, :, None])[:, :, 0])
-        projection[part] = w[:, None, None] * p
-        sigma2[part] = s2
-        kept[part] = n_kept
+        def project(part):
+            values, vectors = np.linalg.eigh(cov[part])       # ascending eigenvalues
+            values = np.maximum(values, 0.0)
+            _, s2 = _noise_components(values, n_samples)
+            signal = values >= tau_factor * s2[:, None]         # dipy's threshold on the MP noise level
+            u = vectors * signal[:, None, :]
+            p = u @ u.transpose(0, 2, 1)
+            n_kept = signal.sum(axis=1)
+            w = 1.0 / (1.0 + n_kept)
+            mu = means[part]
+            weight[part] = w
+            offset[part] = w[:, None] * (mu - (p @ mu[:, :, None])[:, :, 0])
+            projection[part] = w[:, None, None] * p
+            sigma2[part] = s2
+            kept[part] = n_kept
 
-    n_chunks = max(cores, -(-n_voxels // chunk_voxels))
-    bounds = np.linspace(0, n_voxels, n_chunks + 1).astype(int)
-    list(pool.map(project, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
+        n_chunks = max(cores, -(-n_voxels // chunk_voxels))
+        bounds = np.linspace(0, n_voxels, n_chunks + 1).astype(int)
+        list(pool.map(project, [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]))
 
-    def box_sum(values):  # from the patch centres to every mask voxel their patches cover
-        lattice_values = np.zeros(on_lattice.shape, np.float32)
-        lattice_values[on_lattice] = values
-        return _box_sum_from_lattice(lattice_values, inside.shape, size, stride)[inside]
+        def box_sum(values):  # from the patch centres to every mask voxel their patches cover
+            lattice_values = np.zeros(on_lattice.shape, np.float32)
+            lattice_values[on_lattice] = values
+            return _box_sum_from_lattice(lattice_values, inside.shape, size, stride)[inside]
 
-    # the estimate in float32 like the box sums it adds up (0.9 s of float64 arithmetic at 1 mm);
-    # sigma and the component count, averages of a few patches, in float64 as before
-    total = box_sum(weight)
-    estimate = np.stack(list(pool.map(box_sum, offset.T)))  # (echo, voxel)
-    for (i, j), pij in zip(pairs, pool.map(lambda pair: box_sum(projection[:, pair[0], pair[1]]), pairs)):
-        estimate[i] += pij * centre[j]
-        if j != i:
-            estimate[j] += pij * centre[i]
-    pool.shutdown()
+        # the estimate in float32 like the box sums it adds up (0.9 s of float64 arithmetic at 1 mm);
+        # sigma and the component count, averages of a few patches, in float64 as before
+        total = box_sum(weight)
+        estimate = np.stack(list(pool.map(box_sum, offset.T)))  # (echo, voxel)
+        for (i, j), pij in zip(pairs, pool.map(lambda pair: box_sum(projection[:, pair[0], pair[1]]), pairs)):
+            estimate[i] += pij * centre[j]
+            if j != i:
+                estimate[j] += pij * centre[i]
 
     out = np.array(mag, dtype=np.float32, copy=True)
     denoised = np.maximum(estimate / total * np.float32(scale), np.float32(0.0))
