@@ -529,10 +529,11 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
                  margin_mm=radii[0])
     kernels, fields, bands = _single_step_data(p.field, p.mask_j.astype(jnp.float32),
                                                jnp.asarray(radii, jnp.float32), p.grid.shape, p.vs, p.b0)
+    # the edge prior (NumPy) while JAX still computes the data terms: the check below waits for them
+    tv_w, mu_grad = _edge_prior(p, edge_fraction, alpha, mu_grad)
     if not bool(jnp.any(bands)):
         raise InputError(f"single-step: no sphere of radius {radii[-1]:g} mm fits in the mask; give a smaller "
                          "radius (radii_mm) or a larger mask")
-    tv_w, mu_grad = _edge_prior(p, edge_fraction, alpha, mu_grad)
     drop = -np.inf if residual_drop is None else v.check_positive(residual_drop, "residual_drop", allow_zero=True)
     x, iterations, residual = _tv_admm_core(
         fields, jnp.where(bands, p.weights[None], 0.0), tv_w, jnp.float32(v.check_positive(alpha, "alpha")),
