@@ -119,13 +119,14 @@ def weights_table(sim, modes, score) -> None:
     alike = load_model_file("chi-separation", None)
     alike["weights"]["balance_by_noise"] = False
     print("\nData-term weights (default start and iterations), and the linear model:\n")
-    print("| R2 | balanced by noise (default): R2' term weight, scores | alike (before) | linear |")
+    print("| R2 | balanced by noise (default): R2' term weight, iterations run, scores | alike (before) | linear |")
     print("|---|---|---|---|")
     for mode, inputs in modes.items():
         fits = pipeline.separate(sim.acquisition, inputs,
                                  settings=pipeline.SeparationSettings(models=("chi-separation", "linear")))
         fit, linear = fits["chi-separation"], fits["linear"]
-        print(f"| {mode} | {fit.info['r2prime_term_weight']:.3f}: {score(fit.chi_para, fit.chi_dia)} | "
+        print(f"| {mode} | {fit.info['r2prime_term_weight']:.3f}, {fit.info['iterations']}: "
+              f"{score(fit.chi_para, fit.chi_dia)} | "
               f"{score(*_fit(sim, inputs, constants=alike))} | {score(linear.chi_para, linear.chi_dia)} |", flush=True)
 
 
