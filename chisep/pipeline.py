@@ -292,45 +292,21 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         head = filled
         denoising = settings.denoise == "mppca" and acquisition.n_echoes >= 3
     relax_magnitude, sigma_map, sigma = magnitude, None, None
-    head_pass = mask is None and acquisition.echo_spacing is not None and settings.unwrap != "none"
-    # Beside the field fit (NumPy and JAX, 1.1 of 2 cores at 1 mm): MP-PCA (1.7 cores, NumPy threads) and
-    # the deeper half of the mask, for a head the brain, for the medians of the noise sigma and of the
-    # head pass's echo spread (a distance transform, one core; only when one of them is needed).
-    # The fit takes MP-PCA's sigma only as the scale of its noise map (FieldFit.with_noise_sigma): it
-    # runs with sigma 1 and is scaled once MP-PCA is done.
-    with ThreadPoolExecutor(max_workers=2) as beside:
+    # the deeper half of the mask, for a head the brain: the medians of the noise sigma and of the head
+    # pass's echo spread. A distance transform (one core, 0.9 s at 1 mm): only when one of them is needed,
+    # and beside MP-PCA (1.5 of 2 cores)
+    with ThreadPoolExecutor(max_workers=1) as beside:
         core_job = beside.submit(_reliability.mask_core, head) if denoising or mask is None else None
-        # the magnitude only: the field fit keeps the measured signal, relaxometry gets the denoised one
-        denoise_job = beside.submit(_denoise.mppca, magnitude, head, **settings.denoise_options) if denoising else None
-        with step("field"), warnings.catch_warnings():
-            if mask is None:
-                # fitted over the whole head only to find the skull; scalp fat's chemical shift wraps between
-                # echoes by design: the brain's refit below is the one whose warnings count. (The filter is
-                # the process's: MP-PCA beside it emits no warnings for it to hide.)
-                warnings.simplefilter("ignore")
-            # The automatic mask's pass over the whole head only finds the skull, by reliability criteria
-            # that do not change when the field is off by whole cycles between echoes (k / dTE, equally
-            # spaced echoes): neither spatial unwrapping nor the echo-wrap correction (6.6 s of scalp fat at
-            # 1 mm) is needed for it. The brain's refit below does both.
-            # Nor the nonlinear fit: the criteria take the field only for its branch and its noise from the
-            # magnitudes; the weighted-linear fit leaves the brain region the same (at most 41 of ~240 k
-            # voxels differ at 2 mm, Dice equal to 4 decimals in seven echo-time / SNR cases of both heads
-            # and on the 5 mm phantom) in a quarter of the time.
-            fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
-                                              method="weighted-linear" if head_pass else settings.field_fit,
-                                              voxel_size=vs, noise_sigma=1.0 if denoising else None,
-                                              unwrap=echoes.TEMPORAL_ONLY if head_pass else settings.unwrap,
-                                              fix_echo_wraps=not head_pass)
         if denoising:
-            with step("denoise"):  # what is left of it once the field fit is done
-                den = denoise_job.result()
+            with step("denoise"):
+                # the magnitude only: the field fit keeps the measured signal, relaxometry gets the denoised one
+                den = _denoise.mppca(magnitude, head, **settings.denoise_options)
                 relax_magnitude, sigma_map = den.magnitude, den.sigma
                 # The field's absolute noise (and the uncertainty maps) take one sigma: the median over the
                 # mask's core. Over a whole head, scalp fat's beating echoes and the skull's partial volume
                 # look like noise to MP-PCA: at SNR 100 the head's median was 1.9x the true sigma, the
                 # brain's within 2 % (benchmarks/RESULTS.md).
                 sigma = float(np.median(sigma_map[core_job.result()]))
-                fit = fit.with_noise_sigma(sigma)
                 notes.append(f"denoise: MP-PCA on the magnitude, noise sigma {sigma:.3g} (median in the mask's "
                              f"core), {den.info['median_signal_components']:g} signal components of "
                              f"{acquisition.n_echoes}")
@@ -338,6 +314,25 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
         core = None if core_job is None else core_job.result()
     # noise floor for the reliability step's low_signal criterion: the local MP-PCA sigma, its median elsewhere
     floor_sigma = None if sigma_map is None else np.where(sigma_map > 0, sigma_map, sigma).astype(np.float32)
+    with step("field"), warnings.catch_warnings():
+        if mask is None:
+            # fitted over the whole head only to find the skull; scalp fat's chemical shift wraps between
+            # echoes by design: the brain's refit below is the one whose warnings count
+            warnings.simplefilter("ignore")
+        # The automatic mask's pass over the whole head only finds the skull, by reliability criteria that
+        # do not change when the field is off by whole cycles between echoes (k / dTE, equally spaced
+        # echoes): neither spatial unwrapping nor the echo-wrap correction (6.6 s of scalp fat at 1 mm)
+        # is needed for it. The brain's refit below does both.
+        # Nor the nonlinear fit: the criteria take the field only for its branch and its noise from the
+        # magnitudes; the weighted-linear fit leaves the brain region the same (at most 41 of ~240 k voxels
+        # differ at 2 mm, Dice equal to 4 decimals in seven echo-time / SNR cases of both heads and on the
+        # 5 mm phantom) in a quarter of the time.
+        head_pass = mask is None and acquisition.echo_spacing is not None and settings.unwrap != "none"
+        fit = echoes.fit_multi_echo_field(magnitude, phase, acquisition.echo_times, head,
+                                          method="weighted-linear" if head_pass else settings.field_fit,
+                                          voxel_size=vs, noise_sigma=sigma,
+                                          unwrap=echoes.TEMPORAL_ONLY if head_pass else settings.unwrap,
+                                          fix_echo_wraps=not head_pass)
     with step("reliability"):
         # An automatic head mask is a third scalp and fat. Fat's multi-peak signal makes the frequencies
         # between echoes differ, by amounts that depend on the echo times: over the whole head, the median

@@ -66,34 +66,6 @@ def test_noise_map_matches_actual_errors(method):
     assert abs(np.mean(z)) < 0.1
 
 
-@pytest.mark.parametrize("method", ["weighted-linear", "nonlinear"])
-def test_noise_sigma_given_afterwards_scales_only_the_noise_map(method):
-    """The pipeline fits beside MP-PCA with sigma 1 and scales once MP-PCA's sigma is known."""
-    signal, _, _, mask = scene()
-    data = noisy(signal, 2.0, seed=3)
-    rng = np.random.default_rng(4)
-    # a rim of noise-only voxels (skull): they decide which voxels count as measured
-    x, y, z = _grid()
-    rim = mask & (x**2 + y**2 + (z / 0.9) ** 2 > 11.0**2)
-    data[rim] = 2.0 * (rng.normal(size=(rim.sum(), TES.size)) + 1j * rng.normal(size=(rim.sum(), TES.size)))
-    kw = dict(method=method, unwrap="temporal-only" if method == "weighted-linear" else "romeo")
-    with pytest.warns(UserWarning):
-        direct = fit_multi_echo_field(np.abs(data), np.angle(data), TES, mask, noise_sigma=2.0, **kw)
-    with pytest.warns(UserWarning):
-        unit = fit_multi_echo_field(np.abs(data), np.angle(data), TES, mask, noise_sigma=1.0, **kw)
-    later = unit.with_noise_sigma(2.0)
-    np.testing.assert_array_equal(later.field_hz, direct.field_hz)
-    np.testing.assert_array_equal(later.phase_offset, direct.phase_offset)
-    np.testing.assert_allclose(later.field_noise_hz, direct.field_noise_hz, rtol=1e-6)
-    assert np.all(np.isfinite(later.field_noise_hz[mask])) and later.field_noise_hz[mask].min() > 0
-    np.testing.assert_allclose(later.field_noise_hz, 2.0 * unit.field_noise_hz, rtol=1e-6)
-    assert later.info["noise_sigma"] == 2.0 and later.info["noise_source"] == "given"
-    assert later.info["global_cycle_shift"] == direct.info["global_cycle_shift"]
-    assert later.info["aliased_fraction"] == direct.info["aliased_fraction"]
-    with pytest.raises(InputError, match="sigma"):
-        unit.with_noise_sigma(0.0)
-
-
 def test_weighted_linear_noise_map_scales_with_magnitude():
     signal, _, _, mask = scene()
     with pytest.warns(UserWarning, match="wraps"):

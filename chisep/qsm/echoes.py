@@ -16,7 +16,7 @@ per-voxel residual variances, corrected to the mean of a chi-square) unless
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Sequence
 
@@ -83,18 +83,6 @@ class FieldFit:
     @property
     def unwrapped_phase(self) -> np.ndarray:
         return np.where(self.mask[..., None], self.unwrapped, 0.0).astype(np.float32)
-
-    def with_noise_sigma(self, sigma: float, source: str = "given") -> "FieldFit":
-        """The same fit with the magnitude's noise sigma known afterwards: only the noise map scales with it.
-
-        The field, its offset and every decision of the fit (the voxels counted as measured, the whole-cycle
-        centring, the aliasing check) compare noise with noise, so a fit run with ``noise_sigma=1`` and
-        scaled here equals the fit run with ``noise_sigma=sigma`` (to float32 rounding of the noise map).
-        """
-        sigma = validate.check_positive(sigma, "sigma")
-        scale = sigma / float(self.info.get("noise_sigma", 1.0))
-        return replace(self, field_noise_hz=(self.field_noise_hz * scale).astype(np.float32),
-                       info={**self.info, "noise_sigma": sigma, "noise_source": source})
 
 
 # ---------------------------------------------------------------------------
