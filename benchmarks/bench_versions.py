@@ -30,8 +30,13 @@ from chisep import workflows
 
 _CHILD = """
 import json, pickle, sys, time, warnings
+from pathlib import Path
 warnings.simplefilter("ignore")
 from chisep import pipeline
+from chisep.separation import constants
+if hasattr(constants, "_packaged_models") and Path("models").is_dir():
+    # the checkout's own model files: an editable install elsewhere would otherwise serve its models/
+    constants._packaged_models = lambda: Path("models").resolve()
 kept = pipeline.keep_freed_memory() if hasattr(pipeline, "keep_freed_memory") else False
 if len(sys.argv) > 2:  # the checkout's own persistent compilation cache, as the command line keeps one
     pipeline.use_compilation_cache(sys.argv[2])
