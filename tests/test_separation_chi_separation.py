@@ -268,6 +268,20 @@ def test_admm_and_fista_minimise_the_same_objective(tiny_problem):
         assert np.all(out["chi_para"][~p["mask"]] == 0)
 
 
+def test_admm_stops_at_the_first_update_below_the_tolerance(tiny_problem):
+    p = tiny_problem
+    kw = dict(field_strength=3.0, voxel_size=(1.0, 1.0, 1.0), b0_direction=(0, 0, 1), dr_para=DR_3T,
+              dr_dia=DR_3T, lam=1e-3, max_iter=60)
+    run = partial(cs.solve_chi_separation, p["field"], p["r2p"], p["mask"], **kw)
+    full = run(tol=0.0)
+    assert full["iterations"] == 60
+    tol = float(full["history"][9])  # the 10th update: the rule must stop right there
+    stopped = run(tol=tol * 1.0001)
+    assert stopped["iterations"] == 10
+    np.testing.assert_allclose(stopped["history"], full["history"][:10], rtol=1e-5)
+    assert np.all(full["history"][:9] > tol * 1.0001)
+
+
 # ---------------------------------------------------------------------------
 # joint solver on the head phantom
 # ---------------------------------------------------------------------------
