@@ -36,7 +36,7 @@ def r2star_error(magnitude, qsm, sim) -> float:
     tes = np.asarray(sim.acquisition.echo_times)
     decay = relax.gradient_dephasing_correction(magnitude, qsm.field_total, tes, qsm.reconstruction_mask)
     r2star = relax.r2star_map(decay, tes, qsm.head_mask, method="arlo")
-    return metrics.nrmse(r2star, sim.truth.r2star, qsm.mask & healthy_tissue(sim.truth))
+    return metrics.nrmse(r2star, sim.truth.r2star, qsm.tissue_relaxation_mask & healthy_tissue(sim.truth))
 
 
 def main(argv=None) -> None:

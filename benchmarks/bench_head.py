@@ -113,7 +113,7 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
                 "R2*-only (R2 = min(13 1/s, 0.7 R2*), default)": (None, pipeline.SeparationSettings()),
                 "R2*-only (R2 = 13 1/s)": (None, pipeline.SeparationSettings(r2prime_fraction=None)),
                 "R2*-only (R2' = 0.3 R2*)": (0.7 * qsm.r2star, pipeline.SeparationSettings())}
-    inner = qsm.mask & healthy
+    inner = qsm.tissue_relaxation_mask & healthy  # the rim's R2* is partial volume
     out["r2star"] = metrics.nrmse(qsm.r2star, t.r2star, inner)  # qsm-ci style, as the SNR-30 issue scores it
     out["r2prime"], out["r2prime_bias"] = {}, {}
     for rule, (r2, settings) in r2_rules.items():

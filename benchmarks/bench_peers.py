@@ -92,7 +92,7 @@ def main() -> None:
                   f"{seconds(passes, *fit_steps)} | median error {np.median(field_err):.3f} Hz, "
                   f"{int(np.sum(field_err * max(acq.echo_times) > 0.5))} voxels a wrap off |")
             print(f"| R2* (ARLO; chisep alone, after the gradient correction) | {PEER_S['R2* (ARLO)']} | "
-                  f"{r2star_s[1]:.2f} ({r2star_s[0]:.2f}) | {metrics.nrmse(r2star, truth.r2star, mask):.1f} |")
+                  f"{r2star_s[1]:.2f} ({r2star_s[0]:.2f}) | {metrics.nrmse(r2star, truth.r2star, qsm.tissue_relaxation_mask & truth.brain_mask):.1f} |")
             print(f"| background + inversion: V-SHARP + RTS / + MEDI; chisep single-step | "
                   f"{PEER_S['V-SHARP'] + PEER_S['RTS']:.1f} / {PEER_S['V-SHARP'] + PEER_S['MEDI']:.1f} | "
                   f"{seconds(passes, 'background', 'inversion')} | chi {metrics.nrmse(qsm.chi, truth.chi, mask):.1f} |")

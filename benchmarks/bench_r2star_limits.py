@@ -61,7 +61,7 @@ def main() -> None:
         clean = workflows.simulate(resolution=args.resolution, snr=None, head=head, scenario="healthy")
         truth, tes = sim.truth, sim.acquisition.echo_times
         qsm = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
-        inner = qsm.mask & healthy_tissue(truth)
+        inner = qsm.tissue_relaxation_mask & healthy_tissue(truth)
 
         def r2star(magnitude, field, method="arlo"):
             decay = magnitude if field is None else relax.gradient_dephasing_correction(

@@ -32,7 +32,8 @@ MAP_SPECS: dict[str, tuple[str, str, str | None]] = {
                                  "units of the input magnitude", None),
     "field_local": ("Hz", "local (tissue) field after background removal", "positive = higher frequency"),
     "r2star": ("1/s", "effective transverse relaxation rate R2*", None),
-    "r2prime": ("1/s", "reversible relaxation rate R2' = max(R2* - R2, 0)", None),
+    "r2prime": ("1/s", "reversible relaxation rate R2' = max(R2* - R2, 0); in the region's outermost voxel layer "
+                "(quality flag 64) the neighbours' inside", None),
     "chi": ("ppm", "magnetic susceptibility (QSM)", CHI_CONVENTION),
     "chi_para": ("ppm", "paramagnetic susceptibility component", COMPONENT_CONVENTION),
     "chi_dia": ("ppm", "diamagnetic susceptibility component (magnitude)", COMPONENT_CONVENTION),

@@ -25,7 +25,7 @@ from chisep import denoise as _denoise
 from chisep import signals, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError
-from chisep.grid import fill_holes
+from chisep.grid import bounding_box, fill_holes
 from chisep.qsm import background as _background
 from chisep.qsm import inversion as _inversion
 from chisep.qsm import reliability as _reliability
@@ -139,7 +139,10 @@ class QsmMaps:
     automatic mask, enclosed holes filled: where the field was fitted),
     ``reconstruction_mask`` (``head_mask`` minus the voxels whose field is
     unreliable: where background removal worked) and ``mask`` (the brain mask
-    of the outputs: the reconstruction region after background-removal erosion).
+    of the outputs: the reconstruction region after background-removal erosion; single-step
+    erodes nothing at voxels up to RIM_MAX_VOXEL_MM, one voxel layer above). ``rim_mask``: the
+    output voxels in the region's outermost layer, whose R2* the separation models take from
+    their neighbours.
     """
 
     mask: np.ndarray             # bool, brain mask of the final maps
@@ -150,6 +153,9 @@ class QsmMaps:
     r2star: np.ndarray           # 1/s
     chi: np.ndarray              # ppm, referenced (settings.reference)
     reconstruction_mask: np.ndarray | None = None  # bool, head_mask minus unreliable voxels (default: mask)
+    # bool, the output voxels in the reconstruction region's outermost layer (rim_of): their R2* is
+    # partial volume, so separation_inputs hands the models their interior neighbours' (default: none)
+    rim_mask: np.ndarray | None = None
     reliability: "_reliability.Reliability | None" = None
     magnitude: np.ndarray | None = None  # (x, y, z, echo), the magnitude of R2* and separation (denoised or not)
     noise_sigma: np.ndarray | None = None  # (x, y, z), MP-PCA noise level (magnitude units) when denoised
@@ -166,6 +172,14 @@ class QsmMaps:
         infinite (no weight) where the field of a dark source enclosed by brain is off by phase wraps
         (``reliability.off_branch``; measured up to 400 Hz next to a calcified lesion)."""
         return _field_noise_used(self.field_noise, self.reliability)
+
+    @property
+    def tissue_relaxation_mask(self) -> np.ndarray:
+        """Output voxels whose R2* is the tissue's: ``mask`` minus ``rim_mask`` (partial volume with skull,
+        dura and CSF). R2* accuracy is scored here; for single-step the same voxels as the outputs held
+        before they took in the rim."""
+        mask = np.asarray(self.mask, bool)
+        return mask if self.rim_mask is None else mask & ~np.asarray(self.rim_mask, bool)
 
     @property
     def excluded_mask(self) -> np.ndarray:
@@ -190,7 +204,7 @@ class QsmMaps:
         unknown = None if self.reliability is None else self.reliability.enclosed
         return SeparationInputs(mask=self.mask, chi=self.chi, local_field_hz=self.field_local, r2star=self.r2star,
                                 r2=r2, field_noise_hz=self.field_noise_used, magnitude=magnitude,
-                                r2prime_unknown=unknown,
+                                r2prime_unknown=unknown, relaxation_rim=self.rim_mask,
                                 r2_rule=dict(R2_RULE_DEFAULT if r2_rule is None else r2_rule))
 
 
@@ -422,6 +436,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
     return QsmMaps(mask=np.asarray(eroded, bool), head_mask=head, field_total=np.asarray(fit.field_hz),
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
+                   rim_mask=rim_of(region, eroded),
                    reliability=rel, magnitude=relax_magnitude, noise_sigma=sigma_map, timings=timings, notes=notes)
 
 
@@ -499,8 +514,6 @@ def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, setti
     on (to chi-separation) is the field of chi in the output mask, D chi: the field the brain's own
     sources make, harmonic part included, which no background removal can give. The TV weight follows
     the field noise (:func:`chisep.qsm.inversion.single_step_alpha`) unless the settings give one."""
-    from chisep.qsm.mask import erode_mask
-
     vs = acquisition.voxel_size
     options = dict(settings.inversion_options)
     if noise is not None and "alpha" not in options:
@@ -518,18 +531,49 @@ def _single_step_qsm(field, region, acquisition, noise, magnitude, r2star, setti
             notes.append(f"{settings.inversion}: {info['iterations']} iterations, weighted data residual "
                          f"{info['residual']:.3g} Hz")
             log(f"  {notes[-1]}")
-        # The region's outermost voxels share their volume with skull and CSF: their field helps the
-        # inversion, but their R2* and R2' are not the tissue's (chi-separation's chi_dia NRMSE in healthy
-        # tissue of head A at 2 mm: 176 % with them, 86 % without). The outputs leave them out, as
-        # V-SHARP's smallest sphere does.
-        output = erode_mask(region, vs, float(np.min(vs)))
-        if not output.any():
-            output = np.asarray(region, bool)
+        output = _single_step_output(region, vs)
         csf = _csf_mask(r2star, output) if settings.reference == "csf" else None
         chi = _inversion.reference(chi, output, method=settings.reference, csf_mask=csf)
         local = _inversion.dipole_field_hz(chi, output, voxel_size=vs, b0_direction=acquisition.b0_direction,
                                            field_strength=acquisition.field_strength)
     return local, output, np.asarray(chi)
+
+
+#: Largest voxel dimension (mm) at which single-step's outputs keep the region's outermost voxel layer.
+#: That layer is brain too (cortex and CSF next to the skull); left out, the scores over the brain count it
+#: as zero. With it (its R2* taken from inside, :func:`rim_of`), on heads A / B at SNR 100: chi NRMSE 23.0 ->
+#: 21.7 and 26.9 -> 26.1 % at 1 mm, 34.5 -> 31.7 and 35.6 -> 34.1 % at 2 mm (SNR 30: 39.4 -> 38.6, 45.7 ->
+#: 45.3), the layer's chi correlating 0.7-0.8 with the truth. At 3 mm a voxel of that layer is a third
+#: skull, dura and marrow: its chi correlates 0.2 with the truth, and chi NRMSE went 56-62 -> 76-86 %.
+#: (benchmarks/RESULTS.md, session 19.)
+RIM_MAX_VOXEL_MM = 2.0
+
+
+def _single_step_output(region: np.ndarray, voxel_size) -> np.ndarray:
+    """Single-step's output mask: the whole region at voxels up to RIM_MAX_VOXEL_MM, else the region
+    without its outermost voxel layer (a coarse voxel there is partly skull)."""
+    from chisep.qsm.mask import erode_mask
+
+    region = np.asarray(region, bool)
+    if float(np.max(voxel_size)) <= RIM_MAX_VOXEL_MM:
+        return region
+    inner = erode_mask(region, voxel_size, float(np.min(voxel_size)))
+    return inner if inner.any() else region
+
+
+def rim_of(region: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """The output voxels in the region's outermost voxel layer (a face neighbour outside the region,
+    along any axis, anisotropic voxels or not): their R2* and R2 are partial volume with skull, dura
+    and CSF. Empty when background removal has eroded the outputs (V-SHARP's smallest sphere takes
+    that layer)."""
+    from scipy import ndimage
+
+    region = np.asarray(region, bool)
+    rim = np.zeros_like(region)
+    if region.any():
+        box = bounding_box(region, margin=1)
+        rim[box] = region[box] & ~ndimage.binary_erosion(region[box])
+    return np.asarray(output, bool) & rim
 
 
 def _field_noise_used(field_noise: np.ndarray, rel: "_reliability.Reliability | None") -> np.ndarray:
@@ -657,6 +701,9 @@ QUALITY_FLAGS = {
     32: "total field of such an enclosed dark source off by phase wraps (more than half a wrap between echoes "
         "from the harmonic bridge of its neighbours): not used (no weight in background removal, inversion "
         "and chi-separation); chi there comes from the neighbours' field",
+    64: "outermost voxel layer of the reconstruction region: chi is the inversion's, but R2* is partial volume "
+        "with skull, dura and CSF, so separation models take R2*, R2 and R2' from the neighbours inside "
+        "(written R2' included; the written R2* is this voxel's own)",
 }
 
 
@@ -688,6 +735,8 @@ def quality_map(qsm: "QsmMaps", separations: Mapping[str, SeparationFit] | None 
     if qsm.reliability is not None:
         flags[qsm.reliability.enclosed & head] |= 16
         flags[qsm.reliability.off_branch & head] |= 32
+    if qsm.rim_mask is not None:
+        flags[np.asarray(qsm.rim_mask, bool) & head] |= 64
     lo, hi = relax.R2STAR_RANGE
     r2s = np.asarray(qsm.r2star)
     if r2s.any():  # single echo: no R2* at all (all zeros), which is not clipping

@@ -830,7 +830,8 @@ def mask_figure(magnitude, mask, *, voxel_size=(1.0, 1.0, 1.0), head_mask=None, 
 
 #: colours of the quality flags' overlay (RGBA), by bit
 QUALITY_COLOURS = {1: (1.0, 0.1, 0.1, 0.85), 2: (1.0, 0.8, 0.0, 0.85), 4: (0.2, 0.6, 1.0, 0.85),
-                   8: (1.0, 0.0, 1.0, 0.85), 16: (0.2, 1.0, 0.3, 0.85), 32: (1.0, 0.5, 0.0, 0.85)}
+                   8: (1.0, 0.0, 1.0, 0.85), 16: (0.2, 1.0, 0.3, 0.85), 32: (1.0, 0.5, 0.0, 0.85),
+                   64: (0.55, 0.55, 0.8, 0.35)}  # the rim (R2* borrowed from inside): informative, faint
 
 
 def quality_figure(magnitude, quality, *, flags: Mapping[int, str], voxel_size=(1.0, 1.0, 1.0), mask=None,

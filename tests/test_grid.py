@@ -141,3 +141,29 @@ def test_distance_within_a_radius_equals_the_exact_distance_transform():
             got = grid.distance_within(inside, vs, radius, border_outside=border_outside)
             np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
             np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], atol=1e-5)
+
+
+def test_fill_from_neighbours_takes_the_nearest_known_voxels():
+    from scipy import ndimage
+
+    from chisep.errors import InputError
+
+    # a ramp inside a ball, junk (bone-like R2*) in its outermost layer
+    x, y, z = np.meshgrid(*[np.arange(24.0)] * 3, indexing="ij")
+    ball = (x - 11.5) ** 2 + (y - 11.5) ** 2 + (z - 11.5) ** 2 < 9.5**2
+    rim = ball & ~ndimage.binary_erosion(ball)
+    inner = ball & ~rim
+    ramp = (10.0 + 0.5 * x).astype(np.float32)
+    lone = np.zeros_like(ball)
+    lone[0, 0, 0] = True  # no known voxel within reach: keeps its value
+    values = np.where(rim | lone, 300.0, ramp).astype(np.float32)
+    filled = grid.fill_from_neighbours(values, inner, rim | lone)
+    assert np.array_equal(filled[~rim], values[~rim])  # only the unknown voxels change
+    # each rim voxel gets its neighbours' values: within a voxel's step of the ramp (0.5 per voxel)
+    assert np.abs(filled[rim] - ramp[rim]).max() < 1.0
+    assert filled[0, 0, 0] == 300.0
+    # the same with a wider kernel: still a mean of the ramp near the voxel, not of the junk
+    assert np.abs(grid.fill_from_neighbours(values, inner, rim, sigma_voxels=2.0)[rim] - ramp[rim]).max() < 2.0
+    with pytest.raises(InputError, match="disjoint"):
+        grid.fill_from_neighbours(values, ball, rim)
+    assert np.array_equal(grid.fill_from_neighbours(values, np.zeros_like(ball), rim), values)

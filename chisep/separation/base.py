@@ -20,7 +20,7 @@ from typing import Callable, ClassVar, Mapping
 
 import numpy as np
 
-from chisep import relax
+from chisep import grid, relax
 from chisep import validate as v
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError
@@ -100,6 +100,13 @@ class SeparationInputs:
         hundreds of 1/s (e.g. ``QsmMaps.reliability.enclosed``). Models give their R2' no
         weight: chi-separation splits them by the field and its prior, the linear model
         by the sign of chi.
+    relaxation_rim : (x, y, z) bool array, optional
+        Voxels of the mask whose R2* (and measured R2) are partial volume with what lies outside
+        the brain, e.g. ``QsmMaps.rim_mask``, the reconstruction region's outermost voxel layer:
+        skull and dura shorten T2* there, CSF lengthens it. Their R2*, R2 and R2' are replaced by the
+        Gaussian-weighted mean (sigma one voxel) of the nearest other voxels of the mask
+        (:func:`chisep.grid.fill_from_neighbours`) before any model sees them; their chi and field
+        are kept.
     r2_rule : dict
         ``nominal_r2`` (1/s) and ``r2prime_fraction`` of :func:`r2_from_rule`.
 
@@ -128,6 +135,7 @@ class SeparationInputs:
     magnitude: np.ndarray | None = None
     csf_mask: np.ndarray | None = None
     r2prime_unknown: np.ndarray | None = None
+    relaxation_rim: np.ndarray | None = None
     r2_rule: Mapping = field(default_factory=lambda: dict(R2_RULE_DEFAULT))
     r2_source: str | None = field(default=None, init=False)
 
@@ -170,6 +178,15 @@ class SeparationInputs:
             value = getattr(self, name)
             if value is not None:
                 v.check_non_negative(value, name, mask, fix="relaxation rates are >= 0 1/s (R2 = 1000 / T2[ms])")
+        if self.relaxation_rim is not None:
+            rim = v.as_mask(self.relaxation_rim, shape, name="relaxation_rim", allow_empty=True) & mask
+            object.__setattr__(self, "relaxation_rim", rim)
+            # neighbours whose R2' is itself unknown (a dark source's R2* reads ~0) are not copied
+            known = mask & ~rim if self.r2prime_unknown is None else mask & ~rim & ~self.r2prime_unknown
+            for name in ("r2star", "r2", "r2prime"):
+                value = getattr(self, name)
+                if value is not None and rim.any():
+                    object.__setattr__(self, name, grid.fill_from_neighbours(value, known, rim))
         if self.r2prime is not None:
             v.check_non_negative(self.r2prime, "r2prime", mask,
                                  fix="R2' is a non-negative rate: use R2' = max(R2* - R2, 0)")
