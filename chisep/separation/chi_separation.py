@@ -187,7 +187,8 @@ def closed_form(chi_total, r2prime, *, dr_para: float, dr_dia: float, r2prime_we
     ``r2prime_weight``: e.g. with chi_dia = 0, chi_para = (w^2 a_p r + chi_total)
     / (w^2 a_p^2 + 1), with a_p = Dr_para / Dr_mean and r = R2' / Dr_mean, then
     clipped at 0. With w = 0 (R2' unknown, e.g. a signal void) this is the
-    thresholded QSM, with w = 1 (default) both equations count alike.
+    thresholded QSM in every voxel, also where the exact solution is non-negative;
+    with w = 1 (default) both equations count alike.
 
     Parameters
     ----------
@@ -217,6 +218,12 @@ def closed_form(chi_total, r2prime, *, dr_para: float, dr_dia: float, r2prime_we
     neg_para, neg_dia = chi_para < 0, chi_dia < 0
     out_para = xp.where(neg_dia, para_only, xp.where(neg_para, 0.0, chi_para))
     out_dia = xp.where(neg_para, dia_only, xp.where(neg_dia, 0.0, chi_dia))
+    # w = 0: R2' says nothing, and chi alone leaves the split open; the thresholded QSM is its
+    # smallest non-negative split. (The exact solution above would still use R2': measured on a
+    # microbleed whose R2' is unknown, chi_dia 0.17 ppm where the truth is 0.01.)
+    unknown = w2 == 0
+    out_para = xp.where(unknown, xp.maximum(chi, 0.0), out_para)
+    out_dia = xp.where(unknown, xp.maximum(-chi, 0.0), out_dia)
     return out_para, out_dia
 
 
