@@ -25,7 +25,7 @@ from chisep import denoise as _denoise
 from chisep import signals, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError
-from chisep.grid import bounding_box, fill_holes
+from chisep.grid import fill_holes
 from chisep.qsm import background as _background
 from chisep.qsm import inversion as _inversion
 from chisep.qsm import reliability as _reliability
@@ -566,14 +566,11 @@ def rim_of(region: np.ndarray, output: np.ndarray) -> np.ndarray:
     along any axis, anisotropic voxels or not): their R2* and R2 are partial volume with skull, dura
     and CSF. Empty when background removal has eroded the outputs (V-SHARP's smallest sphere takes
     that layer)."""
-    from scipy import ndimage
+    from chisep.qsm.mask import erode_mask
 
     region = np.asarray(region, bool)
-    rim = np.zeros_like(region)
-    if region.any():
-        box = bounding_box(region, margin=1)
-        rim[box] = region[box] & ~ndimage.binary_erosion(region[box])
-    return np.asarray(output, bool) & rim
+    # unit voxels and a one-voxel radius: the 6-neighbour erosion whatever the voxel size
+    return np.asarray(output, bool) & region & ~erode_mask(region, (1.0, 1.0, 1.0), 1.0)
 
 
 def _field_noise_used(field_noise: np.ndarray, rel: "_reliability.Reliability | None") -> np.ndarray:
