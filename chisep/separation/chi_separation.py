@@ -86,6 +86,7 @@ class ChiSeparationConstants:
     field_strength_t: float
     dr_para: float
     dr_dia: float
+    dr_relative_uncertainty: float
     nominal_r2: float
     r2_rule_uncertainty: float
     r2prime_low: float
@@ -148,6 +149,7 @@ def load_constants(field_strength: float, path: str | Path | Mapping | None = No
         field_strength_t=float(field_strength),
         dr_para=scale(require_number(rel, "dr_para_hz_per_ppm", source=src, positive=True)),
         dr_dia=scale(require_number(rel, "dr_dia_hz_per_ppm", source=src, positive=True)),
+        dr_relative_uncertainty=require_number(rel, "dr_relative_uncertainty", source=src, minimum=0.0),
         nominal_r2=require_number(r2, "nominal_r2_per_s", source=src, minimum=0.0),
         r2_rule_uncertainty=require_number(r2, "rule_uncertainty_per_s", source=src, minimum=0.0),
         r2prime_low=scale(require_number(wts, "r2prime_low_hz", source=src, minimum=0.0)),
@@ -772,8 +774,9 @@ class ChiSeparation(SeparationModel):
         (pad_factor: FFT grid size relative to the mask's bounding box, >= 1).
     solver : {"admm", "fista"}
     r2prime_noise : float or (x, y, z) array, 1/s, optional
-        R2' noise for the uncertainty maps and, with the field noise, the balance of the two
-        data terms (:func:`noise_balance`); default: ``estimate_noise`` of R2'.
+        R2' measurement noise for the uncertainty maps and, with the field noise, the balance of the
+        two data terms (:func:`noise_balance`); default: ``estimate_noise`` of R2'. The model's own
+        error, ``dr_relative_uncertainty`` (model file) times R2', adds to it in quadrature.
 
     Examples
     --------
@@ -855,6 +858,10 @@ class ChiSeparation(SeparationModel):
         if inputs.r2_from_rule and self.r2prime_noise is None:
             # the rule's R2 is off by tissue (smooth, so the high-pass misses it): its spread adds
             sigma_r = float(np.hypot(sigma_r, c.r2_rule_uncertainty))
+        if c.dr_relative_uncertainty > 0:
+            # Dr (chi_para + chi_dia) is a model of R2', good to a share of it (model file): that misfit
+            # adds to the noise. A map, for the uncertainty maps; the balance takes its median in the mask
+            sigma_r = np.hypot(sigma_r, c.dr_relative_uncertainty * np.abs(np.where(m, r2p, 0.0))).astype(np.float32)
         dr_mean = 0.5 * (c.dr_para + c.dr_dia)
         balance = (noise_balance(noise_map, sigma_r, m, field_strength=b0, dr_mean=dr_mean)
                    if c.balance_by_noise else 1.0)
@@ -894,7 +901,7 @@ class ChiSeparation(SeparationModel):
             padded_shape=list(out["padded_shape"]), voxel_size=voxel_size.tolist(),
             b0_direction=b0_dir.tolist(), initialiser="chi closed form" if chi_init is not None else "TKD closed form",
             field_noise_hz_used=float(np.median(np.asarray(sigma_f)[m])) if np.ndim(sigma_f) == 3 else float(sigma_f),
-            r2prime_noise_used=float(np.median(np.asarray(sigma_r))) if np.ndim(sigma_r) else float(sigma_r),
+            r2prime_noise_used=float(np.median(np.asarray(sigma_r)[m])) if np.ndim(sigma_r) else float(sigma_r),
             r2prime_term_weight=balance,
             std_note="voxelwise linearisation of the closed form; ignores regularisation and spatial coupling",
         )
