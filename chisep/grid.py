@@ -29,7 +29,7 @@ from chisep.errors import InputError
 __all__ = [
     "Grid", "bounding_box", "fill_holes", "distance_within", "margin_voxels", "rfft", "irfft", "conv", "dipole_half",
     "laplacian_half", "sphere_half", "gradient", "divergence_adjoint", "gradient_half", "tkd_inverse", "edge_mask",
-    "harmonic_fill", "fill_from_neighbours", "as_jax",
+    "harmonic_fill", "fill_from_neighbours", "smooth_within", "as_jax",
 ]
 
 
@@ -339,10 +339,43 @@ def fill_from_neighbours(values, known, unknown, *, sigma_voxels: float = 1.0) -
     if not unknown.any() or not known.any():
         return out
     box = bounding_box(unknown, margin=int(np.ceil(4 * sigma)))
-    weight = ndimage.gaussian_filter(known[box].astype(np.float32), sigma, mode="constant")
-    total = ndimage.gaussian_filter(np.where(known[box], out[box], 0).astype(np.float32), sigma, mode="constant")
-    reached = unknown[box] & (weight > 1e-3)
-    out[box] = np.where(reached, total / np.maximum(weight, 1e-3), out[box])
+    mean, reached = _known_mean(out[box], known[box], sigma)
+    out[box] = np.where(unknown[box] & reached, mean, out[box])
+    return out
+
+
+def _known_mean(values, known, sigma):
+    """Normalised convolution: the Gaussian-weighted mean of the ``known`` voxels, and where any was in reach."""
+    weight = ndimage.gaussian_filter(known.astype(np.float32), sigma, mode="constant")
+    total = ndimage.gaussian_filter(np.where(known, values, 0).astype(np.float32), sigma, mode="constant")
+    reached = weight > 1e-3
+    return total / np.maximum(weight, 1e-3), reached
+
+
+def smooth_within(values, known, *, sigma_voxels: float) -> np.ndarray:
+    """``values`` with each ``known`` voxel replaced by the Gaussian-weighted mean of the ``known`` voxels around it.
+
+    Normalised convolution (as :func:`fill_from_neighbours`): voxels outside ``known`` neither change
+    nor lend their values, so a mask's edge or a voxel whose value is known to be wrong does not pull
+    its neighbours.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> v = np.full((5, 5, 5), 3.0); bad = np.zeros(v.shape, bool); bad[2, 2, 2] = True
+    >>> out = smooth_within(np.where(bad, 99.0, v), ~bad, sigma_voxels=1.0)
+    >>> float(out[2, 2, 1]), float(out[2, 2, 2])
+    (3.0, 99.0)
+    """
+    vals = validate.as_volume(values, "values")
+    known = validate.as_mask(known, vals.shape, name="known", allow_empty=True)
+    sigma = validate.check_positive(sigma_voxels, "sigma_voxels")
+    out = vals.astype(np.float32)  # a copy
+    if not known.any():
+        return out
+    box = bounding_box(known, margin=int(np.ceil(4 * sigma)))
+    mean, _ = _known_mean(out[box], known[box], sigma)
+    out[box] = np.where(known[box], mean, out[box])
     return out
 
 

@@ -167,3 +167,39 @@ def test_fill_from_neighbours_takes_the_nearest_known_voxels():
     with pytest.raises(InputError, match="disjoint"):
         grid.fill_from_neighbours(values, ball, rim)
     assert np.array_equal(grid.fill_from_neighbours(values, np.zeros_like(ball), rim), values)
+
+
+def test_smooth_within_averages_known_voxels_only():
+    """Normalised Gaussian smoothing: white noise drops by the kernel's norm, a linear ramp is kept
+    inside, excluded voxels neither change nor lend their values, and the mask's edge is not pulled to 0."""
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 40)
+    known = np.zeros(shape, bool)
+    known[4:36, 4:36, 4:36] = True
+    excluded = np.zeros(shape, bool)
+    excluded[20, 20, 20] = True  # e.g. a dark source whose R2' reads 0
+    known &= ~excluded
+    noise = rng.standard_normal(shape).astype(np.float32)
+    sigma = 0.75
+    out = grid.smooth_within(np.where(excluded, 500.0, 10.0 + noise), known, sigma_voxels=sigma)
+    core = np.zeros(shape, bool)
+    core[8:32, 8:32, 8:32] = True
+    core &= np.abs(np.indices(shape) - 20).max(axis=0) > 3  # away from the excluded voxel
+    # white noise through a normalised Gaussian: std = sqrt(sum g^2) / sum g over the discrete kernel
+    offsets = np.arange(-3, 4)
+    g1 = np.exp(-offsets**2 / (2 * sigma**2))
+    expected = np.sqrt(np.sum(g1**2) ** 3) / np.sum(g1) ** 3
+    assert np.std(out[core]) == pytest.approx(expected, rel=0.05)
+    assert np.mean(out[core]) == pytest.approx(10.0, abs=0.02)
+    # the excluded voxel keeps its value and lends nothing: its neighbours stay near 10, not pulled to 500
+    assert out[20, 20, 20] == 500.0
+    assert abs(out[21, 20, 20] - 10.0) < 1.0
+    # outside the known voxels nothing changes; at the known edge the mean is 10, not diluted by zeros
+    assert np.all(out[~known & ~excluded] == 10.0 + noise[~known & ~excluded])
+    edge = np.zeros(shape, bool)
+    edge[4, 8:32, 8:32] = True
+    assert np.mean(out[edge]) == pytest.approx(10.0, abs=0.05)
+    # a linear ramp is kept where the kernel fits inside
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None], shape)
+    smoothed = grid.smooth_within(ramp, known, sigma_voxels=sigma)
+    np.testing.assert_allclose(smoothed[core], ramp[core], atol=1e-4)

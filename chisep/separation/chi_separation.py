@@ -95,6 +95,7 @@ class ChiSeparationConstants:
     balance_by_noise: bool
     lam: float
     lam_csf: float
+    r2prime_smoothing: float
     edge_fraction: float
     tv_epsilon: float
     max_iter: int
@@ -158,6 +159,7 @@ def load_constants(field_strength: float, path: str | Path | Mapping | None = No
         balance_by_noise=balance_by_noise,
         lam=require_number(reg, "lambda", source=src, minimum=0.0),
         lam_csf=require_number(reg, "lambda_csf", source=src, minimum=0.0),
+        r2prime_smoothing=require_number(reg, "r2prime_smoothing_voxels", source=src, minimum=0.0),
         edge_fraction=edge_fraction,
         tv_epsilon=require_number(reg, "tv_epsilon", source=src, positive=True),
         max_iter=int(require_number(sol, "max_iter", source=src, positive=True)),
@@ -845,6 +847,12 @@ class ChiSeparation(SeparationModel):
         field, r2p, chi_init = inputs.local_field_hz, inputs.r2prime, inputs.chi
         voxel_size, b0_dir = validate.check_geometry(acq.voxel_size, acq.b0_direction)
         _warn_on_units(field, r2p, m, b0, chi_init)
+        r2p_data = r2p
+        if c.r2prime_smoothing > 0:
+            # R2' holds the noise of R2* and R2, which neither prior takes out (model file); voxels whose
+            # R2' is unknown lend nothing and keep their own (unweighted) value
+            usable = m if inputs.r2prime_unknown is None else m & ~inputs.r2prime_unknown
+            r2p = grid.smooth_within(r2p, usable, sigma_voxels=c.r2prime_smoothing)
         noise_map = inputs.field_noise_hz
         weight_f = field_weight_from_noise(noise_map, m) if noise_map is not None else None
         weight_r = r2prime_weight(r2p, m, low=c.r2prime_low, high=c.r2prime_high, out_of_band=c.out_of_band_weight)
@@ -854,7 +862,7 @@ class ChiSeparation(SeparationModel):
             weight_r = np.where(inputs.r2prime_unknown, 0.0, weight_r).astype(np.float32)
         # R2' noise: the given level, else the map's own high-pass (the R2' term is matched almost
         # exactly, so its fit residual would not do); it balances the data terms and feeds the std maps
-        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p, m)
+        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p_data, m)
         if inputs.r2_from_rule and self.r2prime_noise is None:
             # the rule's R2 is off by tissue (smooth, so the high-pass misses it): its spread adds
             sigma_r = float(np.hypot(sigma_r, c.r2_rule_uncertainty))
@@ -881,7 +889,7 @@ class ChiSeparation(SeparationModel):
         chi_p, chi_d = out["chi_para"], out["chi_dia"]
         cf = physics.centre_frequency_hz(b0) * 1e-6
         res_f = np.where(m, field - out["d_chi_hz"], 0.0).astype(np.float32)
-        res_r = np.where(m, r2p - c.dr_para * chi_p - c.dr_dia * chi_d, 0.0).astype(np.float32)
+        res_r = np.where(m, r2p_data - c.dr_para * chi_p - c.dr_dia * chi_d, 0.0).astype(np.float32)
         residual = np.sqrt((res_f / cf) ** 2 + (res_r / dr_mean) ** 2).astype(np.float32)
         # field: the fit residual (the dipole term cannot follow white noise)
         sigma_f = noise_map if noise_map is not None else _robust_std(res_f[m])
