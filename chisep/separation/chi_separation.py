@@ -96,6 +96,7 @@ class ChiSeparationConstants:
     lam: float
     lam_csf: float
     r2prime_smoothing: float
+    r2prime_smoothing_range: float
     edge_fraction: float
     tv_epsilon: float
     max_iter: int
@@ -160,6 +161,7 @@ def load_constants(field_strength: float, path: str | Path | Mapping | None = No
         lam=require_number(reg, "lambda", source=src, minimum=0.0),
         lam_csf=require_number(reg, "lambda_csf", source=src, minimum=0.0),
         r2prime_smoothing=require_number(reg, "r2prime_smoothing_voxels", source=src, minimum=0.0),
+        r2prime_smoothing_range=require_number(reg, "r2prime_smoothing_range", source=src, positive=True),
         edge_fraction=edge_fraction,
         tv_epsilon=require_number(reg, "tv_epsilon", source=src, positive=True),
         max_iter=int(require_number(sol, "max_iter", source=src, positive=True)),
@@ -847,22 +849,10 @@ class ChiSeparation(SeparationModel):
         field, r2p, chi_init = inputs.local_field_hz, inputs.r2prime, inputs.chi
         voxel_size, b0_dir = validate.check_geometry(acq.voxel_size, acq.b0_direction)
         _warn_on_units(field, r2p, m, b0, chi_init)
-        r2p_data = r2p
-        if c.r2prime_smoothing > 0:
-            # R2' holds the noise of R2* and R2, which neither prior takes out (model file); voxels whose
-            # R2' is unknown lend nothing and keep their own (unweighted) value
-            usable = m if inputs.r2prime_unknown is None else m & ~inputs.r2prime_unknown
-            r2p = grid.smooth_within(r2p, usable, sigma_voxels=c.r2prime_smoothing)
-        noise_map = inputs.field_noise_hz
-        weight_f = field_weight_from_noise(noise_map, m) if noise_map is not None else None
-        weight_r = r2prime_weight(r2p, m, low=c.r2prime_low, high=c.r2prime_high, out_of_band=c.out_of_band_weight)
-        if inputs.r2prime_unknown is not None:
-            # a dark source's R2' reads ~0 where the truth is hundreds of 1/s: it would pull both
-            # components of a calcification to zero (measured: chi_dia 1.1 of a true 2.7 ppm)
-            weight_r = np.where(inputs.r2prime_unknown, 0.0, weight_r).astype(np.float32)
+        r2p_data = r2p  # as given: the noise estimate and the residual refer to it
         # R2' noise: the given level, else the map's own high-pass (the R2' term is matched almost
         # exactly, so its fit residual would not do); it balances the data terms and feeds the std maps
-        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p_data, m)
+        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p, m)
         if inputs.r2_from_rule and self.r2prime_noise is None:
             # the rule's R2 is off by tissue (smooth, so the high-pass misses it): its spread adds
             sigma_r = float(np.hypot(sigma_r, c.r2_rule_uncertainty))
@@ -870,6 +860,20 @@ class ChiSeparation(SeparationModel):
             # Dr (chi_para + chi_dia) is a model of R2', good to a share of it (model file): that misfit
             # adds to the noise. A map, for the uncertainty maps; the balance takes its median in the mask
             sigma_r = np.hypot(sigma_r, c.dr_relative_uncertainty * np.abs(np.where(m, r2p, 0.0))).astype(np.float32)
+        if c.r2prime_smoothing > 0:
+            # R2' holds the noise of R2* and R2, which neither prior takes out (model file): average the
+            # neighbours that agree within the expected error, keep steps beyond it (a calcified pallidum).
+            # Voxels whose R2' is unknown lend nothing and keep their own (unweighted) value.
+            usable = m if inputs.r2prime_unknown is None else m & ~inputs.r2prime_unknown
+            spread = np.maximum(c.r2prime_smoothing_range * np.broadcast_to(sigma_r, shape), 1e-6)
+            r2p = grid.bilateral_within(r2p, usable, sigma_voxels=c.r2prime_smoothing, range_sigma=spread)
+        noise_map = inputs.field_noise_hz
+        weight_f = field_weight_from_noise(noise_map, m) if noise_map is not None else None
+        weight_r = r2prime_weight(r2p, m, low=c.r2prime_low, high=c.r2prime_high, out_of_band=c.out_of_band_weight)
+        if inputs.r2prime_unknown is not None:
+            # a dark source's R2' reads ~0 where the truth is hundreds of 1/s: it would pull both
+            # components of a calcification to zero (measured: chi_dia 1.1 of a true 2.7 ppm)
+            weight_r = np.where(inputs.r2prime_unknown, 0.0, weight_r).astype(np.float32)
         dr_mean = 0.5 * (c.dr_para + c.dr_dia)
         balance = (noise_balance(noise_map, sigma_r, m, field_strength=b0, dr_mean=dr_mean)
                    if c.balance_by_noise else 1.0)
