@@ -759,7 +759,9 @@ class ChiSeparation(SeparationModel):
     """chi-separation (Shin et al., NeuroImage 2021): chi_para, chi_dia from the local field and R2'.
 
     Uses ``local_field_hz`` and R2' (``r2prime``, or ``r2star`` with ``r2``
-    or the R2*-only rule) of the :class:`SeparationInputs`; ``chi`` (QSM)
+    or the R2*-only rule) of the :class:`SeparationInputs`, R2' first averaged over the neighbours that
+    agree with it within its expected error (model file: ``r2prime_smoothing_voxels``,
+    ``r2prime_smoothing_range``; :func:`chisep.grid.bilateral_within`); ``chi`` (QSM)
     when given is the start (its closed-form split; TKD otherwise),
     ``field_noise_hz`` weights the field term, the first echo of
     ``magnitude`` adds MEDI edges to R2''s, ``csf_mask`` the CSF term.
