@@ -129,16 +129,21 @@ def test_every_output_has_a_unit_and_a_bids_name():
 def test_separate_from_qsm_outputs(dataset, tmp_path):
     truth = dataset / "derivatives/truth"
     out = tmp_path / "sep"
-    # given the true chi, local field and R2*, the linear model is exact up to clipping
+    # given the true chi, local field and R2*, the linear model meets the chi equation exactly where neither
+    # component clips; the R2' equation up to its smoothing (the default averages R2' over neighbours that
+    # agree within 2 x 17 % of it, so small steps between the phantom's tissues blur; exact without it)
     code = cli.main(["separate", "--chi", str(truth / "chi.nii.gz"), "--local-field", str(truth / "field_local.nii.gz"),
                      "--r2star", str(truth / "r2star.nii.gz"), "--r2", str(truth / "r2.nii.gz"),
                      "--mask", str(truth / "brain_mask.nii.gz"), "--field-strength", "3",
                      "--model", "linear", "--out", str(out), "--quiet"])
     assert code == 0
     mask = _load(truth / "brain_mask.nii.gz") > 0
-    for name in ["chi_para", "chi_dia"]:
-        est, tru = _load(out / f"{name}.nii.gz"), _load(truth / f"{name}.nii.gz")
-        assert metrics.nrmse(est, tru, mask) < 2.0, name
+    para, dia = _load(out / "chi_para.nii.gz"), _load(out / "chi_dia.nii.gz")
+    free = mask & (para > 0) & (dia > 0)
+    assert free.mean() > 0.5 * mask.mean()
+    np.testing.assert_allclose((para - dia)[free], _load(truth / "chi.nii.gz")[free], atol=1e-5)
+    for name, est, limit in (("chi_para", para, 15.0), ("chi_dia", dia, 30.0)):  # measured 11.0 / 24.2
+        assert metrics.nrmse(est, _load(truth / f"{name}.nii.gz"), mask) < limit, name
 
 
 def test_the_command_line_keeps_compiled_programs_for_the_next_run(dataset, tmp_path):

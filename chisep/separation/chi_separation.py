@@ -723,6 +723,51 @@ def estimate_noise(image, mask) -> float:
     return float(1.4826 * mad / np.sqrt(7.0 / 6.0))
 
 
+def prepare_r2prime(r2prime, mask, *, noise=None, from_rule: bool = False, unknown=None,
+                    rule_uncertainty: float = 0.0, relative_uncertainty: float = 0.0,
+                    smoothing_voxels: float = 0.0, smoothing_range: float = 2.0):
+    """R2''s expected error, and R2' averaged over the neighbours that agree with it within that error.
+
+    The models that take R2' as data (chi-separation, the linear model) see it the same way:
+
+    - error: ``noise`` (1/s, a number or a map) if given, else the map's own high-pass
+      (:func:`estimate_noise`; a fit residual would not do, R2' is matched almost exactly); with the
+      R2*-only rule's R2 (``from_rule``) ``rule_uncertainty`` adds in quadrature (the rule is off by
+      tissue, smoothly, which the high-pass misses); then ``relative_uncertainty`` times R2' (Dr or
+      a_para / a_dia is a model of R2', good to that share) makes it a map;
+    - smoothing: :func:`chisep.grid.bilateral_within` with distance sigma ``smoothing_voxels`` (0: off)
+      and difference sigma ``smoothing_range`` times the error, so noise is averaged and a step beyond
+      the error (a calcified pallidum) is kept; ``unknown`` voxels (a dark source's R2' reads ~0) lend
+      nothing and keep their own value. R2' holds the noise of R2* and R2, which no spatial prior of the
+      models takes out (models/chi_separation.toml, benchmarks/RESULTS.md session 20).
+
+    Returns
+    -------
+    sigma : float or (x, y, z) float32 array, 1/s
+    r2prime : (x, y, z) float32 array, 1/s, smoothed (a copy when smoothing is off)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r2p = np.full((5, 5, 5), 8.0, np.float32); r2p[2, 2, 2] = 9.0
+    >>> sigma, smoothed = prepare_r2prime(r2p, np.ones(r2p.shape, bool), noise=1.0, smoothing_voxels=0.75)
+    >>> sigma, 8.0 < float(smoothed[2, 2, 2]) < 8.5
+    (1.0, True)
+    """
+    m = np.asarray(mask, bool)
+    r2p = np.asarray(r2prime, np.float32)
+    sigma = noise if noise is not None else estimate_noise(r2p, m)
+    if from_rule and noise is None:
+        sigma = float(np.hypot(sigma, rule_uncertainty))
+    if relative_uncertainty > 0:
+        sigma = np.hypot(sigma, relative_uncertainty * np.abs(np.where(m, r2p, 0.0))).astype(np.float32)
+    if smoothing_voxels > 0:
+        usable = m if unknown is None else m & ~np.asarray(unknown, bool)
+        spread = np.maximum(smoothing_range * np.broadcast_to(np.asarray(sigma, np.float32), m.shape), 1e-6)
+        return sigma, grid.bilateral_within(r2p, usable, sigma_voxels=smoothing_voxels, range_sigma=spread)
+    return sigma, r2p.copy()
+
+
 # ---------------------------------------------------------------------------
 # unit checks (the model's own: values the other models do not see)
 # ---------------------------------------------------------------------------
@@ -852,23 +897,11 @@ class ChiSeparation(SeparationModel):
         voxel_size, b0_dir = validate.check_geometry(acq.voxel_size, acq.b0_direction)
         _warn_on_units(field, r2p, m, b0, chi_init)
         r2p_data = r2p  # as given: the noise estimate and the residual refer to it
-        # R2' noise: the given level, else the map's own high-pass (the R2' term is matched almost
-        # exactly, so its fit residual would not do); it balances the data terms and feeds the std maps
-        sigma_r = self.r2prime_noise if self.r2prime_noise is not None else estimate_noise(r2p, m)
-        if inputs.r2_from_rule and self.r2prime_noise is None:
-            # the rule's R2 is off by tissue (smooth, so the high-pass misses it): its spread adds
-            sigma_r = float(np.hypot(sigma_r, c.r2_rule_uncertainty))
-        if c.dr_relative_uncertainty > 0:
-            # Dr (chi_para + chi_dia) is a model of R2', good to a share of it (model file): that misfit
-            # adds to the noise. A map, for the uncertainty maps; the balance takes its median in the mask
-            sigma_r = np.hypot(sigma_r, c.dr_relative_uncertainty * np.abs(np.where(m, r2p, 0.0))).astype(np.float32)
-        if c.r2prime_smoothing > 0:
-            # R2' holds the noise of R2* and R2, which neither prior takes out (model file): average the
-            # neighbours that agree within the expected error, keep steps beyond it (a calcified pallidum).
-            # Voxels whose R2' is unknown lend nothing and keep their own (unweighted) value.
-            usable = m if inputs.r2prime_unknown is None else m & ~inputs.r2prime_unknown
-            spread = np.maximum(c.r2prime_smoothing_range * np.broadcast_to(sigma_r, shape), 1e-6)
-            r2p = grid.bilateral_within(r2p, usable, sigma_voxels=c.r2prime_smoothing, range_sigma=spread)
+        # sigma_r balances the data terms (its median in the mask) and feeds the std maps
+        sigma_r, r2p = prepare_r2prime(
+            r2p, m, noise=self.r2prime_noise, from_rule=inputs.r2_from_rule, unknown=inputs.r2prime_unknown,
+            rule_uncertainty=c.r2_rule_uncertainty, relative_uncertainty=c.dr_relative_uncertainty,
+            smoothing_voxels=c.r2prime_smoothing, smoothing_range=c.r2prime_smoothing_range)
         noise_map = inputs.field_noise_hz
         weight_f = field_weight_from_noise(noise_map, m) if noise_map is not None else None
         weight_r = r2prime_weight(r2p, m, low=c.r2prime_low, high=c.r2prime_high, out_of_band=c.out_of_band_weight)

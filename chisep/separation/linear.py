@@ -35,12 +35,13 @@ from chisep import validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
 from chisep.separation.base import MODELS, SeparationFit, SeparationInputs, SeparationModel
+from chisep.separation.chi_separation import prepare_r2prime
 from chisep.separation.constants import load_model_file, require_number, scale_with_field
 
 COEFFICIENT_KEYS = ("a_para", "a_dia", "b_para", "b_dia", "r2star0", "chi0")
 
 
-def _load_coefficients(field_strength: float, path) -> tuple[dict, dict, dict, str]:
+def _load_coefficients(field_strength: float, path) -> tuple[dict, dict, dict, dict, str]:
     table = load_model_file("linear", path)
     source = table["_source"]
     ref = require_number(table, "reference_field_strength_t", source=source, positive=True)
@@ -61,13 +62,23 @@ def _load_coefficients(field_strength: float, path) -> tuple[dict, dict, dict, s
         "r2star": require_number(noise_t, "r2star_sigma_per_s", source=f"{source} [noise]", positive=True),
         "chi": require_number(noise_t, "chi_sigma_ppm", source=f"{source} [noise]", positive=True),
     }
+    r2p_t, src = table.get("r2prime"), f"{source} [r2prime]"
+    if r2p_t is None:  # a calibration file holds coefficients: how R2' is taken comes from the packaged file
+        packaged = load_model_file("linear", None)
+        r2p_t, src = packaged.get("r2prime", {}), f"{packaged['_source']} [r2prime]"
+    r2prime = dict(
+        relative_uncertainty=require_number(r2p_t, "relative_uncertainty", source=src, minimum=0.0),
+        rule_uncertainty=require_number(r2p_t, "rule_uncertainty_per_s", source=src, minimum=0.0),
+        smoothing_voxels=require_number(r2p_t, "smoothing_voxels", source=src, minimum=0.0),
+        smoothing_range=require_number(r2p_t, "smoothing_range", source=src, positive=True),
+    )
     checks_t = table.get("checks", {})
     checks = {
         "max_abs_chi_ppm": require_number(checks_t, "max_abs_chi_ppm", source=f"{source} [checks]", positive=True),
         "min_median_r2star_per_s": require_number(checks_t, "min_median_r2star_per_s", source=f"{source} [checks]",
                                                   minimum=0.0),
     }
-    return coefficients, noise, checks, source
+    return coefficients, noise, r2prime, checks, source
 
 
 @MODELS.register("linear")
@@ -91,7 +102,15 @@ class LinearModel(SeparationModel):
         (calibrated coefficients); default: the packaged file.
     r2star_sigma, chi_sigma : float or (x, y, z) array, optional
         Noise standard deviations (1/s, ppm) used as weights and for the
-        uncertainty maps; default from the model file's ``[noise]``.
+        uncertainty maps; default from the model file's ``[noise]``. ``r2star_sigma`` (the noise of
+        R2* - R2) also sets the R2' smoothing's range; by default that comes from the map's high-pass.
+    r2prime : mapping, optional
+        Overrides of the model file's ``[r2prime]`` table: ``relative_uncertainty``,
+        ``rule_uncertainty`` (1/s), ``smoothing_voxels`` (0: no smoothing), ``smoothing_range``.
+        R2' = R2* - R2 is averaged over its neighbours that agree with it within its expected error
+        before the voxelwise solve (:func:`chisep.separation.chi_separation.prepare_r2prime`, as
+        chi-separation does); data that are the model's exactly want ``relative_uncertainty=0,
+        smoothing_voxels=0``.
 
     Examples
     --------
@@ -109,10 +128,11 @@ class LinearModel(SeparationModel):
     requires = ("r2star", "chi")
 
     def __init__(self, acquisition: Acquisition, *, coefficients: Mapping[str, float] | None = None,
-                 coefficients_file: str | Path | None = None, r2star_sigma=None, chi_sigma=None):
+                 coefficients_file: str | Path | None = None, r2star_sigma=None, chi_sigma=None,
+                 r2prime: Mapping[str, float] | None = None):
         super().__init__(acquisition)
         field_strength = acquisition.field_strength
-        coef, noise, checks, source = _load_coefficients(field_strength, coefficients_file)
+        coef, noise, loaded_r2prime, checks, source = _load_coefficients(field_strength, coefficients_file)
         for key, value in dict(coefficients or {}).items():
             if key not in COEFFICIENT_KEYS:
                 raise InputError(f"coefficients: unknown key {key!r}; valid keys: {', '.join(COEFFICIENT_KEYS)}")
@@ -122,6 +142,15 @@ class LinearModel(SeparationModel):
             coef[key] = value
         self.coefficients = coef
         self.noise = noise
+        for key, value in dict(r2prime or {}).items():
+            if key not in loaded_r2prime:
+                raise InputError(f"r2prime: unknown key {key!r}; valid keys: {', '.join(loaded_r2prime)}")
+            value = float(value)
+            if not (np.isfinite(value) and (value > 0 if key == "smoothing_range" else value >= 0)):
+                raise InputError(f"r2prime: {key} must be a finite number {'> 0' if key == 'smoothing_range' else '>= 0'}, "
+                                 f"got {value}")
+            loaded_r2prime[key] = value
+        self.r2prime = loaded_r2prime  # how R2' = R2* - R2 is taken ([r2prime] of the model file)
         self.checks = checks
         self.source = source
         self.r2star_sigma, self.chi_sigma = r2star_sigma, chi_sigma
@@ -163,8 +192,18 @@ class LinearModel(SeparationModel):
         c = self.coefficients
         s1 = self._sigma(r2star_sigma, self.noise["r2star"], shape, mask, "r2star_sigma")
         s2 = self._sigma(chi_sigma, self.noise["chi"], shape, mask, "chi_sigma")
-        r2star0 = c["r2star0"] if r2_arr is None else r2_arr[mask]
-        y1 = r2star[mask] - r2star0
+        r2star0 = c["r2star0"] if r2_arr is None else r2_arr
+        # R2' = R2* - R2 taken as chi-separation takes it: averaged where neighbours agree within its
+        # expected error (the 2 x 2 solve is exact where both components are positive, so R2''s noise
+        # went straight into both), and a_para c_para + a_dia c_dia good to a share of it
+        rp = self.r2prime
+        _, r2prime = prepare_r2prime(np.where(mask, r2star - r2star0, 0.0), mask, noise=r2star_sigma,
+                                     from_rule=inputs.r2_from_rule, unknown=inputs.r2prime_unknown,
+                                     rule_uncertainty=rp["rule_uncertainty"],
+                                     relative_uncertainty=rp["relative_uncertainty"],
+                                     smoothing_voxels=rp["smoothing_voxels"], smoothing_range=rp["smoothing_range"])
+        y1 = r2prime[mask].astype(np.float64)
+        s1 = np.hypot(s1, rp["relative_uncertainty"] * np.abs(y1))
         y2 = chi[mask] - c["chi0"]
         c_para, c_dia, resid = _nnls_2x2(y1, y2, c["a_para"], c["a_dia"], c["b_para"], c["b_dia"], s1, s2)
         if inputs.r2prime_unknown is not None:
@@ -207,6 +246,7 @@ class LinearModel(SeparationModel):
                           ("map" if r2star_sigma is not None else self.noise["r2star"]),
                           "chi_sigma_ppm": chi_sigma if np.isscalar(chi_sigma) else
                           ("map" if chi_sigma is not None else self.noise["chi"])},
+                "r2prime": dict(self.r2prime),
                 "source": self.source,
                 "units": {"chi_para": "ppm", "chi_dia": "ppm (magnitude, chi_total = chi_para - chi_dia)",
                           "residual": "noise standard deviations (weighted residual norm)"},
