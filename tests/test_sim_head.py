@@ -169,6 +169,26 @@ def test_chi_separation_allows_for_measured_r2prime(healthy_2mm):
     assert default[1] < metrics.nrmse(dia, t.chi_dia, t.brain_mask) - 4.0
 
 
+def test_automatic_mask_keeps_the_csf_next_to_the_skull(monkeypatch):
+    """The pass over the whole head that finds the skull cuts part of the subarachnoid CSF next to it; the
+    brain's own pass, started one voxel layer further out, keeps the reliable part of that layer (voxels
+    up to pipeline.BRAIN_MARGIN_MAX_VOXEL_MM)."""
+    sim = simulate_head(1.5, head="B", scenario="healthy", snr=100, seed=1)
+    brain = sim.truth.brain_mask
+    default = pipeline.BRAIN_MARGIN_MAX_VOXEL_MM
+    assert default >= 1.5
+    grown = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
+    monkeypatch.setattr(pipeline, "BRAIN_MARGIN_MAX_VOXEL_MM", 0.0)
+    plain = pipeline.reconstruct_qsm(sim.magnitude, sim.phase, sim.acquisition)
+    missed_grown, missed_plain = (brain & ~grown.mask).sum(), (brain & ~plain.mask).sum()
+    assert missed_grown < 0.75 * missed_plain  # measured 8958 against 13936 true-brain voxels left out
+    added = grown.mask & ~plain.mask
+    assert added.sum() > 5000 and (added & ~ndimage.binary_dilation(plain.mask)).sum() < 0.01 * added.sum()
+    assert metrics.dice(grown.mask, brain) > metrics.dice(plain.mask, brain) - 0.002  # 0.9868 / 0.9866
+    # measured 39.95 / 40.04 % (healthy: no lesions in the norm)
+    assert metrics.nrmse(grown.chi, sim.truth.chi, brain) < metrics.nrmse(plain.chi, sim.truth.chi, brain) + 0.5
+
+
 @pytest.mark.parametrize("head, snr, echo_times_ms", [
     ("A", 40, (4, 9, 14, 19, 24, 29)),   # fat's peaks near in phase every 5 ms: the marrow looks reliable
     ("B", 40, (4, 9, 14, 19, 24, 29)),
