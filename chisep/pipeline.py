@@ -159,6 +159,9 @@ class QsmMaps:
     reliability: "_reliability.Reliability | None" = None
     magnitude: np.ndarray | None = None  # (x, y, z, echo), the magnitude of R2* and separation (denoised or not)
     noise_sigma: np.ndarray | None = None  # (x, y, z), MP-PCA noise level (magnitude units) when denoised
+    # after a total-field inversion (single-step) the separation fits the total field as that inversion did
+    # (total_field_hz of separation_inputs); after background removal, the local field
+    separation_field: str = "local"
     timings: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -202,8 +205,9 @@ class QsmMaps:
 
         # dark sources enclosed by brain: their signal is gone by the first echo, so is their R2'
         unknown = None if self.reliability is None else self.reliability.enclosed
-        return SeparationInputs(mask=self.mask, chi=self.chi, local_field_hz=self.field_local, r2star=self.r2star,
-                                r2=r2, field_noise_hz=self.field_noise_used, magnitude=magnitude,
+        total = self.field_total if self.separation_field == "total" else None
+        return SeparationInputs(mask=self.mask, chi=self.chi, local_field_hz=self.field_local, total_field_hz=total,
+                                r2star=self.r2star, r2=r2, field_noise_hz=self.field_noise_used, magnitude=magnitude,
                                 r2prime_unknown=unknown, relaxation_rim=self.rim_mask,
                                 r2_rule=dict(R2_RULE_DEFAULT if r2_rule is None else r2_rule))
 
@@ -441,7 +445,9 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                    field_noise=np.asarray(fit.field_noise_hz), field_local=np.asarray(local),
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
                    rim_mask=rim_of(region, eroded),
-                   reliability=rel, magnitude=relax_magnitude, noise_sigma=sigma_map, timings=timings, notes=notes)
+                   reliability=rel, magnitude=relax_magnitude, noise_sigma=sigma_map,
+                   separation_field="total" if settings.inversion in _inversion.TOTAL_FIELD_METHODS else "local",
+                   timings=timings, notes=notes)
 
 
 def qsm_from_field(field_hz: np.ndarray, mask: np.ndarray, acquisition: Acquisition, *,

@@ -422,9 +422,11 @@ def single_step_alpha(field_noise_hz, mask, *, field_strength: float) -> float:
 
 
 @partial(jax.jit, static_argnums=(3,))
-def _single_step_data(field, mask, radii, shape, voxel_size, b0):
+def single_step_terms(field, mask, radii, shape, voxel_size, b0):
     """Per radius r (largest first): the high-passed dipole (1 - S_r) D, the high-passed field
-    (1 - S_r) f and the band of voxels whose largest sphere inside the mask has radius r."""
+    (1 - S_r) f and the band of voxels whose largest sphere inside the mask has radius r: the data
+    terms of :func:`single_step` and of chi-separation from the total field (jitted; ``shape`` is
+    the padded grid's, which needs a margin of the largest radius around the mask)."""
     D = g.dipole_half(shape, voxel_size, b0)
     mask_spectrum = g.rfft(mask)
     field_spectrum = g.rfft(field * mask)
@@ -527,7 +529,7 @@ def single_step(total_field_hz, mask, *, voxel_size=(1.0, 1.0, 1.0), b0_directio
     field = g.fill_unweighted(field, msk, v.check_optional_map(weights, msk.shape, name="weights"))
     p = _Problem(field, msk, voxel_size, b0_direction, field_strength, weights, magnitude, pad_fraction,
                  margin_mm=radii[0])
-    kernels, fields, bands = _single_step_data(p.field, p.mask_j.astype(jnp.float32),
+    kernels, fields, bands = single_step_terms(p.field, p.mask_j.astype(jnp.float32),
                                                jnp.asarray(radii, jnp.float32), p.grid.shape, p.vs, p.b0)
     # the edge prior (NumPy) while JAX still computes the data terms: the check below waits for them
     tv_w, mu_grad = _edge_prior(p, edge_fraction, alpha, mu_grad)

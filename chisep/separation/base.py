@@ -83,6 +83,10 @@ class SeparationInputs:
         QSM map (positive paramagnetic), e.g. from :func:`chisep.qsm.inversion.invert`.
     local_field_hz : (x, y, z) array, Hz, optional
         Background-removed field.
+    total_field_hz : (x, y, z) array, Hz, optional
+        Total field, background included (``QsmMaps.field_total`` after a total-field inversion):
+        chi-separation then fits it with the single-step inversion's data terms instead of the local
+        field (:mod:`chisep.separation.chi_separation`).
     r2star : (x, y, z) array, 1/s, optional
     r2 : (x, y, z) array, 1/s, optional
         Measured R2 (1/T2 from a spin-echo map).
@@ -128,6 +132,7 @@ class SeparationInputs:
     mask: np.ndarray
     chi: np.ndarray | None = None
     local_field_hz: np.ndarray | None = None
+    total_field_hz: np.ndarray | None = None
     r2star: np.ndarray | None = None
     r2: np.ndarray | None = None
     r2prime: np.ndarray | None = None
@@ -148,6 +153,7 @@ class SeparationInputs:
         object.__setattr__(self, "mask", mask)
         for name, fix in (("chi", "fix the QSM map or exclude those voxels from the mask"),
                           ("local_field_hz", "remove them from the mask or fill them"),
+                          ("total_field_hz", "remove them from the mask or fill them"),
                           ("r2star", "fix the R2* fit or the mask"), ("r2", "fix the R2 map or the mask"),
                           ("r2prime", "R2' = max(R2* - R2, 0) must be finite in the mask")):
             value = getattr(self, name)

@@ -10,11 +10,19 @@ chi_dia as a magnitude)::
 field equation (initialiser and test oracle). ``solve_chi_separation`` solves it
 jointly over the volume::
 
-    minimise  1/2 || W_f (D (x_p - x_d) - f / (CF 1e-6)) ||^2
+    minimise  1/2 sum_r || W_f,r (K_r (x_p - x_d) - f_r / (CF 1e-6)) ||^2
             + 1/2 || W_r ((Dr_p x_p + Dr_d x_d - R2') / Dr_mean) ||^2
             + lambda * sum_c || M o grad x_c ||_{2,1}          (edge-weighted TV, c = p, d)
             + lambda_csf / 2 * sum_c || M_csf (x_c - mean_csf(x_c)) ||^2
     subject to 0 <= x_c <= chi_max_c inside the mask, x_c = 0 outside.
+
+The field term takes the local field (one term: K = D, f the local field, W_f over the mask) or the
+total field, background included (chi-separation from the total field, new in chisep): one term per
+sphere radius r of the single-step inversion (chisep.qsm.inversion.single_step), K_r = (1 - S_r) D
+and f_r = (1 - S_r) f, weighted on the band of voxels whose largest sphere inside the mask has radius
+r. (1 - S_r) takes out every field harmonic in the sphere, so the background drops out of data and
+model alike, and the part of the brain's own field that background removal would take out stays in the
+model instead of biasing the fit (Chatnuntawech et al., NMR Biomed 2017;30:e3570, for one map).
 
 Scaling of the two data terms: both residuals are expressed in ppm of
 susceptibility (the field divided by CF * 1e-6, R2' divided by the mean Dr)
@@ -31,7 +39,7 @@ subproblem is closed form: the coupled quadratic step is a 2x2 system per
 spatial frequency (diagonal in sum and difference of the maps), the field and
 R2' data steps and the sign/bound projection are voxelwise, and the TV step is
 a shrinkage. Over-relaxation (alpha = 1.7) roughly halves the iterations. One
-iteration costs six real FFTs on the padded grid. The CSF term uses the CSF
+iteration costs four real FFTs on the padded grid plus two per field term. The CSF term uses the CSF
 means of the current iterate (fixed point, as MEDI+0 does) and the upper bounds
 are applied by clipping in the voxelwise step. There is no separate TV on
 chi_para + chi_dia (the toolbox has one): the R2' term already fixes the sum
@@ -59,9 +67,12 @@ import numpy as np
 from chisep import grid, physics, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
+from chisep.qsm.inversion import SINGLE_STEP_RADII_MM, single_step_terms
 from chisep.separation.base import MODELS, SeparationFit, SeparationInputs, SeparationModel
 from chisep.separation.constants import load_model_file, require_number, scale_with_field
 
+#: the field chi-separation's field term fits (see ChiSeparation)
+FIELD_CHOICES = ("auto", "total", "local")
 SOLVERS = ("admm", "fista")
 
 #: Effective dipole gain sqrt(<D^2>) over all directions (= sqrt(4/45)), used in the
@@ -94,6 +105,7 @@ class ChiSeparationConstants:
     out_of_band_weight: float
     balance_by_noise: bool
     lam: float
+    lam_per_field_noise: float
     lam_csf: float
     r2prime_smoothing: float
     r2prime_smoothing_range: float
@@ -159,6 +171,7 @@ def load_constants(field_strength: float, path: str | Path | Mapping | None = No
         out_of_band_weight=require_number(wts, "out_of_band_weight", source=src, minimum=0.0),
         balance_by_noise=balance_by_noise,
         lam=require_number(reg, "lambda", source=src, minimum=0.0),
+        lam_per_field_noise=require_number(reg, "lambda_per_field_noise", source=src, minimum=0.0),
         lam_csf=require_number(reg, "lambda_csf", source=src, minimum=0.0),
         r2prime_smoothing=require_number(reg, "r2prime_smoothing_voxels", source=src, minimum=0.0),
         r2prime_smoothing_range=require_number(reg, "r2prime_smoothing_range", source=src, positive=True),
@@ -276,8 +289,8 @@ def objective(x_p, x_d, prob, *, lam, lam_csf, a_p, a_d, tv_epsilon=0.0):
     (differentiable; used by the FISTA solver and the gradient test).
     """
     h = prob["h"]
-    t = grid.conv(x_p - x_d, prob["kernel"])
-    data_f = 0.5 * jnp.sum(prob["wf2"] * (t - prob["phi"]) ** 2)
+    t = _apply_kernels(x_p - x_d, prob["kernels"])
+    data_f = 0.5 * jnp.sum(prob["wf2s"] * (t - prob["phis"]) ** 2)
     data_r = 0.5 * jnp.sum(prob["wr2"] * (a_p * x_p + a_d * x_d - prob["rp"]) ** 2)
     tv = 0.0
     for x in (x_p, x_d):
@@ -288,6 +301,11 @@ def objective(x_p, x_d, prob, *, lam, lam_csf, a_p, a_d, tv_epsilon=0.0):
     return data_f + data_r + lam * tv + lam_csf * csf
 
 
+def _apply_kernels(x, kernels):
+    """Each half-spectrum kernel of the stack applied to x: (terms, x, y, z)."""
+    return jnp.fft.irfftn(kernels * jnp.fft.rfftn(x)[None], s=x.shape, axes=(-3, -2, -1))
+
+
 #: the objective as one compiled program (op by op, its dozens of full-grid passes cost about 1 s at 1 mm)
 _objective_compiled = jax.jit(objective)
 
@@ -295,14 +313,15 @@ _objective_compiled = jax.jit(objective)
 @jax.jit
 def _admm(prob, x_p, x_d, params):
     """ADMM iterations (lax.while_loop); returns the feasible maps, iteration count and update history."""
-    h, kernel, lap = prob["h"], prob["kernel"], prob["lap"]
+    h, kernels, lap = prob["h"], prob["kernels"], prob["lap"]
     lam, lam_csf = params["lam"], params["lam_csf"]
     rho_f, rho_g, rho_v = params["rho_f"], params["rho_g"], params["rho_v"]
     a_p, a_d = params["a_p"], params["a_d"]
     upper = (params["max_p"] * prob["mask"], params["max_d"] * prob["mask"])
     shape = x_p.shape
+    terms = (-3, -2, -1)  # the spatial axes of a stack of field terms
     denom_s = rho_g * lap + rho_v
-    denom_t = 2.0 * rho_f * kernel**2 + rho_g * lap + rho_v
+    denom_t = 2.0 * rho_f * jnp.sum(kernels**2, axis=0) + rho_g * lap + rho_v
     tau = lam / rho_g
     history0 = jnp.full((_HISTORY_LEN,), jnp.nan, jnp.float32)
 
@@ -318,9 +337,9 @@ def _admm(prob, x_p, x_d, params):
 
     def body(state):
         k, x_p, x_d, dt, z_f, u_f, g_old, u_g, v_old, u_v, _, history = state
-        # field data step (voxelwise), W_f = 0 outside the mask
+        # field data step (voxelwise, per term), W_f = 0 outside the mask (outside its band)
         d_rel = relax(dt, z_f)
-        z_f = (prob["wf2"] * prob["phi"] + rho_f * (d_rel + u_f)) / (prob["wf2"] + rho_f)
+        z_f = (prob["wf2s"] * prob["phis"] + rho_f * (d_rel + u_f)) / (prob["wf2s"] + rho_f)
         u_f = u_f + d_rel - z_f
         q_f = z_f - u_f
         # TV step: isotropic shrinkage of the non-edge gradient components
@@ -341,12 +360,12 @@ def _admm(prob, x_p, x_d, params):
         r_p = rhs[0] + rho_v * (v[0] - u_v[0])
         r_d = rhs[1] + rho_v * (v[1] - u_v[1])
         # coupled quadratic step: per frequency, sum and difference decouple
-        f_p, f_d, f_z = jnp.fft.rfftn(r_p), jnp.fft.rfftn(r_d), jnp.fft.rfftn(q_f)
+        f_p, f_d, f_z = jnp.fft.rfftn(r_p), jnp.fft.rfftn(r_d), jnp.fft.rfftn(q_f, axes=terms)
         s_hat = (f_p + f_d) / denom_s
-        t_hat = (2.0 * rho_f * kernel * f_z + f_p - f_d) / denom_t
+        t_hat = (2.0 * rho_f * jnp.sum(kernels * f_z, axis=0) + f_p - f_d) / denom_t
         s = jnp.fft.irfftn(s_hat, s=shape)
         t = jnp.fft.irfftn(t_hat, s=shape)
-        dt = jnp.fft.irfftn(kernel * t_hat, s=shape)
+        dt = jnp.fft.irfftn(kernels * t_hat[None], s=shape, axes=terms)
         new_p, new_d = 0.5 * (s + t), 0.5 * (s - t)
         num = jnp.sum(prob["mask"] * ((new_p - x_p) ** 2 + (new_d - x_d) ** 2))
         den = jnp.sum(prob["mask"] * (new_p**2 + new_d**2))
@@ -359,9 +378,9 @@ def _admm(prob, x_p, x_d, params):
         return (k < params["max_iter"]) & (delta > params["tol"])
 
     zeros = jnp.zeros_like(x_p)
-    dt0 = grid.conv(x_p - x_d, kernel)
+    dt0 = _apply_kernels(x_p - x_d, kernels)
     state0 = (
-        jnp.asarray(0, jnp.int32), x_p, x_d, dt0, dt0, zeros,
+        jnp.asarray(0, jnp.int32), x_p, x_d, dt0, dt0, jnp.zeros_like(dt0),
         (grid.gradient(x_p, h), grid.gradient(x_d, h)), ((zeros,) * 3, (zeros,) * 3), (x_p, x_d), (zeros, zeros),
         jnp.asarray(jnp.inf, jnp.float32), history0,
     )
@@ -380,7 +399,7 @@ def _fista(prob, x_p, x_d, params):
     grad_f = jax.grad(lambda x: f(x[0], x[1]))
     h = prob["h"]
     # Lipschitz bound of the smoothed objective's gradient
-    lip = (jnp.max(prob["wf2"]) * 2.0 * jnp.max(prob["kernel"] ** 2)
+    lip = (jnp.max(prob["wf2s"]) * 2.0 * jnp.max(jnp.sum(prob["kernels"] ** 2, axis=0))
            + jnp.max(prob["wr2"]) * (a_p**2 + a_d**2)
            + params["lam"] * 4.0 * jnp.sum(1.0 / h**2) / params["tv_epsilon"] + params["lam_csf"])
     step = 1.0 / lip
@@ -429,8 +448,9 @@ def _start(prob, chi0, *, dr_para, dr_dia, chi_max):
 
 
 @jax.jit
-def _dipole_field_hz(v_p, v_d, kernel, cf):
-    return grid.conv(v_p - v_d, kernel) * cf
+def _field_residual_hz(v_p, v_d, prob, cf):
+    """Data minus model of the field terms, each on its band (Hz)."""
+    return jnp.sum(prob["bands"] * (prob["phis"] - _apply_kernels(v_p - v_d, prob["kernels"])), axis=0) * cf
 
 
 # ---------------------------------------------------------------------------
@@ -440,12 +460,16 @@ _dipole = jax.jit(grid.dipole_half, static_argnums=0)
 _laplacian = jax.jit(grid.laplacian_half, static_argnums=0)
 
 
-def _padded_problem(local_field_hz, r2prime, mask, *, field_strength, voxel_size, b0_direction, dr_para, dr_dia,
-                    field_weight=None, r2prime_weight=None, edge_weight=None, csf_mask=None, pad_factor=1.1):
+def _padded_problem(field_hz, r2prime, mask, *, field_strength, voxel_size, b0_direction, dr_para, dr_dia,
+                    field_weight=None, r2prime_weight=None, edge_weight=None, csf_mask=None, pad_factor=1.1,
+                    total_field: bool = False, radii_mm=SINGLE_STEP_RADII_MM):
     """Arrays of one problem on the padded grid (a plain dict: a JAX pytree) and the grid."""
     mask = np.asarray(mask, bool)
-    # pad_factor - 1 of the mask's extent in all, half on each side (the QSM stages' PAD_FRACTION rule)
-    work = grid.Grid.around(mask, grid.margin_voxels(mask, voxel_size, fraction=(pad_factor - 1.0) / 2.0))
+    # pad_factor - 1 of the mask's extent in all, half on each side (the QSM stages' PAD_FRACTION rule); from
+    # the total field at least the largest sphere, so that (1 - S_r) does not wrap the far side's field in
+    radii = sorted((float(r) for r in np.atleast_1d(radii_mm)), reverse=True) if total_field else [0.0]
+    work = grid.Grid.around(mask, grid.margin_voxels(mask, voxel_size, margin_mm=radii[0],
+                                                     fraction=(pad_factor - 1.0) / 2.0))
     big = work.shape
     h = np.asarray(voxel_size, np.float32)
     cf = physics.centre_frequency_hz(field_strength) * 1e-6
@@ -462,19 +486,25 @@ def _padded_problem(local_field_hz, r2prime, mask, *, field_strength, voxel_size
     else:
         edge = tuple(work.embed(e, fill=1.0) for e in np.asarray(edge_weight))
     h_j, b0_j = grid.as_jax(h), grid.as_jax(b0_direction)
+    phi, wf2 = jnp.asarray(pad(field_hz) / cf), jnp.asarray((wf * m) ** 2)
+    if total_field:
+        # one term per radius on its band (chisep.qsm.inversion.single_step's data terms)
+        kernels, phis, bands = single_step_terms(phi, jnp.asarray(m), jnp.asarray(radii, jnp.float32), big, h_j, b0_j)
+        bands = bands.astype(jnp.float32)
+    else:
+        kernels, phis, bands = _dipole(big, h_j, b0_j)[None], phi[None], jnp.asarray(m)[None]
     prob = dict(
-        phi=jnp.asarray(pad(local_field_hz) / cf),
-        rp=jnp.asarray(pad(r2prime) / dr_mean),
-        wf2=jnp.asarray((wf * m) ** 2), wr2=jnp.asarray((wr * m) ** 2),
+        phis=phis, kernels=kernels, bands=bands, wf2s=wf2[None] * bands, wf2=wf2,
+        rp=jnp.asarray(pad(r2prime) / dr_mean), wr2=jnp.asarray((wr * m) ** 2),
         mask=jnp.asarray(m), csf=jnp.asarray(pad(csf_mask if csf_mask is not None else 0.0) * m),
         edge=tuple(jnp.asarray(e) for e in edge),
-        kernel=_dipole(big, h_j, b0_j), lap=_laplacian(big, h_j), h=h_j,
+        lap=_laplacian(big, h_j), h=h_j,
     )
     return prob, work
 
 
 def solve_chi_separation(
-    local_field_hz,
+    field_hz,
     r2prime,
     mask,
     *,
@@ -499,12 +529,16 @@ def solve_chi_separation(
     over_relaxation: float = 1.7,
     tv_epsilon: float = 1e-4,
     report_objective: bool = False,
+    total_field: bool = False,
+    radii_mm: Sequence[float] = SINGLE_STEP_RADII_MM,
 ) -> dict:
     """Joint chi-separation over the volume (pure function; inputs assumed validated).
 
     Parameters
     ----------
-    local_field_hz : (x, y, z) array, Hz
+    field_hz : (x, y, z) array, Hz
+        The local field, or with ``total_field`` the total field (background included; voxels of
+        zero ``field_weight`` filled from their neighbours first, as the single-step inversion does).
     r2prime : (x, y, z) array, 1/s, >= 0
     mask : (x, y, z) bool array
     field_strength : float, T
@@ -513,7 +547,7 @@ def solve_chi_separation(
     dr_para, dr_dia : float, Hz/ppm at ``field_strength``
     chi_init : (x, y, z) array, ppm, optional
         QSM map; the start is its voxelwise ``closed_form`` with R2'. None:
-        truncated k-space division (threshold 0.19) of the local field.
+        truncated k-space division (threshold 0.19) of the local field (required from the total field).
     field_weight, r2prime_weight : (x, y, z) arrays, optional
         W_f and W_r (dimensionless, ~1 for a typical voxel); 1 in the mask if None.
     edge_weight : (3, x, y, z) array of 0/1, optional
@@ -541,23 +575,34 @@ def solve_chi_separation(
     report_objective : bool
         Also evaluate the objective at the result (for comparing solvers; a program of its own
         whose tracing and lowering alone cost 0.4 s per process, so the model does not ask for it).
+    total_field : bool
+        ``field_hz`` is the total field: one data term per sphere radius of ``radii_mm`` (mm), K_r =
+        (1 - S_r) D on the band of voxels whose largest sphere inside the mask has radius r (module
+        docstring); the grid's margin is at least the largest radius.
 
     Returns
     -------
     dict with chi_para, chi_dia (ppm, float32 arrays of the input shape),
     iterations (int), history (relative update per iteration), the
-    field-term map ``d_chi_hz`` (CF 1e-6 D (x_p - x_d), Hz) for residuals,
+    field term's residual ``field_residual_hz`` (data minus model, Hz: f - D (x_p - x_d) in CF 1e-6
+    units, from the total field (1 - S_r)(f - D (x_p - x_d)) on each voxel's band),
     ``objective`` (its value at the result, TV not smoothed; None unless
     ``report_objective``) and ``padded_shape``.
     """
     validate.check_choice(solver, SOLVERS, "solver")
     mask = np.asarray(mask, bool)
+    if total_field and chi_init is None:
+        raise InputError("chi-separation from the total field starts from a QSM map: give chi_init (e.g. the "
+                         "single-step inversion's chi)")
+    if total_field and field_weight is not None:
+        field_hz = grid.fill_unweighted(np.asarray(field_hz, np.float32), mask, np.asarray(field_weight))
     prob, work = _padded_problem(
-        local_field_hz, r2prime, mask, field_strength=field_strength, voxel_size=voxel_size,
+        field_hz, r2prime, mask, field_strength=field_strength, voxel_size=voxel_size,
         b0_direction=b0_direction, dr_para=dr_para, dr_dia=dr_dia, field_weight=field_weight,
         r2prime_weight=r2prime_weight, edge_weight=edge_weight, csf_mask=csf_mask, pad_factor=pad_factor,
+        total_field=total_field, radii_mm=radii_mm,
     )
-    big, kernel = work.shape, prob["kernel"]
+    big = work.shape
 
     def unpad(a):
         return np.where(mask, work.extract(np.asarray(a, np.float32)), 0.0).astype(np.float32)
@@ -566,7 +611,7 @@ def solve_chi_separation(
     dr_mean = 0.5 * (dr_para + dr_dia)
     a_p, a_d = dr_para / dr_mean, dr_dia / dr_mean
     if chi_init is None:
-        chi0 = _tkd(prob["phi"], prob["mask"], kernel, 0.19)
+        chi0 = _tkd(prob["phis"][0], prob["mask"], prob["kernels"][0], 0.19)
     else:
         chi0 = jnp.asarray(work.embed(np.where(mask, chi_init, 0.0)))
     x_p, x_d = _start(prob, chi0, dr_para=float(dr_para), dr_dia=float(dr_dia),
@@ -580,13 +625,13 @@ def solve_chi_separation(
     )
     run = _admm if solver == "admm" else _fista
     v_p, v_d, k, history = run(prob, x_p, x_d, params)
-    d_chi = _dipole_field_hz(v_p, v_d, kernel, jnp.float32(cf))
+    residual = _field_residual_hz(v_p, v_d, prob, jnp.float32(cf))
     value = (float(_objective_compiled(v_p, v_d, prob, lam=lam, lam_csf=lam_csf, a_p=a_p, a_d=a_d))
              if report_objective else None)
     k = int(k)
     return dict(
         chi_para=unpad(v_p), chi_dia=unpad(v_d), iterations=k,
-        history=np.asarray(history)[: min(k, _HISTORY_LEN)], d_chi_hz=unpad(d_chi),
+        history=np.asarray(history)[: min(k, _HISTORY_LEN)], field_residual_hz=unpad(residual),
         padded_shape=big, objective=value,
     )
 
@@ -771,9 +816,10 @@ def prepare_r2prime(r2prime, mask, *, noise=None, from_rule: bool = False, unkno
 # ---------------------------------------------------------------------------
 # unit checks (the model's own: values the other models do not see)
 # ---------------------------------------------------------------------------
-def _warn_on_units(field, r2p, m, field_strength, chi_init):
+def _warn_on_units(field, r2p, m, field_strength, chi_init, *, total=False):
     cf = physics.centre_frequency_hz(field_strength) * 1e-6
-    p99_ppm = float(np.percentile(np.abs(field[m]), 99)) / cf
+    # a total field's background makes it as large as it likes: its units go unchecked
+    p99_ppm = 1.0 if total else float(np.percentile(np.abs(field[m]), 99)) / cf
     if p99_ppm == 0:
         warnings.warn("local_field_hz is zero everywhere in the mask; chi_para - chi_dia will be ~0.",
                       stacklevel=4)
@@ -828,6 +874,13 @@ class ChiSeparation(SeparationModel):
         R2' measurement noise for the uncertainty maps and, with the field noise, the balance of the
         two data terms (:func:`noise_balance`); default: ``estimate_noise`` of R2'. The model's own
         error, ``dr_relative_uncertainty`` (model file) times R2', adds to it in quadrature.
+    field : {"auto", "total", "local"}
+        The field the field term fits: "total" the inputs' ``total_field_hz`` (background included,
+        the single-step inversion's data terms; module docstring), "local" their ``local_field_hz``;
+        "auto" (default) the total field when the inputs hold one. The pipeline hands the total field
+        on after a total-field inversion (its default): on the realistic heads chi_para / chi_dia
+        NRMSE fell by 0.5-1.2 points at 1 and 2 mm, SNR 100, and moved by at most 0.2 at SNR 30
+        (benchmarks/RESULTS.md, session 21).
 
     Examples
     --------
@@ -845,8 +898,10 @@ class ChiSeparation(SeparationModel):
     def __init__(self, acquisition: Acquisition, *, dr_para: float | None = None, dr_dia: float | None = None,
                  constants: str | Path | Mapping | None = None, lam: float | None = None,
                  lam_csf: float | None = None, max_iter: int | None = None, tol: float | None = None,
-                 solver: str = "admm", pad_factor: float | None = None, r2prime_noise=None):
+                 solver: str = "admm", pad_factor: float | None = None, r2prime_noise=None,
+                 field: str = "auto"):
         super().__init__(acquisition)
+        self.field = validate.check_choice(field, FIELD_CHOICES, "field")
         c = load_constants(acquisition.field_strength, constants)
         for name, value in (("dr_para", dr_para), ("dr_dia", dr_dia)):
             if value is not None:
@@ -855,6 +910,7 @@ class ChiSeparation(SeparationModel):
                                  dr_dia=float(dr_dia) if dr_dia is not None else c.dr_dia)
         self.solver = validate.check_choice(solver, SOLVERS, "solver")
         self.lam = validate.check_positive(c.lam if lam is None else lam, "lam", allow_zero=True)
+        self.lam_given = lam is not None  # else from the total field the weight follows the field noise
         self.lam_csf = validate.check_positive(c.lam_csf if lam_csf is None else lam_csf, "lam_csf", allow_zero=True)
         self.tol = validate.check_positive(c.tol if tol is None else tol, "tol", allow_zero=True)
         self.max_iter = validate.check_count(c.max_iter if max_iter is None else max_iter, "max_iter")
@@ -893,9 +949,16 @@ class ChiSeparation(SeparationModel):
         b0 = c.field_strength_t
         m = inputs.mask
         shape = m.shape
-        field, r2p, chi_init = inputs.local_field_hz, inputs.r2prime, inputs.chi
+        total = self.field == "total" or (self.field == "auto" and inputs.total_field_hz is not None)
+        if total and inputs.total_field_hz is None:
+            raise InputError("chi-separation: field='total' needs the inputs' total_field_hz (e.g. "
+                             "QsmMaps.separation_inputs after a single-step inversion); or use field='local'")
+        if total and inputs.chi is None:
+            raise InputError("chi-separation from the total field starts from the QSM map: give the inputs' chi")
+        field = inputs.total_field_hz if total else inputs.local_field_hz
+        r2p, chi_init = inputs.r2prime, inputs.chi
         voxel_size, b0_dir = validate.check_geometry(acq.voxel_size, acq.b0_direction)
-        _warn_on_units(field, r2p, m, b0, chi_init)
+        _warn_on_units(field, r2p, m, b0, chi_init, total=total)
         r2p_data = r2p  # as given: the noise estimate and the residual refer to it
         # sigma_r balances the data terms (its median in the mask) and feeds the std maps
         sigma_r, r2p = prepare_r2prime(
@@ -917,17 +980,23 @@ class ChiSeparation(SeparationModel):
         if inputs.magnitude is not None:
             edges = edges * grid.edge_mask(inputs.magnitude[..., 0], m, voxel_size, edge_fraction=c.edge_fraction)
 
+        lam = self.lam
+        if total and not self.lam_given and noise_map is not None and c.lam_per_field_noise > 0:
+            usable = np.asarray(noise_map)[m]
+            usable = usable[np.isfinite(usable)]
+            if usable.size:
+                lam = c.lam_per_field_noise * float(np.median(usable)) / (physics.centre_frequency_hz(b0) * 1e-6)
         out = solve_chi_separation(
             field, r2p, m, field_strength=b0, voxel_size=voxel_size, b0_direction=b0_dir,
             dr_para=c.dr_para, dr_dia=c.dr_dia, chi_init=chi_init, field_weight=weight_f,
-            r2prime_weight=weight_r, edge_weight=edges, csf_mask=inputs.csf_mask, lam=self.lam,
+            r2prime_weight=weight_r, edge_weight=edges, csf_mask=inputs.csf_mask, lam=lam,
             lam_csf=self.lam_csf, max_iter=self.max_iter, tol=self.tol, solver=self.solver,
             chi_max=(c.chi_para_max, c.chi_dia_max), pad_factor=self.pad_factor, tv_epsilon=c.tv_epsilon,
-            rho=c.rho, over_relaxation=c.over_relaxation,
+            rho=c.rho, over_relaxation=c.over_relaxation, total_field=total,
         )
         chi_p, chi_d = out["chi_para"], out["chi_dia"]
         cf = physics.centre_frequency_hz(b0) * 1e-6
-        res_f = np.where(m, field - out["d_chi_hz"], 0.0).astype(np.float32)
+        res_f = out["field_residual_hz"]
         res_r = np.where(m, r2p_data - c.dr_para * chi_p - c.dr_dia * chi_d, 0.0).astype(np.float32)
         residual = np.sqrt((res_f / cf) ** 2 + (res_r / dr_mean) ** 2).astype(np.float32)
         # field: the fit residual (the dipole term cannot follow white noise)
@@ -943,8 +1012,10 @@ class ChiSeparation(SeparationModel):
                        chi_para_std="ppm", chi_dia_std="ppm",
                        residual="ppm (sqrt((field misfit / (CF*1e-6))^2 + (R2' misfit / mean Dr)^2))",
                        residual_field_hz="Hz", residual_r2prime="1/s"),
-            constants=asdict(c), solver=self.solver, lam=self.lam, lam_csf=self.lam_csf, max_iter=self.max_iter,
+            constants=asdict(c), solver=self.solver, lam=lam, lam_csf=self.lam_csf, max_iter=self.max_iter,
             tol=self.tol, iterations=out["iterations"], update_history=out["history"].tolist(),
+            field="total (single-step data terms, radii " + ", ".join(f"{r:g}" for r in SINGLE_STEP_RADII_MM)
+            + " mm)" if total else "local",
             padded_shape=list(out["padded_shape"]), voxel_size=voxel_size.tolist(),
             b0_direction=b0_dir.tolist(), initialiser="chi closed form" if chi_init is not None else "TKD closed form",
             field_noise_hz_used=float(np.median(np.asarray(sigma_f)[m])) if np.ndim(sigma_f) == 3 else float(sigma_f),
