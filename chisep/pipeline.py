@@ -446,7 +446,7 @@ def reconstruct_qsm(magnitude: np.ndarray, phase: np.ndarray, acquisition: Acqui
                    r2star=np.asarray(r2star), chi=np.asarray(chi), reconstruction_mask=region,
                    rim_mask=rim_of(region, eroded),
                    reliability=rel, magnitude=relax_magnitude, noise_sigma=sigma_map,
-                   separation_field="total" if settings.inversion in _inversion.TOTAL_FIELD_METHODS else "local",
+                   separation_field=separation_field(settings.inversion, region, eroded),
                    timings=timings, notes=notes)
 
 
@@ -580,6 +580,21 @@ def _single_step_output(region: np.ndarray, voxel_size) -> np.ndarray:
         return region
     inner = erode_mask(region, voxel_size, float(np.min(voxel_size)))
     return inner if inner.any() else region
+
+
+def separation_field(inversion: str, region: np.ndarray, output: np.ndarray) -> str:
+    """The field chi-separation fits (QsmMaps.separation_field): "total" after a total-field inversion
+    whose outputs hold the whole reconstruction region, else "local".
+
+    From the total field the data terms are the single-step inversion's. Where the outputs leave out the
+    region's outermost layer (voxels above RIM_MAX_VOXEL_MM), that layer's field would have no term
+    and the next layers' spheres shrink: on the realistic heads at 3 mm the total field tied or lost
+    (chi_para / chi_dia 85.0 / 44.0 -> 85.5 / 45.1 % on head A, measured R2), where up to 2 mm it won
+    in every case (benchmarks/RESULTS.md, session 21)."""
+    if inversion in _inversion.TOTAL_FIELD_METHODS and np.array_equal(np.asarray(region, bool),
+                                                                      np.asarray(output, bool)):
+        return "total"
+    return "local"
 
 
 def rim_of(region: np.ndarray, output: np.ndarray) -> np.ndarray:

@@ -479,3 +479,22 @@ def test_single_step_tv_weight_from_the_field_noise_unless_given():
     given, given_log = run(3.0, pipeline.QsmSettings(inversion_options={"alpha": 1e-4}))
     assert "from the field noise" not in given_log
     np.testing.assert_allclose(given, run(0.1, pipeline.QsmSettings(inversion_options={"alpha": 1e-4}))[0], atol=1e-6)
+
+
+def test_separation_fits_the_total_field_after_a_total_field_inversion():
+    """After single-step (whose outputs hold the whole region) chi-separation fits the total field with
+    single-step's data terms; after background removal, or when the outputs leave out the region's outer
+    layer, the local field."""
+    region = np.zeros((12, 12, 12), bool)
+    region[2:10, 2:10, 2:10] = True
+    inner = region.copy()
+    inner[2], inner[9] = False, False
+    assert pipeline.separation_field("single-step", region, region) == "total"
+    assert pipeline.separation_field("single-step", region, inner) == "local"
+    assert pipeline.separation_field("medi", region, region) == "local"
+    maps = pipeline.QsmMaps(mask=region, head_mask=region, field_total=np.full(region.shape, 50.0, np.float32),
+                            field_noise=np.full(region.shape, 0.1, np.float32),
+                            field_local=np.zeros(region.shape, np.float32), r2star=np.full(region.shape, 20.0),
+                            chi=np.zeros(region.shape, np.float32), separation_field="total")
+    assert np.array_equal(maps.separation_inputs().total_field_hz, maps.field_total)
+    assert pipeline.QsmMaps(**{**maps.__dict__, "separation_field": "local"}).separation_inputs().total_field_hz is None
