@@ -245,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("separate", help="susceptibility source separation from QSM outputs")
     p.add_argument("--chi", required=True, metavar="FILE", help="QSM map (ppm)")
-    p.add_argument("--local-field", metavar="FILE", help="local field (Hz); required for chi-separation")
+    p.add_argument("--local-field", metavar="FILE", help="local field (Hz); chi-separation needs it or --total-field")
+    p.add_argument("--total-field", metavar="FILE",
+                   help="total field (Hz), e.g. field_total.nii.gz of `chisep qsm`: chi-separation then fits it "
+                        "(background included) as the single-step inversion does")
     p.add_argument("--r2star", metavar="FILE", help="R2* map (1/s); required for linear and chi-separation")
     p.add_argument("--r2", metavar="FILE", help="measured R2 map (1/s); else a nominal R2 is used")
     p.add_argument("--field-noise", metavar="FILE", help="field noise map (Hz), used as data weights")
@@ -385,7 +388,7 @@ def cmd_separate(args) -> int:
     from chisep import workflows
 
     summary = workflows.separate_files(
-        chi=args.chi, local_field=args.local_field, r2star=args.r2star, r2=args.r2,
+        chi=args.chi, local_field=args.local_field, total_field=args.total_field, r2star=args.r2star, r2=args.r2,
         field_noise=args.field_noise, mask=args.mask, field_strength=args.field_strength,
         magnitude=args.magnitude, phase=args.phase, echo_times=args.echo_times,
         models=args.model, out_dir=args.out, overwrite=args.overwrite, log=lambda s: _say(args, s),

@@ -139,7 +139,7 @@ class RunOutput:
 
 
 def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir, local_field=None,
-                   r2star=None, r2=None, field_noise=None, mask=None, magnitude=None, phase=None,
+                   total_field=None, r2star=None, r2=None, field_noise=None, mask=None, magnitude=None, phase=None,
                    echo_times: Sequence[float] | None = None, overwrite: bool = False,
                    log: Log = quiet) -> str:
     """``chisep separate``: separation models from map files (e.g. the outputs of ``chisep qsm`` or another tool).
@@ -152,9 +152,10 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
     models : sequence of str
         Names from :data:`chisep.separation.MODELS`.
     out_dir : path
-    local_field, r2star, r2, field_noise, mask : path, optional
-        Local field (Hz), R2* and measured R2 (1/s), field noise (Hz), brain mask
-        (default: the voxels where chi is non-zero).
+    local_field, total_field, r2star, r2, field_noise, mask : path, optional
+        Local field (Hz), total field (Hz; chi-separation then fits it with the single-step inversion's
+        data terms, the mask being the region whose field is reliable), R2* and measured R2 (1/s), field
+        noise (Hz), brain mask (default: the voxels where chi is non-zero).
     magnitude, phase : path or paths, optional
         The multi-echo magnitude DECOMPOSE needs (with ``echo_times`` in s, or sidecars).
     overwrite : bool
@@ -182,7 +183,7 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
         return array
 
     maps = {name: load(path, name) for name, path in
-            [("local field", local_field), ("R2*", r2star), ("R2", r2), ("field noise", field_noise),
+            [("local field", local_field), ("total field", total_field), ("R2*", r2star), ("R2", r2), ("field noise", field_noise),
              ("mask", mask)]}
     mask_map = maps["mask"] > 0.5 if maps["mask"] is not None else chi_map != 0
     mag = None
@@ -199,7 +200,7 @@ def separate_files(*, chi, field_strength: float, models: Sequence[str], out_dir
     settings = SeparationSettings(models=tuple(models))
     timings: dict = {}
     sep_inputs = SeparationInputs(mask=mask_map, chi=chi_map, local_field_hz=maps["local field"],
-                                  r2star=maps["R2*"], r2=maps["R2"], field_noise_hz=maps["field noise"],
+                                  total_field_hz=maps["total field"], r2star=maps["R2*"], r2=maps["R2"], field_noise_hz=maps["field noise"],
                                   magnitude=mag, r2_rule=settings.r2_rule)
     results = separate(acq, sep_inputs, settings=settings, log=log, timings=timings)
     writer = outputs.MapWriter(out, affine, header, overwrite)

@@ -498,3 +498,26 @@ def test_separation_fits_the_total_field_after_a_total_field_inversion():
                             chi=np.zeros(region.shape, np.float32), separation_field="total")
     assert np.array_equal(maps.separation_inputs().total_field_hz, maps.field_total)
     assert pipeline.QsmMaps(**{**maps.__dict__, "separation_field": "local"}).separation_inputs().total_field_hz is None
+
+
+def test_separate_from_the_total_field_on_the_command_line(dataset, tmp_path, capsys):
+    """`chisep separate --total-field`: chi-separation fits the total field (background included) and
+    records it; without any field it says which flags it needs."""
+    truth = dataset / "derivatives/truth"
+    common = ["--chi", str(truth / "chi.nii.gz"), "--r2star", str(truth / "r2star.nii.gz"), "--r2",
+              str(truth / "r2.nii.gz"), "--mask", str(truth / "brain_mask.nii.gz"), "--field-strength", "3",
+              "--model", "chi-separation", "--quiet"]
+    out = tmp_path / "total"
+    assert cli.main(["separate", "--total-field", str(truth / "field_total.nii.gz"), "--out", str(out), *common]) == 0
+    info = json.loads((out / "provenance.json").read_text())["models"]["chi-separation"]
+    assert info["field"].startswith("total")
+    mask = _load(truth / "brain_mask.nii.gz") > 0
+    background = _load(truth / "field_background.nii.gz")
+    # the background dominates the field, yet it is not fitted as brain: the maps stay in the truth's range
+    assert np.abs(background[mask]).mean() > 5 * np.abs(_load(truth / "field_local.nii.gz")[mask]).mean()
+    para = _load(out / "chi_para.nii.gz")
+    assert np.isfinite(para).all() and para[mask].max() > 0
+    assert np.percentile(para[mask], 99) < 3 * np.percentile(_load(truth / "chi_para.nii.gz")[mask], 99)
+    capsys.readouterr()
+    assert cli.main(["separate", "--out", str(tmp_path / "none"), *common]) != 0
+    assert "--local-field FILE or --total-field FILE" in capsys.readouterr().err

@@ -216,11 +216,16 @@ class SeparationInputs:
         return self.r2_source is not None and self.r2_source.startswith("R2*-only")
 
     def require(self, names, model: str) -> None:
-        """Raise an error naming every input ``model`` needs that is missing."""
-        missing = [n for n in names if getattr(self, n) is None]
+        """Raise an error naming every input ``model`` needs that is missing (a tuple in ``names``: any one
+        of its inputs will do)."""
+        def flag(n):
+            return f"--{n.replace('_hz', '').replace('_', '-')} FILE"
+
+        missing = [n for n in names if all(getattr(self, a) is None for a in (n if isinstance(n, tuple) else (n,)))]
         if missing:
-            flags = " and ".join(f"--{n.replace('_hz', '').replace('_', '-')} FILE" for n in missing)
-            raise InputError(f"model {model} needs {' and '.join(missing)} (on the command line: {flags})")
+            needs = " and ".join(" or ".join(n) if isinstance(n, tuple) else n for n in missing)
+            flags = " and ".join(" or ".join(map(flag, n)) if isinstance(n, tuple) else flag(n) for n in missing)
+            raise InputError(f"model {model} needs {needs} (on the command line: {flags})")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

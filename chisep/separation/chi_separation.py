@@ -893,7 +893,7 @@ class ChiSeparation(SeparationModel):
     """
 
     name = "chi-separation"
-    requires = ("local_field_hz", "r2prime")
+    requires = (("local_field_hz", "total_field_hz"), "r2prime")
 
     def __init__(self, acquisition: Acquisition, *, dr_para: float | None = None, dr_dia: float | None = None,
                  constants: str | Path | Mapping | None = None, lam: float | None = None,
@@ -950,6 +950,9 @@ class ChiSeparation(SeparationModel):
         m = inputs.mask
         shape = m.shape
         total = self.field == "total" or (self.field == "auto" and inputs.total_field_hz is not None)
+        if not total and inputs.local_field_hz is None:
+            raise InputError("chi-separation: field='local' needs the inputs' local_field_hz; or give total_field_hz "
+                             "with field='auto' or 'total'")
         if total and inputs.total_field_hz is None:
             raise InputError("chi-separation: field='total' needs the inputs' total_field_hz (e.g. "
                              "QsmMaps.separation_inputs after a single-step inversion); or use field='local'")
