@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from chisep import metrics, pipeline
+from chisep.qsm.mask import erode_mask
 from chisep.separation.baseline import thresholded_qsm
 from chisep.sim import simulate_head
 from chisep.sim.head import dephasing_decay, load_head_settings
@@ -115,6 +116,10 @@ def score(sim, qsm_settings: pipeline.QsmSettings = pipeline.QsmSettings(), deco
                 "R2*-only (R2' = 0.3 R2*)": (0.7 * qsm.r2star, pipeline.SeparationSettings())}
     inner = qsm.tissue_relaxation_mask & healthy  # the rim's R2* is partial volume
     out["r2star"] = metrics.nrmse(qsm.r2star, t.r2star, inner)  # qsm-ci style, as the SNR-30 issue scores it
+    # also without the next layer: at voxels up to 1.5 mm the automatic mask grows by one layer (mostly CSF by
+    # the skull), and the layer that was outermost, partial volume with CSF, then counts as tissue
+    deeper = inner & erode_mask(erode_mask(qsm.reconstruction_mask, (1.0, 1.0, 1.0), 1.0), (1.0, 1.0, 1.0), 1.0)
+    out["r2star_deeper"] = metrics.nrmse(qsm.r2star, t.r2star, deeper)
     out["r2prime"], out["r2prime_bias"] = {}, {}
     for rule, (r2, settings) in r2_rules.items():
         inputs = qsm.separation_inputs(r2=r2, r2_rule=settings.r2_rule, magnitude=qsm.magnitude)
@@ -194,12 +199,12 @@ def main(argv=None) -> None:
         rows.append((head, simulated, score(sim, pipeline.QsmSettings(**methods, denoise_options=denoise),
                                             decompose=args.decompose)))
     print("| head | Dice region / output | mask mL (true) | chi all / healthy | deep grey worst % | "
-          "R2* healthy % | simulate / reconstruct s |")
+          "R2* healthy % (two layers in) | simulate / reconstruct s |")
     print("|---|---|---|---|---|---|---|")
     for head, simulated, r in rows:
         print(f"| {head} | {r['dice_region']:.3f} / {r['dice_output']:.3f} | {r['mask_ml']:.0f} ({r['true_ml']:.0f}) | "
               f"{r['chi'][0]:.1f} / {r['chi'][1]:.1f} | {r['deep_grey_worst']:.0f} ({r['deep_grey_worst_region']}) | "
-              f"{r['r2star']:.1f} | {simulated:.0f} / {r['seconds']:.0f} |")
+              f"{r['r2star']:.1f} ({r['r2star_deeper']:.1f}) | {simulated:.0f} / {r['seconds']:.0f} |")
     keys = [k for k in rows[0][2] if k == "thresholded QSM" or "," in k]
     print("\nLesion means in the output mask, estimate / truth (ppm): QSM chi of the calcified lesion and the "
           "microbleeds, chi-separation (measured R2) chi_dia of the calcified lesion\n")
