@@ -942,8 +942,9 @@ class ChiSeparation(SeparationModel):
         Returns a fit with chi_para, chi_dia (ppm, >= 0), their std (ppm,
         voxelwise linearisation, see ``voxelwise_std``), residual (ppm: root
         sum of squares of the field misfit / (CF 1e-6) and the R2' misfit /
-        mean Dr), extra maps ``residual_field_hz`` and ``residual_r2prime``
-        (1/s), info (settings, constants, iterations, units).
+        mean Dr), extra maps ``residual_field_hz`` (Hz; from the total field the high-passed residual,
+        (1 - S_r)(f - D chi) on each voxel's band) and ``residual_r2prime`` (1/s), info (settings,
+        constants, iterations, units, ``field``: which field was fitted, ``lam``: the TV weight used).
         """
         c, acq = self.constants, self.acquisition
         b0 = c.field_strength_t
