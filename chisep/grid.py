@@ -27,7 +27,7 @@ from chisep import physics, validate
 from chisep.errors import InputError
 
 __all__ = [
-    "Grid", "bounding_box", "fill_holes", "distance_within", "margin_voxels", "rfft", "irfft", "conv", "dipole_half",
+    "Grid", "bounding_box", "fill_holes", "dilate_within", "distance_within", "margin_voxels", "rfft", "irfft", "conv", "dipole_half",
     "laplacian_half", "sphere_half", "gradient", "divergence_adjoint", "gradient_half", "tkd_inverse", "edge_mask",
     "harmonic_fill", "fill_from_neighbours", "bilateral_within", "as_jax",
 ]

@@ -39,8 +39,9 @@ from chisep.errors import InputError
 from chisep.registry import Registry
 from chisep.settings import TOTAL_FIELD_METHODS
 
-__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "single_step_alpha", "invert", "reference",
-           "dipole_field_hz", "INVERSION_METHODS", "TOTAL_FIELD_METHODS"]
+__all__ = ["tkd", "tikhonov", "tv", "medi", "ilsqr", "single_step", "single_step_alpha", "single_step_terms",
+           "median_field_noise_ppm", "invert", "reference", "dipole_field_hz", "INVERSION_METHODS",
+           "TOTAL_FIELD_METHODS"]
 
 PAD_FRACTION = 0.125
 
@@ -413,12 +414,24 @@ def single_step_alpha(field_noise_hz, mask, *, field_strength: float) -> float:
     >>> round(single_step_alpha(np.full((2, 2, 2), 0.36), np.ones((2, 2, 2), bool), field_strength=3.0), 6)
     0.00031
     """
+    noise_ppm = median_field_noise_ppm(field_noise_hz, mask, field_strength=field_strength)
+    if noise_ppm is None:
+        return ALPHA_FLOOR
+    return float(max(ALPHA_PER_NOISE_PPM * noise_ppm, ALPHA_FLOOR))
+
+
+def median_field_noise_ppm(field_noise_hz, mask, *, field_strength: float) -> float | None:
+    """Median of the finite field noise (Hz) in ``mask``, in ppm; None when no voxel has one. The scale
+    that the TV weights of single-step and of chi-separation from the total field follow.
+
+    >>> round(median_field_noise_ppm(np.full((2, 2, 2), 0.36), np.ones((2, 2, 2), bool), field_strength=3.0), 7)
+    0.0028184
+    """
     noise = np.asarray(field_noise_hz, dtype=np.float64)[np.asarray(mask, bool)]
     noise = noise[np.isfinite(noise)]
     if noise.size == 0:
-        return ALPHA_FLOOR
-    noise_ppm = physics.hz_to_ppm(float(np.median(noise)), v.check_positive(field_strength, "field_strength"))
-    return float(max(ALPHA_PER_NOISE_PPM * noise_ppm, ALPHA_FLOOR))
+        return None
+    return float(physics.hz_to_ppm(float(np.median(noise)), v.check_positive(field_strength, "field_strength")))
 
 
 @partial(jax.jit, static_argnums=(3,))

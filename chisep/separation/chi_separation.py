@@ -67,7 +67,7 @@ import numpy as np
 from chisep import grid, physics, validate
 from chisep.acquisition import Acquisition
 from chisep.errors import InputError, ModelFileError
-from chisep.qsm.inversion import SINGLE_STEP_RADII_MM, single_step_terms
+from chisep.qsm.inversion import SINGLE_STEP_RADII_MM, median_field_noise_ppm, single_step_terms
 from chisep.separation.base import MODELS, SeparationFit, SeparationInputs, SeparationModel
 from chisep.separation.constants import load_model_file, require_number, scale_with_field
 
@@ -986,10 +986,9 @@ class ChiSeparation(SeparationModel):
 
         lam = self.lam
         if total and not self.lam_given and noise_map is not None and c.lam_per_field_noise > 0:
-            usable = np.asarray(noise_map)[m]
-            usable = usable[np.isfinite(usable)]
-            if usable.size:
-                lam = c.lam_per_field_noise * float(np.median(usable)) / (physics.centre_frequency_hz(b0) * 1e-6)
+            noise_ppm = median_field_noise_ppm(noise_map, m, field_strength=b0)
+            if noise_ppm is not None:
+                lam = c.lam_per_field_noise * noise_ppm
         out = solve_chi_separation(
             field, r2p, m, field_strength=b0, voxel_size=voxel_size, b0_direction=b0_dir,
             dr_para=c.dr_para, dr_dia=c.dr_dia, chi_init=chi_init, field_weight=weight_f,
